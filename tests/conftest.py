@@ -1,0 +1,97 @@
+"""Shared fixtures: an isolated ZOO_HOME, a scratch registry, build directories, CIFAR data."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zoo import manifest, versions
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture
+def zoo_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh ZOO_HOME (hub, cache, keys) for one test."""
+    home = tmp_path / "zoo-home"
+    monkeypatch.setenv("ZOO_HOME", str(home))
+    monkeypatch.delenv("ZOO_OFFLINE", raising=False)
+    return home
+
+
+@pytest.fixture
+def registry_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A scratch copy of the project's registry.json, used through ZOO_REGISTRY."""
+    path = tmp_path / "registry.json"
+    shutil.copy(ROOT / "registry.json", path)
+    monkeypatch.setenv("ZOO_REGISTRY", str(path))
+    return path
+
+
+def make_build_dir(
+    path: Path, variant: str = "cifar10-split-tiny", payload: int = 1 << 20, seed: int = 0
+) -> Path:
+    """A build directory in the layout `zoo build` writes, with generated file contents.
+
+    For transport tests (hub, cache, publish): the bytes are arbitrary but real files of
+    realistic size; the manifest is produced by the same code as a real build's.
+    """
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    path.mkdir(parents=True, exist_ok=True)
+    for name, size in [
+        ("head.safetensors", 8_000),
+        ("weights.safetensors", payload // 4),
+        ("client.zip", payload // 8),
+        ("server.zip", payload),
+    ]:
+        (path / name).write_bytes(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+    (path / "README.md").write_text(f"# {variant}\n\ntest build, seed {seed}\n")
+    manifest.write(
+        path,
+        {
+            "schema_version": 1,
+            "variant": variant,
+            "family": "split-cnv",
+            "recipe": {"module": "recipes/split_cnv.py", "params": {}, "config": {}},
+            "seed": seed,
+            "profile": "smoke",
+            "data": {},
+            "runtime": {k: versions.installed()[k] for k in versions.BINDING + versions.RECORDED},
+            "metrics": {"clear_top1": 0.5},
+            "circuit": {"max_bit_width": 5, "pbs_count": 100, "pbs_count_by_bit_width": {"5": 100}},
+        },
+    )
+    return path
+
+
+@pytest.fixture
+def build_dir(tmp_path: Path) -> Path:
+    """One generated build directory of cifar10-split-tiny."""
+    return make_build_dir(tmp_path / "build")
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Real CIFAR data in the official python layout (materialized from ../shared/data)."""
+    cached = os.environ.get("ZOO_TEST_DATA") or str(ROOT / ".data")
+    if (Path(cached) / "cifar-10-batches-py" / ".complete").exists():
+        return Path(cached)
+    target = tmp_path_factory.mktemp("cifar")
+    subprocess.run(
+        [sys.executable, str(SHARED_DATA / "materialize_cifar.py"), str(target)], check=True
+    )
+    return target
+
+
+def read_json(path: Path) -> dict:
+    """Parse a JSON file."""
+    return json.loads(Path(path).read_text())

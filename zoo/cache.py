@@ -1,0 +1,219 @@
+"""The local cache of pulled builds, and ``pull``: decide, download to a temp file, verify, rename.
+
+Layout under ``$ZOO_HOME/cache``::
+
+    builds/VARIANT/REVISION/<files>   every file here was verified before it was renamed in
+    locks/VARIANT@REVISION.lock       one file lock per build: concurrent pulls take turns
+    tmp/VARIANT@REVISION-<uuid>/      staging of an ongoing pull (removed after, or by the next)
+
+A file appears under ``builds/`` only by ``os.replace`` after its size and sha256 matched the
+registry's pin, so an interrupted pull (even ``kill -9``) never leaves a file that a later pull
+takes as complete. A warm pull checks presence and size only and touches no network.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from zoo import config, versions
+from zoo.errors import IntegrityError, OfflineError
+from zoo.hashing import sha256_file
+from zoo.registry import Build, FileEntry, Registry
+
+log = logging.getLogger(__name__)
+LOCK_TIMEOUT_S = 3600
+
+
+def build_path(build: Build, root: Path | None = None) -> Path:
+    """Folder of a build in the cache."""
+    return (root or config.cache_dir()) / "builds" / build.variant / build.revision
+
+
+def missing_files(build: Build, role: str, root: Path | None = None) -> list[FileEntry]:
+    """The files ``role`` needs that are not in the cache (absent or of the wrong size)."""
+    folder = build_path(build, root)
+    missing = []
+    for entry in build.files_for(role):
+        path = folder / entry.path
+        try:
+            if path.stat().st_size == entry.size:
+                continue
+        except FileNotFoundError:
+            pass
+        missing.append(entry)
+    return missing
+
+
+@dataclass
+class PullResult:
+    """What a pull did."""
+
+    build: Build
+    path: Path
+    role: str
+    downloaded: list[str] = field(default_factory=list)
+    downloaded_bytes: int = 0
+
+    @property
+    def files(self) -> dict[str, Path]:
+        """Path of each file of the role, by role (``head``, ``client``, …)."""
+        return {e.role: self.path / e.path for e in self.build.files_for(self.role)}
+
+
+def _verify_into(staged: Path, entry: FileEntry, final: Path) -> None:
+    size = staged.stat().st_size
+    if size != entry.size:
+        staged.unlink(missing_ok=True)
+        raise IntegrityError(
+            f"{entry.path}: expected {entry.size} bytes, got {size} (truncated or wrong file)",
+            hint="pull again; if it persists the hub holds other bytes than the registry pins",
+        )
+    digest = sha256_file(staged)
+    if digest != entry.sha256:
+        staged.unlink(missing_ok=True)
+        raise IntegrityError(
+            f"{entry.path}: hash mismatch: expected {entry.sha256}, got {digest}",
+            hint="the bad download was deleted; pull again, and if it persists the hub holds "
+            "other bytes than the registry pins",
+        )
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staged.replace(final)
+
+
+def fetch(
+    build: Build,
+    role: str,
+    hub,  # noqa: ANN001 - zoo.hub.Hub
+    *,
+    root: Path | None = None,
+    progress: bool = True,
+) -> PullResult:
+    """Download what ``role`` needs of ``build`` from ``hub`` into the cache, verified."""
+    from filelock import FileLock
+
+    root = root or config.cache_dir()
+    result = PullResult(build, build_path(build, root), role)
+    if not missing_files(build, role, root):
+        return result
+    (root / "locks").mkdir(parents=True, exist_ok=True)
+    (root / "tmp").mkdir(parents=True, exist_ok=True)
+    with FileLock(root / "locks" / f"{build.ref}.lock", timeout=LOCK_TIMEOUT_S):
+        missing = missing_files(build, role, root)  # another process may have pulled meanwhile
+        if not missing:
+            return result
+        for stale in (root / "tmp").glob(f"{build.ref}-*"):  # left by a killed pull
+            shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=f"{build.ref}-", dir=root / "tmp"))
+        try:
+            staged = hub.download(build.repo, build.revision, missing, staging, progress)
+            for entry in missing:
+                _verify_into(staged[entry.path], entry, result.path / entry.path)
+                result.downloaded.append(entry.path)
+                result.downloaded_bytes += entry.size
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return result
+
+
+def require_cached(build: Build, role: str, root: Path | None = None) -> PullResult:
+    """Offline: the cached build, or an OfflineError that lists what is missing."""
+    missing = missing_files(build, role, root)
+    if missing:
+        names = ", ".join(e.path for e in missing)
+        raise OfflineError(
+            f"offline, and the cache lacks {len(missing)} file(s) of {build.ref[:len(build.variant) + 13]}"
+            f" for role {role}: {names}",
+            hint=f"pull it once with the network: `zoo pull {build.variant} --role {role}`",
+        )
+    return PullResult(build, build_path(build, root), role)
+
+
+@dataclass
+class CachedBuild:
+    """A build folder found in the cache."""
+
+    variant: str
+    revision: str
+    path: Path
+    files: list[str]
+    size: int
+    status: str  # "ok", "runtime-mismatch", "orphan"
+
+
+def scan(registry: Registry, root: Path | None = None) -> list[CachedBuild]:
+    """Every build folder in the cache, with whether this runtime can load it."""
+    root = root or config.cache_dir()
+    have = versions.installed()
+    pinned = {(v.name, b.revision): b for v in registry.variants.values() for b in v.builds}
+    found = []
+    for folder in sorted((root / "builds").glob("*/*")):
+        if not folder.is_dir():
+            continue
+        files = sorted(p.name for p in folder.iterdir() if p.is_file())
+        build = pinned.get((folder.parent.name, folder.name))
+        if build is None:
+            status = "orphan"
+        elif versions.mismatches(build.runtime, have):
+            status = "runtime-mismatch"
+        else:
+            status = "ok"
+        found.append(
+            CachedBuild(
+                variant=folder.parent.name,
+                revision=folder.name,
+                path=folder,
+                files=files,
+                size=sum((folder / f).stat().st_size for f in files),
+                status=status,
+            )
+        )
+    return found
+
+
+def remove(entries: list[CachedBuild]) -> int:
+    """Delete cached build folders; return bytes freed."""
+    freed = 0
+    for entry in entries:
+        shutil.rmtree(entry.path, ignore_errors=True)
+        freed += entry.size
+        parent = entry.path.parent
+        if parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+    return freed
+
+
+def clean_tmp(root: Path | None = None) -> int:
+    """Remove staging folders that no pull holds (their build's lock is free); return count."""
+    from filelock import FileLock, Timeout
+
+    root = root or config.cache_dir()
+    removed = 0
+    for stale in sorted((root / "tmp").glob("*")):
+        ref = stale.name.rsplit("-", 1)[0]
+        try:
+            with FileLock(root / "locks" / f"{ref}.lock", timeout=0):
+                shutil.rmtree(stale, ignore_errors=True)
+                removed += 1
+        except Timeout:
+            continue
+    return removed
+
+
+def verify(build: Build, root: Path | None = None) -> dict[str, str]:
+    """Rehash every cached file of ``build``: path → "ok", "missing" or "corrupt (removed)"."""
+    folder = build_path(build, root)
+    report = {}
+    for entry in build.files:
+        path = folder / entry.path
+        if not path.is_file():
+            report[entry.path] = "missing"
+        elif path.stat().st_size != entry.size or sha256_file(path) != entry.sha256:
+            path.unlink()
+            report[entry.path] = "corrupt (removed)"
+        else:
+            report[entry.path] = "ok"
+    return report

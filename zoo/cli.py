@@ -1,0 +1,281 @@
+"""The ``zoo`` command: a thin click layer over :mod:`zoo.api` that parses and prints.
+
+Every command takes ``--json``. Failures print one line and a hint, and exit with the error's
+code: 1 generic, 2 usage, 3 not found / bad registry, 4 integrity, 5 runtime mismatch,
+6 offline and missing, 7 hub error, 8 build failed.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from zoo import api
+from zoo.errors import ZooError
+
+REGISTRY = click.option(
+    "--registry",
+    "registry_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="registry file (default: $ZOO_REGISTRY or the project's registry.json)",
+)
+JSON = click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    from tqdm import tqdm
+
+    return tqdm.format_sizeof(n, suffix="B", divisor=1024)
+
+
+def _num(x: Any, fmt: str = "{:.4f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def _emit(as_json: bool, data: Any, text: Callable[[], str]) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str) if as_json else text())
+
+
+def handles_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn ZooError into one line + hint on stderr (or JSON) and the error's exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except ZooError as exc:
+            if kwargs.get("as_json"):
+                payload = {"error": str(exc), "hint": exc.hint, "type": type(exc).__name__}
+                click.echo(json.dumps(payload, indent=2))
+            else:
+                click.echo(f"error: {exc}", err=True)
+                if exc.hint:
+                    click.echo(f"hint: {exc.hint}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="concrete-zoo")
+def main() -> None:
+    """zoo: a model zoo for encrypted (FHE) CIFAR inference with Concrete ML."""
+
+
+@main.command("list")
+@REGISTRY
+@JSON
+@handles_errors
+def list_cmd(registry_path: Path | None, as_json: bool) -> None:
+    """List the variants with accuracy, bit width and estimated FHE cost."""
+    rows = api.list_variants(registry_path)
+
+    def text() -> str:
+        from tabulate import tabulate
+
+        table = [
+            [
+                r["variant"],
+                r["dataset"],
+                r["profile"] or "-",
+                _num(r["clear_top1"]),
+                _num(r["fhe_simulation_top1"]),
+                _num(r["fhe_execute_top1"]),
+                r["max_bit_width"] or "-",
+                _num(r["est_fhe_seconds"], "{:.1f}"),
+                _size(r["eval_key_bytes"]),
+                r["builds"] or "no",
+            ]
+            for r in rows
+        ]
+        headers = ["variant", "data", "profile", "top1 clear", "top1 sim", "top1 FHE",
+                   "max bits", "est. s/img", "eval keys", "builds"]  # fmt: skip
+        return tabulate(table, headers=headers)
+
+    _emit(as_json, rows, text)
+
+
+@main.command()
+@click.argument("ref")
+@REGISTRY
+@JSON
+@handles_errors
+def info(ref: str, registry_path: Path | None, as_json: bool) -> None:
+    """Show a variant's metadata and what pulling it costs (before any download)."""
+    data = api.info(ref, registry_path)
+
+    def text() -> str:
+        lines = [f"{data['variant']}: {data['summary']}", f"dataset: {data['dataset']}"]
+        lines.append(f"recipe: {data['recipe']['module']} {json.dumps(data['recipe']['params'])}")
+        ref_metrics = data["reference"]["metrics"]
+        lines.append(f"reference ({data['reference']['source']}): {json.dumps(ref_metrics)}")
+        for build in data["builds"]:
+            lines.append(
+                f"build {build['revision'][:12]} [{build['profile']}] on {build['hub']['kind']}:"
+                f"{build['hub']['repo']} concrete-ml {build['runtime']['concrete-ml']}: "
+                f"{json.dumps(build['metrics'], sort_keys=True)}"
+            )
+        resolved = data.get("resolved")
+        if resolved:
+            sizes = resolved["download_bytes"]
+            lines.append(
+                f"pull would take {resolved['revision'][:12]}: download "
+                f"{_size(sizes['client'])} (client) / {_size(sizes['server'])} (server) / "
+                f"{_size(sizes['all'])} (all); eval keys {_size(resolved['eval_key_bytes'])}; "
+                f"est. {_num(resolved['est_fhe_seconds_per_image'], '{:.1f}')} s per image in "
+                f"real FHE; cached: {'yes' if resolved['cached'] else 'no'}"
+            )
+        elif data.get("resolve_error"):
+            lines.append(f"no build for this runtime: {data['resolve_error']}")
+        else:
+            lines.append("not published yet: build it with `zoo build " + data["variant"] + "`")
+        return "\n".join(lines)
+
+    _emit(as_json, data, text)
+
+
+@main.command()
+@click.argument("ref")
+@click.option("--role", type=click.Choice(["client", "server", "all"]), default="all")
+@click.option("--offline", is_flag=True, default=None, help="cache only (also ZOO_OFFLINE=1)")
+@click.option("--endpoint", default=None, help="Hugging Face protocol endpoint (ZOO_HF_ENDPOINT)")
+@click.option("--hub-dir", type=click.Path(path_type=Path), default=None, help="local hub folder")
+@click.option("--build-missing", is_flag=True, help="rebuild from the recipe if no hub has it")
+@REGISTRY
+@JSON
+@handles_errors
+def pull(
+    ref: str,
+    role: str,
+    offline: bool | None,
+    endpoint: str | None,
+    hub_dir: Path | None,
+    build_missing: bool,
+    registry_path: Path | None,
+    as_json: bool,
+) -> None:
+    """Pull a build (VARIANT or VARIANT@REVISION) into the cache, verified."""
+    result = api.pull(
+        ref,
+        role=role,
+        offline=offline,
+        registry_path=registry_path,
+        endpoint=endpoint,
+        hub_dir=hub_dir,
+        progress=not as_json and sys.stderr.isatty(),
+        build_missing=build_missing,
+    )
+    data = {
+        "variant": result.build.variant,
+        "revision": result.build.revision,
+        "role": role,
+        "path": str(result.path),
+        "downloaded": result.downloaded,
+        "downloaded_bytes": result.downloaded_bytes,
+        "files": {k: str(v) for k, v in result.files.items()},
+    }
+    verb = f"downloaded {_size(result.downloaded_bytes)}" if result.downloaded else "cached"
+    _emit(as_json, data, lambda: f"{result.build.variant}@{result.build.revision[:12]} ({verb}): "
+          f"{result.path}")  # fmt: skip
+
+
+@main.command()
+@click.argument("build_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option("--hub", "hub_spec", default="local", help="local (default) or hf://ORG/REPO")
+@click.option("--message", default=None, help="commit message")
+@REGISTRY
+@JSON
+@handles_errors
+def publish(
+    build_dir: Path, hub_spec: str, message: str | None, registry_path: Path | None, as_json: bool
+) -> None:
+    """Publish a build directory to a hub and pin it in the registry."""
+    build = api.publish(build_dir, hub_spec, registry_path=registry_path, message=message)
+    data = {"variant": build.variant, "revision": build.revision, "hub": build.raw["hub"]}
+    _emit(as_json, data, lambda: f"published {build.ref} to {build.hub_kind}:{build.repo}")
+
+
+@main.command()
+@click.argument("ref")
+@REGISTRY
+@JSON
+@handles_errors
+def verify(ref: str, registry_path: Path | None, as_json: bool) -> None:
+    """Rehash what is cached of a variant; corrupt files are removed."""
+    report = api.verify(ref, registry_path)
+
+    def text() -> str:
+        return "\n".join(
+            f"{rev[:12]} {path}: {status}" for rev, files in report.items()
+            for path, status in files.items()
+        )  # fmt: skip
+
+    _emit(as_json, report, text)
+    if any(s != "ok" for files in report.values() for s in files.values()):
+        sys.exit(4)
+
+
+@main.group("cache")
+def cache_group() -> None:
+    """Inspect and clean the local cache ($ZOO_HOME/cache)."""
+
+
+@cache_group.command("ls")
+@REGISTRY
+@JSON
+@handles_errors
+def cache_ls(registry_path: Path | None, as_json: bool) -> None:
+    """List cached builds."""
+    entries = api.cache_list(registry_path)
+    data = [
+        {"variant": e.variant, "revision": e.revision, "size": e.size, "status": e.status,
+         "files": e.files, "path": str(e.path)}
+        for e in entries
+    ]  # fmt: skip
+
+    def text() -> str:
+        if not entries:
+            return "cache is empty"
+        return "\n".join(
+            f"{e.variant}@{e.revision[:12]}  {_size(e.size)}  {e.status}  {len(e.files)} files"
+            for e in entries
+        )
+
+    _emit(as_json, data, text)
+
+
+@cache_group.command("rm")
+@click.argument("ref", required=False)
+@click.option("--all", "everything", is_flag=True, help="remove every cached build")
+@REGISTRY
+@JSON
+@handles_errors
+def cache_rm(ref: str | None, everything: bool, registry_path: Path | None, as_json: bool) -> None:
+    """Remove a variant's cached builds (VARIANT or VARIANT@REV), or --all."""
+    if not ref and not everything:
+        raise click.UsageError("name a variant, or pass --all")
+    freed = api.cache_remove(None if everything else ref, registry_path)
+    _emit(as_json, {"freed_bytes": freed}, lambda: f"freed {_size(freed)}")
+
+
+@cache_group.command("prune")
+@REGISTRY
+@JSON
+@handles_errors
+def cache_prune(registry_path: Path | None, as_json: bool) -> None:
+    """Remove builds this runtime cannot load, orphans and interrupted downloads."""
+    data = api.cache_prune(registry_path)
+    _emit(as_json, data, lambda: "\n".join(data["removed"] + [f"freed {_size(data['freed_bytes'])}"]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""Where `zoo` keeps things, read from the environment at call time (never at import).
+
+| variable          | default                          | meaning                                   |
+|-------------------|----------------------------------|-------------------------------------------|
+| ``ZOO_HOME``      | ``~/.cache/zoo``                 | root of hub, cache and keys               |
+| ``ZOO_REGISTRY``  | the project's ``registry.json``  | the catalogue of variants                 |
+| ``ZOO_OFFLINE``   | unset                            | ``1``: never touch the network            |
+| ``ZOO_HF_ENDPOINT`` | ``https://huggingface.co``     | endpoint of the Hugging Face protocol hub |
+| ``HF_TOKEN``      | unset                            | token for the Hugging Face protocol hub   |
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_HF_ENDPOINT = "https://huggingface.co"
+
+
+def zoo_home() -> Path:
+    """Root folder of the local hub, the cache and the keys."""
+    return Path(os.environ.get("ZOO_HOME") or Path.home() / ".cache" / "zoo")
+
+
+def hub_dir() -> Path:
+    """The embedded local directory hub."""
+    return zoo_home() / "hub"
+
+
+def cache_dir() -> Path:
+    """Pulled, verified builds."""
+    return zoo_home() / "cache"
+
+
+def keys_dir() -> Path:
+    """Client keys, one folder per build (0700)."""
+    return zoo_home() / "keys"
+
+
+def registry_path() -> Path:
+    """The registry file: ``$ZOO_REGISTRY`` or the project's ``registry.json``."""
+    return Path(os.environ.get("ZOO_REGISTRY") or PROJECT_ROOT / "registry.json")
+
+
+def offline() -> bool:
+    """True when ``ZOO_OFFLINE`` asks for cache-only operation."""
+    return os.environ.get("ZOO_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def hf_endpoint() -> str:
+    """Endpoint of the Hugging Face protocol hub."""
+    return os.environ.get("ZOO_HF_ENDPOINT") or DEFAULT_HF_ENDPOINT
+
+
+def hf_token() -> str | None:
+    """Token for the Hugging Face protocol hub, if any."""
+    return os.environ.get("HF_TOKEN") or None

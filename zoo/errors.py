@@ -1,0 +1,62 @@
+"""The exceptions `zoo` raises. Each carries a message (what went wrong) and a hint (what to do).
+
+The CLI turns them into one line plus the hint, and exits with the class's ``exit_code``.
+"""
+
+from __future__ import annotations
+
+
+class ZooError(Exception):
+    """Base class: a failure the user can act on."""
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+class RegistryError(ZooError):
+    """registry.json is missing or fails its schema."""
+
+    exit_code = 3
+
+
+class NotFoundError(ZooError):
+    """A variant, build, revision or file that does not exist."""
+
+    exit_code = 3
+
+
+class IntegrityError(ZooError):
+    """Bytes that do not match their pinned size or sha256."""
+
+    exit_code = 4
+
+
+class UnsafeArchiveError(IntegrityError):
+    """A zip archive that tries to escape its destination or exceed limits."""
+
+
+class RuntimeMismatchError(ZooError):
+    """No build matches the installed concrete-ml / concrete-python / Python versions."""
+
+    exit_code = 5
+
+
+class OfflineError(ZooError):
+    """Offline mode, and the cache lacks what is needed."""
+
+    exit_code = 6
+
+
+class HubError(ZooError):
+    """A hub refused a request or could not be reached."""
+
+    exit_code = 7
+
+
+class BuildError(ZooError):
+    """A build failed a check (bit-width bound, manifest mismatch, data missing)."""
+
+    exit_code = 8

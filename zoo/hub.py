@@ -1,0 +1,241 @@
+"""Hubs: where builds are published and pulled from. One small interface, two backends.
+
+- :class:`LocalHub` (the embedded default): a directory under ``$ZOO_HOME/hub`` laid out as
+  ``ORG/REPO/revisions/<content hash>/<files>``. Revisions are content-addressed and immutable;
+  a publish writes into a temporary folder and appears with one ``rename``.
+- :class:`HfHub`: the Hugging Face Hub protocol through ``huggingface_hub``; a publish is one
+  ``create_commit`` with ``parent_commit`` (it fails if someone pushed meanwhile) and every
+  download names an explicit 40-hex revision.
+
+This is the only module that imports ``huggingface_hub`` (lazily: listing and warm pulls never
+pay for it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from zoo import config
+from zoo.errors import HubError, IntegrityError, NotFoundError
+from zoo.hashing import copy_hashed
+from zoo.registry import FileEntry
+
+
+class Hub(Protocol):
+    """What `zoo` needs from a hub."""
+
+    kind: str
+
+    def publish(self, repo: str, files: list[tuple[Path, FileEntry]], message: str) -> str:
+        """Upload ``files`` as one new immutable revision of ``repo``; return the revision."""
+        ...
+
+    def download(
+        self, repo: str, revision: str, entries: list[FileEntry], staging: Path, progress: bool
+    ) -> dict[str, Path]:
+        """Write each entry into ``staging``; return path by file name. No verification here."""
+        ...
+
+
+def content_revision(entries: list[FileEntry]) -> str:
+    """The local hub's revision: sha256 over the sorted (path, role, size, sha256) listing."""
+    listing = "".join(
+        f"{e.path}\t{e.role}\t{e.size}\t{e.sha256}\n" for e in sorted(entries, key=lambda e: e.path)
+    )
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):  # noqa: ANN202 - tqdm type
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled, leave=False)
+
+
+@dataclass
+class LocalHub:
+    """A directory hub (default ``$ZOO_HOME/hub``)."""
+
+    root: Path
+    kind: str = "local"
+
+    @classmethod
+    def default(cls) -> LocalHub:
+        """The hub under ``$ZOO_HOME``."""
+        return cls(config.hub_dir())
+
+    def revision_dir(self, repo: str, revision: str) -> Path:
+        """Folder holding the files of one revision."""
+        return self.root / repo / "revisions" / revision
+
+    def publish(self, repo: str, files: list[tuple[Path, FileEntry]], message: str) -> str:
+        """Copy files (verifying them) into a temp folder, then rename it into place."""
+        revision = content_revision([entry for _, entry in files])
+        final = self.revision_dir(repo, revision)
+        if final.is_dir():
+            return revision  # content-addressed: the same bytes are already published
+        final.parent.mkdir(parents=True, exist_ok=True)
+        staging = final.parent / f".tmp-{uuid.uuid4().hex}"
+        staging.mkdir()
+        try:
+            for source, entry in files:
+                with open(source, "rb") as src, open(staging / entry.path, "wb") as dst:
+                    size, digest = copy_hashed(src, dst)
+                if (size, digest) != (entry.size, entry.sha256):
+                    raise IntegrityError(
+                        f"{source} changed while publishing (now {size} bytes, {digest})",
+                        hint="rebuild, then publish again",
+                    )
+            meta = {"message": message, "files": [e.__dict__ for _, e in files]}
+            (staging / ".zoo-revision.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+            try:
+                os.rename(staging, final)
+            except OSError:
+                if not final.is_dir():
+                    raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return revision
+
+    def download(
+        self, repo: str, revision: str, entries: list[FileEntry], staging: Path, progress: bool
+    ) -> dict[str, Path]:
+        """Copy each file out of the revision folder into ``staging``."""
+        folder = self.revision_dir(repo, revision)
+        if not folder.is_dir():
+            raise NotFoundError(
+                f"the local hub at {self.root} has no revision {revision[:12]} of {repo}",
+                hint="publish it there with `zoo publish BUILD_DIR`, or pull from the hub that "
+                "holds it (--hub-dir / ZOO_HOME), or rebuild it with --build-missing",
+            )
+        out = {}
+        with _progress_bar(sum(e.size for e in entries), repo, progress) as bar:
+            for entry in entries:
+                source = folder / entry.path
+                if not source.is_file():
+                    raise NotFoundError(f"{repo}@{revision[:12]} has no file {entry.path}")
+                with open(source, "rb") as src, open(staging / entry.path, "wb") as dst:
+                    copy_hashed(src, dst, bar.update)
+                out[entry.path] = staging / entry.path
+        return out
+
+
+@dataclass
+class HfHub:
+    """A hub speaking the Hugging Face protocol, through ``huggingface_hub``."""
+
+    endpoint: str
+    token: str | None = None
+    kind: str = "hf"
+
+    @classmethod
+    def default(cls, endpoint: str | None = None) -> HfHub:
+        """Endpoint from the argument, else ``ZOO_HF_ENDPOINT``; token from ``HF_TOKEN``."""
+        return cls(endpoint or config.hf_endpoint(), config.hf_token())
+
+    def _api(self):  # noqa: ANN202 - HfApi, imported lazily
+        from huggingface_hub import HfApi
+
+        return HfApi(endpoint=self.endpoint, token=self.token)
+
+    def publish(self, repo: str, files: list[tuple[Path, FileEntry]], message: str) -> str:
+        """One atomic commit on ``main`` whose parent is the head we saw; return its sha."""
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete
+
+        api = self._api()
+        with _hub_errors(self.endpoint, repo):
+            api.create_repo(repo, exist_ok=True)
+            head = api.model_info(repo, revision="main")
+            keep = {entry.path for _, entry in files}
+            stale = [
+                CommitOperationDelete(path_in_repo=s.rfilename)
+                for s in head.siblings or []
+                if s.rfilename not in keep and s.rfilename != ".gitattributes"
+            ]
+            adds = [
+                CommitOperationAdd(path_in_repo=entry.path, path_or_fileobj=str(source))
+                for source, entry in files
+            ]
+            info = api.create_commit(
+                repo, operations=adds + stale, commit_message=message, parent_commit=head.sha
+            )
+        return info.oid
+
+    def download(
+        self, repo: str, revision: str, entries: list[FileEntry], staging: Path, progress: bool
+    ) -> dict[str, Path]:
+        """``hf_hub_download`` of each file at the pinned revision into ``staging``."""
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
+
+        if len(revision) != 40:
+            raise NotFoundError(f"{revision} is not a Hugging Face commit (40 hex digits)")
+        (disable_progress_bars if not progress else enable_progress_bars)()
+        out = {}
+        with _hub_errors(self.endpoint, repo):
+            for entry in entries:
+                path = hf_hub_download(
+                    repo,
+                    entry.path,
+                    revision=revision,
+                    endpoint=self.endpoint,
+                    token=self.token,
+                    local_dir=staging,
+                )
+                out[entry.path] = Path(path)
+        return out
+
+
+@contextlib.contextmanager
+def _hub_errors(endpoint: str, repo: str):  # noqa: ANN202
+    """Turn huggingface_hub's exceptions into HubError / NotFoundError with a next step."""
+    from huggingface_hub import errors
+
+    try:
+        yield
+    except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError) as exc:
+        raise NotFoundError(
+            f"{endpoint} has no {repo} at that revision ({type(exc).__name__})",
+            hint="check --endpoint / ZOO_HF_ENDPOINT and the registry's pin",
+        ) from None
+    except errors.EntryNotFoundError as exc:
+        raise NotFoundError(f"{endpoint}: a file of {repo} is missing: {exc}") from None
+    except errors.HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else "?"
+        raise HubError(
+            f"{endpoint} answered HTTP {status} for {repo}: {str(exc).splitlines()[0]}",
+            hint="retry later; the cache was left as it was",
+        ) from None
+    except (OSError, errors.LocalEntryNotFoundError) as exc:
+        if isinstance(exc, (FileNotFoundError, PermissionError)):
+            raise
+        raise HubError(
+            f"cannot reach {endpoint} for {repo}: {exc}",
+            hint="check the network, or use --offline with what is cached",
+        ) from None
+
+
+def parse_hub(spec: str, variant: str) -> tuple[Hub, str]:
+    """``local`` → (LocalHub, "zoo/VARIANT"); ``hf://ORG/REPO`` → (HfHub, "ORG/REPO")."""
+    if spec == "local":
+        return LocalHub.default(), f"zoo/{variant}"
+    if spec.startswith("hf://"):
+        repo = spec[len("hf://") :].strip("/")
+        if repo.count("/") != 1 or not all(repo.split("/")):
+            raise NotFoundError(f"bad hub {spec!r}", hint="write it as hf://ORG/REPO")
+        return HfHub.default(), repo
+    raise NotFoundError(f"unknown hub {spec!r}", hint="use `local` or `hf://ORG/REPO`")
+
+
+def hub_for(kind: str, endpoint: str | None = None, hub_dir: Path | None = None) -> Hub:
+    """The hub that holds a build pinned with hub ``kind``."""
+    if kind == "local":
+        return LocalHub(hub_dir) if hub_dir is not None else LocalHub.default()
+    return HfHub.default(endpoint)

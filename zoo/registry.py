@@ -1,0 +1,280 @@
+"""The catalogue: ``registry.json`` loaded into typed records, validated, and resolved.
+
+Knows no network. Every load is validated against ``zoo/schema/registry.schema.json``; an
+invalid file raises one :class:`RegistryError` naming the JSON path of every bad field.
+Writes (by ``zoo publish``) go through :func:`save`, which validates first and replaces the file
+atomically, so a failed write leaves the old file as it was.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from zoo import config, versions
+from zoo.errors import NotFoundError, RegistryError, RuntimeMismatchError
+
+SCHEMA_PATH = Path(__file__).parent / "schema" / "registry.schema.json"
+ROLES_FOR = {
+    "client": ("head", "client", "manifest"),
+    "server": ("server", "manifest"),
+}
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One pinned file of a build."""
+
+    path: str
+    role: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Build:
+    """One published build of a variant, pinned by an immutable revision."""
+
+    variant: str
+    revision: str
+    hub_kind: str
+    repo: str
+    profile: str
+    files: tuple[FileEntry, ...]
+    runtime: dict[str, str]
+    metrics: dict[str, Any]
+    circuit: dict[str, Any]
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    @property
+    def ref(self) -> str:
+        """``VARIANT@REVISION``, the build's full name."""
+        return f"{self.variant}@{self.revision}"
+
+    def files_for(self, role: str) -> tuple[FileEntry, ...]:
+        """The files that ``role`` (client, server or all) needs."""
+        if role == "all":
+            return self.files
+        if role not in ROLES_FOR:
+            raise ValueError(f"unknown role {role!r}: use client, server or all")
+        return tuple(f for f in self.files if f.role in ROLES_FOR[role])
+
+    def file(self, role: str) -> FileEntry:
+        """The (single) file with ``role``."""
+        for entry in self.files:
+            if entry.role == role:
+                return entry
+        raise NotFoundError(f"build {self.ref} has no {role} file")
+
+    @property
+    def download_bytes(self) -> int:
+        """Bytes of all files of the build."""
+        return sum(f.size for f in self.files)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A catalogue entry: what the variant is, how to build it, its published builds."""
+
+    name: str
+    family: str
+    summary: str
+    dataset: str
+    num_classes: int
+    recipe: dict[str, Any]
+    reference: dict[str, Any]
+    builds: tuple[Build, ...]
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class Registry:
+    """All variants of a registry file."""
+
+    path: Path
+    variants: dict[str, Variant]
+    raw: dict[str, Any] = field(repr=False, compare=False)
+
+    def variant(self, name: str) -> Variant:
+        """The variant called ``name``, or a NotFoundError that suggests close names."""
+        if name in self.variants:
+            return self.variants[name]
+        close = difflib.get_close_matches(name, self.variants, n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else "run `zoo list` to see all variants"
+        raise NotFoundError(f"no variant {name!r} in {self.path}", hint=hint)
+
+
+@lru_cache(maxsize=1)
+def _schema() -> dict[str, Any]:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+def validate(document: Any, definition: str | None = None) -> list[str]:
+    """Every schema violation of ``document`` as "JSON-path: message" (empty when valid).
+
+    ``definition`` names a ``$defs`` entry (e.g. ``"manifest"``) to validate against instead of
+    the whole registry.
+    """
+    from jsonschema import Draft202012Validator  # lazy: ~40 ms of import
+
+    schema = _schema()
+    if definition is not None:
+        schema = {"$defs": schema["$defs"], "$ref": f"#/$defs/{definition}"}
+    validator = Draft202012Validator(schema)
+    errors = sorted(validator.iter_errors(document), key=lambda e: list(map(str, e.absolute_path)))
+    return [f"{e.json_path}: {e.message}" for e in errors]
+
+
+def _build(variant: str, raw: dict[str, Any]) -> Build:
+    return Build(
+        variant=variant,
+        revision=raw["revision"],
+        hub_kind=raw["hub"]["kind"],
+        repo=raw["hub"]["repo"],
+        profile=raw["profile"],
+        files=tuple(FileEntry(**f) for f in raw["files"]),
+        runtime=dict(raw["runtime"]),
+        metrics=dict(raw["metrics"]),
+        circuit=dict(raw["circuit"]),
+        raw=raw,
+    )
+
+
+def parse(document: dict[str, Any], path: Path) -> Registry:
+    """Validate a registry document and turn it into records."""
+    problems = validate(document)
+    if problems:
+        listing = "\n  ".join(problems)
+        raise RegistryError(
+            f"{path} fails its schema ({len(problems)} problem(s)):\n  {listing}",
+            hint="fix the fields above, or restore the file with `git checkout registry.json`",
+        )
+    variants = {}
+    for name, raw in sorted(document["variants"].items()):
+        variants[name] = Variant(
+            name=name,
+            family=raw["family"],
+            summary=raw["summary"],
+            dataset=raw["dataset"],
+            num_classes=raw["num_classes"],
+            recipe=raw["recipe"],
+            reference=raw["reference"],
+            builds=tuple(_build(name, b) for b in raw["builds"]),
+            raw=raw,
+        )
+    return Registry(path=path, variants=variants, raw=document)
+
+
+def load(path: Path | None = None) -> Registry:
+    """Load and validate the registry (default: :func:`zoo.config.registry_path`)."""
+    path = Path(path) if path is not None else config.registry_path()
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise RegistryError(
+            f"registry file {path} does not exist",
+            hint="pass --registry PATH or set ZOO_REGISTRY",
+        ) from None
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise RegistryError(
+            f"{path} is not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}",
+            hint="restore it with `git checkout registry.json`",
+        ) from None
+    return parse(document, path)
+
+
+def dumps(document: dict[str, Any]) -> str:
+    """The canonical text of a registry document (sorted keys, 2-space indent, final newline)."""
+    return json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+
+
+def save(document: dict[str, Any], path: Path) -> Registry:
+    """Validate ``document`` and write it to ``path`` atomically; return the parsed registry."""
+    registry = parse(document, path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(dumps(document))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return registry
+
+
+def split_ref(ref: str) -> tuple[str, str | None]:
+    """``"VARIANT@REV"`` → ``("VARIANT", "REV")``; ``"VARIANT"`` → ``("VARIANT", None)``."""
+    name, sep, revision = ref.partition("@")
+    if not name or (sep and not revision) or "@" in revision:
+        raise NotFoundError(
+            f"cannot parse {ref!r}", hint="name a build as VARIANT or VARIANT@REVISION"
+        )
+    if revision and not all(c in "0123456789abcdef" for c in revision):
+        raise NotFoundError(
+            f"revision {revision!r} is not hexadecimal",
+            hint="use the revision shown by `zoo info VARIANT` (a prefix of 7+ characters works)",
+        )
+    return name, revision or None
+
+
+def resolve(
+    registry: Registry, ref: str, runtime: dict[str, str] | None = None, check_runtime: bool = True
+) -> Build:
+    """The build that ``ref`` names and this runtime can load.
+
+    ``VARIANT@REV`` selects by revision (a unique prefix of 7+ hex digits is enough);
+    ``VARIANT`` selects the newest build whose concrete-ml / concrete-python / Python versions
+    match the installed ones, as pip picks a wheel by its tags.
+    """
+    name, revision = split_ref(ref)
+    variant = registry.variant(name)
+    if not variant.builds:
+        raise NotFoundError(
+            f"variant {name} has no published build",
+            hint=f"build one with `zoo build {name}`, or pull with --build-missing",
+        )
+    runtime = versions.installed() if runtime is None else runtime
+    if revision is not None:
+        if len(revision) < 7:
+            raise NotFoundError(f"revision prefix {revision!r} is too short", hint="give 7+ digits")
+        hits = [b for b in variant.builds if b.revision.startswith(revision)]
+        if not hits:
+            known = ", ".join(b.revision[:12] for b in variant.builds)
+            raise NotFoundError(f"{name} has no build {revision}", hint=f"known builds: {known}")
+        if len(hits) > 1:
+            raise NotFoundError(f"revision prefix {revision} is ambiguous", hint="give more digits")
+        build = hits[0]
+        problems = versions.mismatches(build.runtime, runtime)
+        if check_runtime and problems:
+            raise RuntimeMismatchError(
+                f"{build.ref[:len(name) + 13]} was built for another runtime: {'; '.join(problems)}",
+                hint=versions.install_hint(build.runtime),
+            )
+        return build
+    matching = [b for b in variant.builds if not versions.mismatches(b.runtime, runtime)]
+    if matching:
+        return matching[-1]
+    if not check_runtime:
+        return variant.builds[-1]
+    listing = "; ".join(
+        f"{b.revision[:12]} (concrete-ml {b.runtime['concrete-ml']}, concrete-python "
+        f"{b.runtime['concrete-python']}, Python {b.runtime['python']})"
+        for b in variant.builds
+    )
+    raise RuntimeMismatchError(
+        f"no build of {name} matches this runtime (concrete-ml {runtime.get('concrete-ml')}, "
+        f"concrete-python {runtime.get('concrete-python')}, Python {runtime.get('python')}); "
+        f"builds: {listing}",
+        hint=versions.install_hint(variant.builds[-1].runtime)
+        + f", or rebuild with `zoo build {name}`",
+    )
