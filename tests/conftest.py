@@ -95,3 +95,44 @@ def cifar_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def read_json(path: Path) -> dict:
     """Parse a JSON file."""
     return json.loads(Path(path).read_text())
+
+
+# --- Local Hugging Face Hub servers (tests/hubserver.py) -----------------------------------
+
+from collections.abc import Callable, Iterator  # noqa: E402
+from contextlib import ExitStack  # noqa: E402
+from typing import Any  # noqa: E402
+
+from hubserver import FaultHub, HubServer, fault_hub, find_olah_cli, olah_hub  # noqa: E402
+
+
+@pytest.fixture
+def hf_hub(tmp_path: Path) -> Iterator[HubServer]:
+    """A local Hugging Face Hub for one test: olah reads + our publish/proxy server.
+
+    Pass ``hf_hub.endpoint`` and ``hf_hub.token`` to ``huggingface_hub`` calls (and an explicit
+    ``cache_dir``). Skips when ``olah-cli`` is not installed (see tests/hubserver.py).
+    """
+    if find_olah_cli() is None:
+        pytest.skip(
+            "olah-cli not found: python -m venv .venv-olah && "
+            ".venv-olah/bin/pip install olah==0.5.4"
+        )
+    with olah_hub(tmp_path / "hf-hub") as hub:
+        yield hub
+
+
+@pytest.fixture
+def fault_hub_factory() -> Iterator[Callable[..., FaultHub]]:
+    """Start fault-injection hubs: ``fault_hub_factory(files, repo_id=..., lfs_threshold=...)``.
+
+    Every hub started is stopped at the end of the test.
+    """
+    with ExitStack() as stack:
+
+        def start(
+            files: dict[str, bytes], repo_id: str = "zoo-test/fault", **kwargs: Any
+        ) -> FaultHub:
+            return stack.enter_context(fault_hub(files, repo_id, **kwargs))
+
+        yield start

@@ -94,6 +94,7 @@ def pull(
     cache_root: Path | None = None,
     progress: bool = False,
     build_missing: bool = False,
+    data_dir: Path | None = None,
 ) -> cache.PullResult:
     """Resolve ``VARIANT[@REV]`` and make its files for ``role`` present and verified in the cache.
 
@@ -116,7 +117,7 @@ def pull(
             raise
     from zoo.build import rebuild_into_cache  # heavy: torch, concrete-ml
 
-    return rebuild_into_cache(build, registry, role=role, cache_root=cache_root)
+    return rebuild_into_cache(build, registry, role=role, cache_root=cache_root, data_dir=data_dir)
 
 
 def publish(
@@ -148,7 +149,7 @@ def publish(
         "metrics": document["metrics"],
         "circuit": document["circuit"],
     }
-    report = Path(build_dir) / "report.json"
+    report = Path(build_dir) / manifest.REPORT
     if report.is_file():
         import json
 

@@ -150,6 +150,8 @@ def info(ref: str, registry_path: Path | None, as_json: bool) -> None:
 @click.option("--endpoint", default=None, help="Hugging Face protocol endpoint (ZOO_HF_ENDPOINT)")
 @click.option("--hub-dir", type=click.Path(path_type=Path), default=None, help="local hub folder")
 @click.option("--build-missing", is_flag=True, help="rebuild from the recipe if no hub has it")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="CIFAR data for --build-missing (default $ZOO_DATA_DIR)")  # fmt: skip
 @REGISTRY
 @JSON
 @handles_errors
@@ -160,6 +162,7 @@ def pull(
     endpoint: str | None,
     hub_dir: Path | None,
     build_missing: bool,
+    data_dir: Path | None,
     registry_path: Path | None,
     as_json: bool,
 ) -> None:
@@ -173,6 +176,7 @@ def pull(
         hub_dir=hub_dir,
         progress=not as_json and sys.stderr.isatty(),
         build_missing=build_missing,
+        data_dir=data_dir,
     )
     data = {
         "variant": result.build.variant,
@@ -186,6 +190,43 @@ def pull(
     verb = f"downloaded {_size(result.downloaded_bytes)}" if result.downloaded else "cached"
     _emit(as_json, data, lambda: f"{result.build.variant}@{result.build.revision[:12]} ({verb}): "
           f"{result.path}")  # fmt: skip
+
+
+# fmt: off
+@main.command("build")
+@click.argument("variant")
+@click.option("--profile", type=click.Choice(["full", "quick", "smoke"]), default="quick")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="folder with cifar-10-batches-py/ (default $ZOO_DATA_DIR)")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="build directory (default build-out/VARIANT-PROFILE)")
+@click.option("--seed", type=int, default=None, help="default: the registry's seed")
+@click.option("--resume", is_flag=True, help="continue from the last epoch checkpoint")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
+@click.option("--check", "check_rev", default=None, metavar="REV",
+              help="rebuild the published build REV and compare file by file")
+@REGISTRY
+@JSON
+@handles_errors
+def build_cmd(variant: str, profile: str, data_dir: Path | None, out_dir: Path | None,
+              seed: int | None, resume: bool, device: str, check_rev: str | None,
+              registry_path: Path | None, as_json: bool) -> None:
+    """Build a variant from its recipe into a build directory that `zoo publish` accepts."""
+    from zoo import build as builder
+
+    if check_rev:
+        out, report = builder.check(f"{variant}@{check_rev}", data_dir=data_dir,
+                                    out_dir=out_dir, registry_path=registry_path)
+        _emit(as_json, {"build_dir": str(out), "files": report},
+              lambda: "\n".join(f"{p}: {why}" for p, why in report.items()))
+        if any(why != "match" for why in report.values()):
+            click.echo(f"hint: {builder.MISMATCH_HINT}", err=True)
+            sys.exit(4)
+        return
+    out = builder.build(variant, profile=profile, data_dir=data_dir, out_dir=out_dir, seed=seed,
+                        resume=resume, device=device, registry_path=registry_path)
+    _emit(as_json, {"build_dir": str(out)}, lambda: f"built {variant} ({profile}) in {out}")
+# fmt: on
 
 
 @main.command()

@@ -7,6 +7,7 @@
 | ``ZOO_OFFLINE``   | unset                            | ``1``: never touch the network            |
 | ``ZOO_HF_ENDPOINT`` | ``https://huggingface.co``     | endpoint of the Hugging Face protocol hub |
 | ``HF_TOKEN``      | unset                            | token for the Hugging Face protocol hub   |
+| ``ZOO_DATA_DIR``  | ``$ZOO_HOME/data``               | CIFAR in the official python layout       |
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ def cache_dir() -> Path:
 def keys_dir() -> Path:
     """Client keys, one folder per build (0700)."""
     return zoo_home() / "keys"
+
+
+def data_dir() -> Path:
+    """Where builds read CIFAR (``cifar-10-batches-py/``, ``cifar-100-python/``)."""
+    return Path(os.environ.get("ZOO_DATA_DIR") or zoo_home() / "data")
 
 
 def registry_path() -> Path:

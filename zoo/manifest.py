@@ -1,8 +1,8 @@
 """``manifest.json``: what a build directory holds, and the check that it holds exactly that.
 
 A build directory (as ``zoo build`` writes it) has its files at the top level and
-``manifest.json`` listing each of them with role, size and sha256; sub-folders (``work/``:
-checkpoints and logs) are not part of the build.
+``manifest.json`` listing each of them with role, size and sha256; ``report.json``
+(wall times, host) and sub-folders (``work/``: checkpoints and logs) are not part of the build.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ ROLE_OF = {
     "client.zip": "client",
     "server.zip": "server",
     "README.md": "card",
-    "report.json": "report",
 }
+#: Written beside the build but not part of it: wall times and host (not reproducible).
+REPORT = "report.json"
 
 
 def dumps(document: dict[str, Any]) -> str:
@@ -35,7 +36,7 @@ def entry_for(path: Path, role: str | None = None) -> FileEntry:
     """A pinned entry for a file on disk."""
     return FileEntry(
         path=path.name,
-        role=role or ROLE_OF.get(path.name, "report"),
+        role=role or ROLE_OF[path.name],
         size=path.stat().st_size,
         sha256=sha256_file(path),
     )
@@ -85,7 +86,7 @@ def check(build_dir: Path) -> tuple[dict[str, Any], list[tuple[Path, FileEntry]]
         if (actual.size, actual.sha256) != (entry.size, entry.sha256):
             problems.append(f"{name}: manifest says {entry.sha256}, file is {actual.sha256}")
     extra = sorted(
-        p.name for p in build_dir.iterdir() if p.is_file() and p.name not in {*listed, MANIFEST}
+        p.name for p in build_dir.iterdir() if p.is_file() and p.name not in {*listed, MANIFEST, REPORT}
     )
     problems += [f"{name}: present but not in the manifest" for name in extra]
     if problems:

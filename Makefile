@@ -1,0 +1,51 @@
+# The two commands of the README: `make demo` (set up + main job) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ZOO := $(VENV)/bin/zoo
+DATA ?= .data
+SHARED_DATA ?= ../shared/data
+export ZOO_DATA_DIR ?= $(abspath $(DATA))
+DEMO_IMAGES ?= 8
+
+.PHONY: install data demo test lint bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+# Real CIFAR in the official python layout. Here it is materialized from the offline copy in
+# ../shared/data; elsewhere, unpack the official archives into $(DATA) instead.
+data: $(DATA)/cifar-10-batches-py/.complete
+
+$(DATA)/cifar-10-batches-py/.complete: | install
+	$(PY) $(SHARED_DATA)/materialize_cifar.py $(DATA)
+
+# The main job, end to end: get cifar10-split-tiny verified against its pinned hashes (no hub is
+# reachable here, so it is rebuilt and accepted only if every file matches), build a fresh smoke
+# build, publish it to the local hub (into a scratch registry), pull it back, and classify real
+# CIFAR-10 test images in real FHE.
+demo: install data
+	$(ZOO) pull cifar10-split-tiny --build-missing
+	$(ZOO) build cifar10-split-tiny --profile smoke --out build-out/demo --resume
+	cp registry.json build-out/demo-registry.json
+	$(ZOO) publish build-out/demo --hub local --registry build-out/demo-registry.json
+	$(ZOO) pull cifar10-split-tiny --registry build-out/demo-registry.json
+	$(ZOO) eval cifar10-split-tiny --fhe execute -n $(DEMO_IMAGES) --registry build-out/demo-registry.json
+
+# pytest exits 5 when it collected no test: that is a failure here.
+test: install data
+	$(PY) -m ruff check zoo recipes tests benchmarks
+	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest ran no test"; exit 1; fi; exit $$rc
+
+lint: install
+	$(PY) -m ruff check zoo recipes tests benchmarks
+
+bench: install data
+	$(PY) benchmarks/bench_pull.py
+
+clean:
+	rm -rf build-out .pytest_cache .ruff_cache

@@ -1,0 +1,979 @@
+"""Split CNV: a ternary VGG for CIFAR-10 whose first layer runs in the clear.
+
+Method
+------
+The network is the CNV of Brevitas' ``bnn_pynq`` examples as adapted by Concrete ML
+(``use_case_examples/cifar``): 3x3 convolutions without padding, each followed by BatchNorm and
+a low-bit quantizer acting as the non-linearity, average pooling (followed by a re-quantizer)
+instead of max pooling, then fully connected layers with BatchNorm and a final TensorNorm (one
+learned scale and shift over the whole logit tensor).
+
+The model is split in two (Concrete ML's ``cifar_brevitas_with_model_splitting``):
+
+1. **Clear head (client, float).** The first convolution (3 -> C0) and its BatchNorm run in the
+   clear on the client, in float. Raw 8-bit pixels are the worst inputs for FHE accumulators,
+   and the first layer is where quantization hurts most, so it stays in float. Its output is
+   quantized by a Brevitas ``QuantIdentity`` (signed, narrow range, ``in_bits`` bits). That
+   quantized tensor is the input of the encrypted part. The shipped head has BatchNorm folded
+   into the convolution; :func:`head_forward` reruns it from the saved tensors alone.
+2. **Encrypted part (server, FHE).** Everything after it, with 2-bit (ternary) weights and
+   2-bit activations (``QuantConv2d`` / ``QuantLinear`` / ``QuantIdentity``), compiled by
+   ``compile_brevitas_qat_model``.
+
+FHE needs every accumulator to fit in a few bits. A ternary weight times a ternary activation
+is in {-1, 0, 1}, so an accumulator over K non-zero weights is at most K (3K after the 3-bit
+input). *Fan-in pruning* keeps at most K non-zero weights per output neuron (per layer K, with
+``torch.nn.utils.prune``), chosen so that even the worst-case accumulator fits the variant's
+bound. It is not just the calibration inputs. The compiled circuit's maximum integer bit width
+is then checked against the bound, and the build fails if it is exceeded.
+
+Variants: ``split-8bit`` is the reference design (channel/pool plan
+``[(64, -), (64, pool), (128, -), (128, pool), (256, -), (256, -)]``, FC 256-512-512-10,
+3-bit head output, 8-bit accumulators). ``tiny`` is the same family, narrow and short: the clear
+head also pools (to 10x10), a 2-bit head output, 32/64 channels, one hidden FC, no TensorNorm
+(the logits are the last accumulator) and 6-bit accumulators, so that key generation and real
+FHE inference of one image take well under two minutes on two CPU cores.
+
+Training follows Concrete ML's ``cifar_brevitas_training``: Adam (lr 0.02, halved every 40
+epochs), batch 100, random crop (32, padding 4) + horizontal flip, inputs mapped to [-1, 1]
+(mean 0.5, std 0.5), cross-entropy, weights clipped to [-1, 1] after every step.
+
+Steps (see :func:`build`): data -> model -> train -> evaluate clear -> compile ->
+evaluate FHE simulation.
+
+Determinism: every random draw comes from the seed. The data order and augmentation of epoch
+``e`` come from ``numpy.random.default_rng([seed, e])``. Torch uses deterministic algorithms,
+a fixed thread count and no DataLoader workers, and every epoch's checkpoint holds model,
+optimizer and RNG state. The same seed, profile, data, versions and device then give
+byte-identical weights and metrics, resumed or not. Wall times only appear under keys named
+``*_seconds``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from zoo.data import CIFAR10_DIRNAME, fingerprint, load_cifar10
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+#: Architectures (``ctx.params["arch"]``). ``head`` is the clear part. ``plan`` lists the
+#: encrypted convolutions as (out_channels, pool_after). ``fc`` lists the hidden FC widths.
+#: ``fanin`` is the max non-zero weights per output neuron, one entry per encrypted
+#: conv/linear layer in order. ``max_bit_width`` is the accumulator bound checked after
+#: compilation.
+ARCHS: dict[str, dict[str, Any]] = {
+    "split-8bit": {
+        "head": {"out_channels": 64, "pool": None, "in_bits": 3},
+        "plan": [(64, True), (128, False), (128, True), (256, False), (256, False)],
+        "fc": [512, 512],
+        "weight_bits": 2,
+        "act_bits": 2,
+        "num_classes": 10,
+        # Worst case |acc| <= K * max|input|: 42 * 3 = 126 and 127 * 1 both fit in 8 signed bits.
+        "fanin": [42, 127, 127, 127, 127, 127, 127, 127],
+        "max_bit_width": 8,
+        "tensor_norm": True,
+        "output_bits": 8,  # logits leave the circuit as 8-bit integers (TensorNorm TLU)
+        "p_error": 0.05,  # the reference's p_error search result
+        "rounding_threshold_bits": None,
+    },
+    "tiny": {
+        "head": {"out_channels": 32, "pool": 3, "in_bits": 2},
+        "plan": [(32, True), (64, False)],
+        "fc": [128],
+        "weight_bits": 2,
+        "act_bits": 2,
+        "num_classes": 10,
+        # No TensorNorm: the circuit ends on the last accumulator, dequantized on the client,
+        # so there is no output TLU and no 5/6-bit rounding of the logits.
+        "tensor_norm": False,
+        # Worst case |acc| <= K: 31 fits in 6 signed bits.
+        "fanin": [31, 31, 31, 31],
+        "max_bit_width": 6,
+        "output_bits": 6,
+        "p_error": 0.05,
+        "rounding_threshold_bits": None,
+    },
+}
+
+#: Profiles. ``n_train`` / ``n_test`` / ``n_calib`` of ``None`` mean the whole split.
+#: ``prune_epoch`` is the epoch at whose start the fan-in masks are computed (from weight
+#: magnitude) and frozen.
+PROFILES: dict[str, dict[str, Any]] = {
+    "full": {
+        "epochs": 400,
+        "batch_size": 100,
+        "lr": 0.02,
+        "lr_halve_every": 40,
+        "prune_epoch": 5,
+        "n_train": None,
+        "n_test": None,
+        "n_calib": 1000,
+        "eval_batch_size": 500,
+    },
+    "quick": {
+        "epochs": 3,
+        "batch_size": 100,
+        "lr": 0.02,
+        "lr_halve_every": 40,
+        "prune_epoch": 0,
+        "n_train": 10000,
+        "n_test": None,
+        "n_calib": 500,
+        "eval_batch_size": 500,
+    },
+    "smoke": {
+        "epochs": 1,
+        "batch_size": 100,
+        "lr": 0.02,
+        "lr_halve_every": 40,
+        "prune_epoch": 0,
+        "n_train": 1000,
+        "n_test": 200,
+        "n_calib": 200,
+        "eval_batch_size": 200,
+    },
+}
+
+#: Per-architecture profile overrides. The tiny network trains much faster, so it gets more
+#: epochs within the same time box.
+PROFILE_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
+    ("tiny", "quick"): {"epochs": 25, "n_train": None},
+    ("tiny", "smoke"): {"epochs": 2, "n_train": 2000},
+}
+
+DATA: dict[str, Any] = {
+    "dataset": "CIFAR-10 (JPEG q75 copy)",
+    "mean": [0.5, 0.5, 0.5],
+    "std": [0.5, 0.5, 0.5],
+    "crop_padding": 4,
+    "hflip": True,
+}
+
+#: Torch intra-op threads; fixed so that float reductions happen in the same order.
+TORCH_THREADS = 2
+BN_EPS = 1e-4
+WEIGHT_CLIP = 1.0
+SIM_EVAL_BATCH = 500
+
+
+class BitWidthBoundError(RuntimeError):
+    """The compiled circuit needs wider integers than the variant's accumulator bound."""
+
+
+class BuildContextLike(Protocol):
+    """What :func:`build` reads from ``zoo.build.BuildContext``."""
+
+    variant: str
+    params: dict[str, Any]
+    profile: str
+    seed: int
+    data_dir: Path
+    work_dir: Path
+    device: str
+    resume: bool
+    log: logging.Logger
+
+
+@dataclass
+class RecipeResult:
+    """Everything the packaging step needs from a build."""
+
+    head: dict[str, torch.Tensor]
+    head_config: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    quantized_module: Any
+    metrics: dict[str, Any]
+    config: dict[str, Any]
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_config(variant: str, params: dict[str, Any], profile: str, seed: int) -> dict:
+    """Merge architecture, registry params and profile into one JSON-able config."""
+    params = dict(params)
+    arch_name = params.pop("arch", None) or variant
+    if arch_name not in ARCHS:
+        raise ValueError(f"unknown split-CNV arch {arch_name!r}; choose from {sorted(ARCHS)}")
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose from {sorted(PROFILES)}")
+    arch = copy.deepcopy(ARCHS[arch_name])
+    for key, value in params.items():
+        if key in arch:
+            arch[key] = value  # registry params may override any architecture key
+        elif key not in ("profile_overrides",):
+            raise ValueError(f"unknown split-CNV parameter {key!r}")
+    prof = dict(PROFILES[profile])
+    prof.update(PROFILE_OVERRIDES.get((arch_name, profile), {}))
+    n_layers = len(arch["plan"]) + len(arch["fc"]) + 1
+    if len(arch["fanin"]) != n_layers:
+        raise ValueError(f"fanin needs {n_layers} entries (one per encrypted layer)")
+    return {
+        "recipe": "split_cnv",
+        "arch_name": arch_name,
+        "arch": _jsonable(arch),
+        "profile_name": profile,
+        "profile": prof,
+        "data": dict(DATA),
+        "seed": seed,
+        "torch_threads": TORCH_THREADS,
+        "deterministic_algorithms": True,
+        "bn_eps": BN_EPS,
+        "weight_clip": WEIGHT_CLIP,
+    }
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# Step 1: data
+# --------------------------------------------------------------------------------------------
+
+
+def normalize_images(images_uint8_nhwc: np.ndarray, mean: torch.Tensor, std: torch.Tensor):
+    """uint8 NHWC -> float32 NCHW tensor ``(x / 255 - mean) / std`` (here mapped to [-1, 1])."""
+    x = torch.from_numpy(np.ascontiguousarray(images_uint8_nhwc)).permute(0, 3, 1, 2)
+    x = x.to(torch.float32) / 255.0
+    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def augment(images: np.ndarray, rng: np.random.Generator, padding: int, hflip: bool):
+    """Random crop (32, zero padding ``padding``) and horizontal flip, on uint8 NHWC.
+
+    The zero padding is black pixels, as torchvision pads the PIL image before ``ToTensor``.
+    """
+    n, h, w, _ = images.shape
+    padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    dy = rng.integers(0, 2 * padding + 1, size=n)
+    dx = rng.integers(0, 2 * padding + 1, size=n)
+    flip = rng.random(n) < 0.5 if hflip else np.zeros(n, dtype=bool)
+    out = np.empty_like(images)
+    for i in range(n):
+        crop = padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
+        out[i] = crop[:, ::-1] if flip[i] else crop
+    return out
+
+
+def _subset(images: np.ndarray, labels: np.ndarray, n: int | None):
+    """The first ``n`` images (official order), or all of them."""
+    if n is None or n >= len(labels):
+        return images, labels
+    return images[:n], labels[:n]
+
+
+# --------------------------------------------------------------------------------------------
+# Step 2: model
+# --------------------------------------------------------------------------------------------
+
+
+def _quantizers() -> tuple[type, type]:
+    """Brevitas quantizers of the reference (``bnn_pynq`` common.py): constant scale 1, signed,
+    narrow range, zero zero-point, round to nearest."""
+    from brevitas.core.zero_point import ZeroZeroPoint
+    from brevitas.inject import ExtendedInjector
+    from brevitas.inject.enum import (
+        BitWidthImplType,
+        FloatToIntImplType,
+        QuantType,
+        RestrictValueType,
+        ScalingImplType,
+    )
+    from brevitas.quant.solver import ActQuantSolver, WeightQuantSolver
+    from dependencies import value
+
+    class CommonQuant(ExtendedInjector):
+        bit_width_impl_type = BitWidthImplType.CONST
+        scaling_impl_type = ScalingImplType.CONST
+        restrict_scaling_type = RestrictValueType.FP
+        zero_point_impl = ZeroZeroPoint
+        float_to_int_impl_type = FloatToIntImplType.ROUND
+        scaling_per_output_channel = False
+        narrow_range = True
+        signed = True
+
+        @value
+        def quant_type(bit_width):  # noqa: N805 - dependency-injection signature
+            if bit_width is None:
+                return QuantType.FP
+            if bit_width == 1:
+                return QuantType.BINARY
+            return QuantType.INT
+
+    class CommonWeightQuant(CommonQuant, WeightQuantSolver):
+        scaling_const = 1.0
+
+    class CommonActQuant(CommonQuant, ActQuantSolver):
+        min_val = -1.0
+        max_val = 1.0
+
+    return CommonWeightQuant, CommonActQuant
+
+
+class TensorNorm(nn.Module):
+    """One learned scale and shift over the whole tensor, normalised by running statistics
+    (``bnn_pynq``'s TensorNorm)."""
+
+    def __init__(self, eps: float = 1e-4, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.eps = eps
+        self.momentum = momentum
+        self.weight = nn.Parameter(torch.rand(1))
+        self.bias = nn.Parameter(torch.rand(1))
+        self.register_buffer("running_mean", torch.zeros(1))
+        self.register_buffer("running_var", torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise with batch statistics in training, running statistics in eval."""
+        if self.training:
+            mean = x.mean()
+            unbiased_var = x.var(unbiased=True)
+            biased_var = x.var(unbiased=False)
+            with torch.no_grad():
+                self.running_mean.mul_(1 - self.momentum).add_(self.momentum * mean)
+                self.running_var.mul_(1 - self.momentum).add_(self.momentum * unbiased_var)
+            return (x - mean) / (biased_var + self.eps).pow(0.5) * self.weight + self.bias
+        return (x - self.running_mean) / (self.running_var + self.eps).pow(0.5) * self.weight + (
+            self.bias
+        )
+
+
+class ClearHead(nn.Module):
+    """First conv + BatchNorm in float (+ optional hardtanh and average pool): the client part.
+
+    In eval mode it computes exactly what :func:`head_forward` computes from the exported
+    tensors: a convolution with BatchNorm folded in.
+    """
+
+    def __init__(self, out_channels: int, pool: int | None) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, out_channels, kernel_size=3, padding=0, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels, eps=BN_EPS)
+        self.pool = pool
+
+    def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conv weight and bias with the (running-statistics) BatchNorm folded in."""
+        s = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
+        weight = self.conv.weight * s.view(-1, 1, 1, 1)
+        bias = self.bn.bias - self.bn.running_mean * s
+        return weight.detach().clone(), bias.detach().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Float head output (before the input quantizer of the encrypted part)."""
+        if self.training:
+            x = self.bn(self.conv(x))
+        else:
+            weight, bias = self.folded()
+            x = F.conv2d(x, weight, bias, stride=1, padding=0)
+        if self.pool:
+            x = F.avg_pool2d(F.hardtanh(x, -1.0, 1.0), self.pool, self.pool)
+        return x
+
+
+class EncryptedCNV(nn.Module):
+    """The part compiled to FHE: input quantizer, ternary convs / FCs, BatchNorms, TensorNorm."""
+
+    def __init__(self, arch: dict[str, Any], in_channels: int, in_size: int) -> None:
+        super().__init__()
+        from brevitas.nn import QuantConv2d, QuantIdentity, QuantLinear
+
+        wq, aq = _quantizers()
+        wb, ab = arch["weight_bits"], arch["act_bits"]
+        self.input_quant = QuantIdentity(act_quant=aq, bit_width=arch["head"]["in_bits"])
+        self.features = nn.ModuleList()
+        ch, size = in_channels, in_size
+        for out_ch, pool in arch["plan"]:
+            self.features.append(
+                QuantConv2d(ch, out_ch, 3, bias=False, weight_quant=wq, weight_bit_width=wb)
+            )
+            self.features.append(nn.BatchNorm2d(out_ch, eps=BN_EPS))
+            self.features.append(QuantIdentity(act_quant=aq, bit_width=ab))
+            ch, size = out_ch, size - 2
+            if pool:
+                self.features.append(nn.AvgPool2d(2))
+                self.features.append(QuantIdentity(act_quant=aq, bit_width=ab))
+                size //= 2
+        if size < 1:
+            raise ValueError("architecture shrinks the image below 1x1")
+        self.linear = nn.ModuleList()
+        n_in = ch * size * size
+        for n_out in arch["fc"]:
+            self.linear.append(
+                QuantLinear(n_in, n_out, bias=True, weight_quant=wq, weight_bit_width=wb)
+            )
+            self.linear.append(nn.BatchNorm1d(n_out, eps=BN_EPS))
+            self.linear.append(QuantIdentity(act_quant=aq, bit_width=ab))
+            n_in = n_out
+        self.linear.append(
+            QuantLinear(
+                n_in, arch["num_classes"], bias=True, weight_quant=wq, weight_bit_width=wb
+            )
+        )
+        if arch["tensor_norm"]:
+            self.linear.append(TensorNorm())
+        for m in self.quant_layers():
+            nn.init.uniform_(m.weight.data, -1.0, 1.0)
+            if m.bias is not None:
+                # Workaround: concrete-ml 1.9 does not pick up the weight quantizer of a
+                # bias-free QuantLinear (ONNX MatMul path) and re-quantizes its weights to 8
+                # bits, which blows up the accumulators. A Gemm with a bias is imported
+                # correctly, so the linears carry a bias frozen at zero (BatchNorm / TensorNorm
+                # after them supply the shift); it adds nothing to the accumulators.
+                nn.init.zeros_(m.bias)
+                m.bias.requires_grad_(False)
+
+    def quant_layers(self) -> list[nn.Module]:
+        """The QuantConv2d / QuantLinear layers, in order (the layers that get pruned)."""
+        from brevitas.nn import QuantConv2d, QuantLinear
+
+        return [m for m in self.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits from the float head output."""
+        x = self.input_quant(x)
+        for mod in self.features:
+            x = mod(x)
+        x = torch.flatten(x, 1)
+        for mod in self.linear:
+            x = mod(x)
+        return x
+
+
+class SplitCNV(nn.Module):
+    """Clear head followed by the encrypted part."""
+
+    def __init__(self, arch: dict[str, Any]) -> None:
+        super().__init__()
+        head = arch["head"]
+        self.head = ClearHead(head["out_channels"], head["pool"])
+        size = 30 // head["pool"] if head["pool"] else 30
+        self.encrypted = EncryptedCNV(arch, head["out_channels"], size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits from normalised NCHW images."""
+        return self.encrypted(self.head(x))
+
+    @torch.no_grad()
+    def clip_weights(self, limit: float) -> None:
+        """Clamp the encrypted layers' float weights to [-limit, limit] (reference trainer)."""
+        for m in self.encrypted.quant_layers():
+            w = m.weight_orig if hasattr(m, "weight_orig") else m.weight
+            w.clamp_(-limit, limit)
+
+
+def fanin_mask(weight: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask keeping the ``k`` largest-magnitude weights of each output neuron (row).
+
+    A stable sort makes ties deterministic (lowest index wins).
+    """
+    flat = weight.detach().abs().reshape(weight.shape[0], -1)
+    k = min(k, flat.shape[1])
+    order = torch.sort(flat, dim=1, descending=True, stable=True).indices[:, :k]
+    mask = torch.zeros_like(flat)
+    mask.scatter_(1, order, 1.0)
+    return mask.reshape(weight.shape)
+
+
+def apply_fanin_pruning(model: SplitCNV, fanin: list[int], masks: list | None = None) -> None:
+    """Attach ``torch.nn.utils.prune`` masks limiting every encrypted layer's fan-in."""
+    from torch.nn.utils import prune
+
+    for i, (layer, k) in enumerate(zip(model.encrypted.quant_layers(), fanin)):
+        mask = fanin_mask(layer.weight, k) if masks is None else masks[i]
+        prune.custom_from_mask(layer, "weight", mask)
+
+
+def is_pruned(model: SplitCNV) -> bool:
+    """Whether the fan-in masks are attached."""
+    return any(hasattr(m, "weight_mask") for m in model.encrypted.quant_layers())
+
+
+def finalize_pruning(model: SplitCNV) -> None:
+    """Make the pruning permanent (``weight = weight_orig * weight_mask``)."""
+    from torch.nn.utils import prune
+
+    for layer in model.encrypted.quant_layers():
+        if hasattr(layer, "weight_mask"):
+            prune.remove(layer, "weight")
+
+
+def max_fanin(model: SplitCNV) -> list[int]:
+    """Per encrypted layer, the largest number of non-zero *quantized* weights per neuron."""
+    out = []
+    for layer in model.encrypted.quant_layers():
+        q = layer.quant_weight().value.detach()
+        out.append(int((q != 0).reshape(q.shape[0], -1).sum(1).max()))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Step 3: train
+# --------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int, device: str) -> None:
+    """Seed python, numpy and torch, and force deterministic torch kernels."""
+    if device.startswith("cuda"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.set_num_threads(TORCH_THREADS)
+    torch.use_deterministic_algorithms(True)
+
+
+def _lr_at(cfg: dict[str, Any], epoch: int) -> float:
+    """Step schedule: lr halved every ``lr_halve_every`` epochs (stateless, resume-safe)."""
+    prof = cfg["profile"]
+    return prof["lr"] * 0.5 ** (epoch // prof["lr_halve_every"])
+
+
+def _save_checkpoint(path: Path, epoch: int, model: SplitCNV, opt, history: list) -> None:
+    masks = (
+        [layer.weight_mask.detach().cpu() for layer in model.encrypted.quant_layers()]
+        if is_pruned(model)
+        else []
+    )
+    state = {
+        "epoch": torch.tensor(epoch),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "masks": masks,
+        "optimizer": opt.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+        "history": history,
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def train(
+    model: SplitCNV,
+    images: np.ndarray,
+    labels: np.ndarray,
+    cfg: dict[str, Any],
+    ctx: BuildContextLike,
+) -> list[dict[str, Any]]:
+    """Quantization-aware training with fan-in pruning; checkpoints every epoch."""
+    from tqdm import tqdm
+
+    prof, arch, seed = cfg["profile"], cfg["arch"], cfg["seed"]
+    device = torch.device(ctx.device)
+    mean = torch.tensor(DATA["mean"], dtype=torch.float32)
+    std = torch.tensor(DATA["std"], dtype=torch.float32)
+    ckpt_path = Path(ctx.work_dir) / "checkpoint.pt"
+    start_epoch, history = 0, []
+
+    if prof["prune_epoch"] == 0:
+        apply_fanin_pruning(model, arch["fanin"])
+    model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=_lr_at(cfg, 0))
+
+    if ctx.resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if state["masks"] and not is_pruned(model):
+            model.cpu()
+            apply_fanin_pruning(model, arch["fanin"], state["masks"])
+            model.to(device)
+            opt = torch.optim.Adam(model.parameters(), lr=_lr_at(cfg, 0))
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
+        ctx.log.info("resumed from %s after epoch %d", ckpt_path, start_epoch)
+
+    criterion = nn.CrossEntropyLoss()
+    bs = prof["batch_size"]
+    n_batches = len(labels) // bs  # drop the last partial batch (BatchNorm needs > 1 sample)
+    for epoch in range(start_epoch, prof["epochs"]):
+        if epoch == prof["prune_epoch"] and not is_pruned(model):
+            # Masks from the current magnitudes; the optimizer keeps its state because the
+            # parameter becomes ``weight_orig`` (same tensor object).
+            apply_fanin_pruning(model, arch["fanin"])
+            opt = _rebind_optimizer(opt, model)
+        for group in opt.param_groups:
+            group["lr"] = _lr_at(cfg, epoch)
+        rng = np.random.default_rng([seed, epoch])
+        order = rng.permutation(len(labels))
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{prof['epochs']}", leave=False,
+                   disable=not ctx.log.isEnabledFor(logging.INFO))
+        for b in bar:
+            idx = order[b * bs : (b + 1) * bs]
+            x = augment(images[idx], rng, DATA["crop_padding"], DATA["hflip"])
+            x = normalize_images(x, mean, std).to(device)
+            y = torch.from_numpy(labels[idx]).to(device)
+            out = model(x)
+            loss = criterion(out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            model.clip_weights(WEIGHT_CLIP)
+            loss_sum += float(loss.detach()) * len(idx)
+            correct += int((out.detach().argmax(1) == y).sum())
+            seen += len(idx)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        rec = {
+            "epoch": epoch + 1,
+            "lr": _lr_at(cfg, epoch),
+            "loss": loss_sum / max(seen, 1),
+            "train_top1": correct / max(seen, 1),
+        }
+        history.append(rec)
+        ctx.log.info(
+            "epoch %d/%d lr %.5f loss %.4f train acc %.4f (%.1f s)",
+            epoch + 1, prof["epochs"], rec["lr"], rec["loss"], rec["train_top1"],
+            time.perf_counter() - t0,
+        )
+        _save_checkpoint(ckpt_path, epoch, model, opt, history)
+    if not is_pruned(model):  # a schedule shorter than prune_epoch still ships pruned weights
+        apply_fanin_pruning(model.cpu(), arch["fanin"])
+    model.cpu()
+    finalize_pruning(model)
+    return history
+
+
+def _rebind_optimizer(opt: torch.optim.Optimizer, model: SplitCNV) -> torch.optim.Optimizer:
+    """A new Adam over the (re-registered) parameters, carrying the per-tensor state over."""
+    new = torch.optim.Adam(model.parameters(), lr=opt.param_groups[0]["lr"])
+    for p in model.parameters():
+        if p in opt.state:
+            new.state[p] = opt.state[p]
+    return new
+
+
+# --------------------------------------------------------------------------------------------
+# Step 4: evaluate (clear)
+# --------------------------------------------------------------------------------------------
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks=(1, 2, 3)) -> dict[int, float]:
+    """Top-k accuracies; ties broken by a stable sort (lowest class index first)."""
+    order = np.argsort(-logits, axis=1, kind="stable")
+    return {k: float((order[:, :k] == labels[:, None]).any(1).mean()) for k in ks}
+
+
+@torch.no_grad()
+def head_outputs(model: SplitCNV, images: np.ndarray, batch: int) -> np.ndarray:
+    """Float output of the clear head (the calibration / FHE-input pre-quantization)."""
+    model.eval()
+    mean = torch.tensor(DATA["mean"], dtype=torch.float32)
+    std = torch.tensor(DATA["std"], dtype=torch.float32)
+    outs = [
+        model.head(normalize_images(images[i : i + batch], mean, std))
+        for i in range(0, len(images), batch)
+    ]
+    return torch.cat(outs).numpy()
+
+
+@torch.no_grad()
+def clear_logits(model: SplitCNV, images: np.ndarray, batch: int) -> np.ndarray:
+    """Float head + Brevitas encrypted part, in eval mode, on CPU."""
+    model.eval()
+    feats = head_outputs(model, images, batch)
+    outs = [
+        model.encrypted(torch.from_numpy(feats[i : i + batch]))
+        for i in range(0, len(feats), batch)
+    ]
+    return torch.cat(outs).numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# Client-side head, from the exported tensors only
+# --------------------------------------------------------------------------------------------
+
+
+def export_head(model: SplitCNV, arch: dict[str, Any]) -> tuple[dict, dict]:
+    """Head tensors (BatchNorm folded) + a config sufficient to run it without this module."""
+    weight, bias = model.head.folded()
+    qi = model.encrypted.input_quant
+    scale = qi.quant_act_scale().detach().reshape(()).to(torch.float32)
+    zero_point = qi.quant_act_zero_point().detach().reshape(()).to(torch.float32)
+    bits = int(qi.quant_act_bit_width())
+    narrow = bool(qi.act_quant.is_narrow_range)
+    signed = bool(qi.is_quant_act_signed)
+    tensors = {
+        "conv.weight": weight.contiguous(),
+        "conv.bias": bias.contiguous(),
+        "input.mean": torch.tensor(DATA["mean"], dtype=torch.float32),
+        "input.std": torch.tensor(DATA["std"], dtype=torch.float32),
+        "quant.scale": scale.clone(),
+        "quant.zero_point": zero_point.clone(),
+        "quant.bit_width": torch.tensor(bits, dtype=torch.int64),
+        "quant.signed": torch.tensor(int(signed), dtype=torch.int64),
+        "quant.narrow_range": torch.tensor(int(narrow), dtype=torch.int64),
+    }
+    ops: list[dict[str, Any]] = [
+        {"op": "conv2d", "weight": "conv.weight", "bias": "conv.bias", "stride": 1, "padding": 0}
+    ]
+    pool = arch["head"]["pool"]
+    if pool:
+        ops.append({"op": "hardtanh", "min": -1.0, "max": 1.0})
+        ops.append({"op": "avg_pool2d", "kernel_size": pool, "stride": pool})
+    ops.append(
+        {
+            "op": "quantize_dequantize",
+            "scale": "quant.scale",
+            "zero_point": "quant.zero_point",
+            "bit_width": bits,
+            "signed": signed,
+            "narrow_range": narrow,
+            "rounding": "half_to_even",
+            "formula": "clamp(round(x / scale + zero_point), qmin, qmax) - zero_point) * scale",
+        }
+    )
+    config = {
+        "format": "split-cnv-head/1",
+        "input": {
+            "layout": "NHWC",
+            "dtype": "uint8",
+            "to_float": "x / 255",
+            "normalize": "(x - input.mean) / input.std",
+            "mean": DATA["mean"],
+            "std": DATA["std"],
+            "to_layout": "NCHW",
+        },
+        "ops": ops,
+        "output": {
+            "layout": "NCHW",
+            "dtype": "float32",
+            "shape": [None, *_head_out_shape(arch)],
+            "meaning": "dequantized input of the encrypted part: pass it to the FHE circuit "
+            "(quantized_module.quantize_input re-quantizes it exactly)",
+        },
+    }
+    return tensors, config
+
+
+def _head_out_shape(arch: dict[str, Any]) -> list[int]:
+    pool = arch["head"]["pool"]
+    size = 30 // pool if pool else 30
+    return [arch["head"]["out_channels"], size, size]
+
+
+def head_forward(
+    head_tensors: dict[str, torch.Tensor], head_config: dict[str, Any], images_uint8_nhwc
+) -> np.ndarray:
+    """Run the client head from the exported tensors and config (no recipe classes).
+
+    Returns the dequantized quantized values (float32, NCHW) that go into the FHE circuit.
+    """
+    t = head_tensors
+    inp = head_config["input"]
+    x = torch.from_numpy(np.ascontiguousarray(images_uint8_nhwc)).permute(0, 3, 1, 2)
+    x = x.to(torch.float32) / 255.0
+    mean, std = t["input.mean"].to(torch.float32), t["input.std"].to(torch.float32)
+    x = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+    assert inp["to_layout"] == "NCHW"
+    with torch.no_grad():
+        for op in head_config["ops"]:
+            kind = op["op"]
+            if kind == "conv2d":
+                x = F.conv2d(x, t[op["weight"]], t[op["bias"]], stride=op["stride"],
+                             padding=op["padding"])
+            elif kind == "hardtanh":
+                x = F.hardtanh(x, op["min"], op["max"])
+            elif kind == "avg_pool2d":
+                x = F.avg_pool2d(x, op["kernel_size"], op["stride"])
+            elif kind == "quantize_dequantize":
+                bits, signed, narrow = op["bit_width"], op["signed"], op["narrow_range"]
+                if signed:
+                    qmin, qmax = -(2 ** (bits - 1)) + int(narrow), 2 ** (bits - 1) - 1
+                else:
+                    qmin, qmax = 0, 2**bits - 1 - int(narrow)
+                scale, zp = t[op["scale"]], t[op["zero_point"]]
+                q = torch.clamp(torch.round(x / scale + zp), qmin, qmax)
+                x = (q - zp) * scale
+            else:
+                raise ValueError(f"unknown head op {kind!r}")
+    return x.numpy().astype(np.float32, copy=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Step 5: compile, and the bit-width bound
+# --------------------------------------------------------------------------------------------
+
+
+def compile_encrypted(model: SplitCNV, calib: np.ndarray, cfg: dict[str, Any], onnx_path: Path):
+    """``compile_brevitas_qat_model`` on the encrypted part, calibrated on head outputs."""
+    from concrete.ml.torch.compile import compile_brevitas_qat_model
+
+    arch = cfg["arch"]
+    model.eval()
+    return compile_brevitas_qat_model(
+        model.encrypted,
+        calib,
+        n_bits={"model_inputs": arch["output_bits"], "model_outputs": arch["output_bits"]},
+        p_error=arch["p_error"],
+        rounding_threshold_bits=arch["rounding_threshold_bits"],
+        output_onnx_file=onnx_path,
+    )
+
+
+def check_bit_width(quantized_module: Any, bound: int) -> int:
+    """Return the circuit's max integer bit width; raise :class:`BitWidthBoundError` above
+    ``bound``."""
+    width = int(quantized_module.fhe_circuit.graph.maximum_integer_bit_width())
+    if width > bound:
+        raise BitWidthBoundError(
+            f"compiled circuit needs {width}-bit integers, above this variant's bound of "
+            f"{bound} bits: tighten the fan-in pruning ('fanin') or lower the bit widths"
+        )
+    return width
+
+
+def circuit_statistics(quantized_module: Any) -> dict[str, Any]:
+    """PBS counts (total and per bit width / parameter set) of the compiled circuit."""
+    stats = quantized_module.fhe_circuit.statistics
+    keep = {}
+    for key, value in stats.items():
+        if "bootstrap" in key or "keyswitch" in key or key in ("size_of_inputs", "complexity"):
+            keep[key] = _jsonable_stat(value)
+    return keep
+
+
+def _jsonable_stat(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable_stat(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable_stat(v) for v in value]
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# Step 6: evaluate (FHE simulation)
+# --------------------------------------------------------------------------------------------
+
+
+def fhe_logits(quantized_module: Any, head_x: np.ndarray, fhe: str = "simulate") -> np.ndarray:
+    """Encrypted part under ``fhe`` ("simulate" or "execute") on dequantized head outputs."""
+    outs = [
+        quantized_module.forward(head_x[i : i + SIM_EVAL_BATCH], fhe=fhe)
+        for i in range(0, len(head_x), SIM_EVAL_BATCH)
+    ]
+    return np.concatenate(outs).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# The build
+# --------------------------------------------------------------------------------------------
+
+
+def build(ctx: BuildContextLike) -> RecipeResult:
+    """Data -> model -> train -> evaluate clear -> compile -> evaluate FHE simulation."""
+    cfg = resolve_config(ctx.variant, ctx.params, ctx.profile, ctx.seed)
+    arch, prof = cfg["arch"], cfg["profile"]
+    Path(ctx.work_dir).mkdir(parents=True, exist_ok=True)
+    stages: dict[str, dict[str, Any]] = {}
+    seed_everything(ctx.seed, ctx.device)
+
+    # 1. Data: the official CIFAR-10 archive (first n_train / n_test images, official order).
+    t0 = time.perf_counter()
+    train_x, train_y = _subset(*load_cifar10(ctx.data_dir, "train"), prof["n_train"])
+    test_x, test_y = _subset(*load_cifar10(ctx.data_dir, "test"), prof["n_test"])
+    provenance = Path(ctx.data_dir) / CIFAR10_DIRNAME / "PROVENANCE.txt"
+    data = {
+        "dataset": DATA["dataset"] if provenance.exists() else "CIFAR-10",
+        "train_fingerprint": fingerprint(train_x, train_y),
+        "test_fingerprint": fingerprint(test_x, test_y),
+        "n_train": len(train_y),
+        "n_test": len(test_y),
+        "subset": "first n images of each split, official order",
+    }
+    stages["data"] = {"device": "cpu", "wall_seconds": time.perf_counter() - t0}
+    ctx.log.info("data: %d train, %d test images", len(train_y), len(test_y))
+
+    # 2. Model.
+    model = SplitCNV(arch)
+    n_params = sum(p.numel() for p in model.parameters())
+    ctx.log.info("model %s: %d parameters", cfg["arch_name"], n_params)
+
+    # 3. Train (QAT + fan-in pruning).
+    t0 = time.perf_counter()
+    history = train(model, train_x, train_y, cfg, ctx)
+    train_seconds = time.perf_counter() - t0
+    stages["train"] = {"device": ctx.device, "wall_seconds": train_seconds}
+    model.eval()
+
+    # 4. Evaluate in the clear (float head + Brevitas), on CPU.
+    t0 = time.perf_counter()
+    bs = prof["eval_batch_size"]
+    clear = clear_logits(model, test_x, bs)
+    clear_acc = topk_accuracy(clear, test_y)
+    stages["evaluate_clear"] = {"device": "cpu", "wall_seconds": time.perf_counter() - t0}
+    ctx.log.info("clear top-1/2/3: %.4f %.4f %.4f", clear_acc[1], clear_acc[2], clear_acc[3])
+
+    # 5. Compile the encrypted part, calibrated on head outputs of training images.
+    t0 = time.perf_counter()
+    calib = head_outputs(model, train_x[: prof["n_calib"]], bs)
+    onnx_path = Path(ctx.work_dir) / "encrypted.onnx"
+    qmodule = compile_encrypted(model, calib, cfg, onnx_path)
+    compile_seconds = time.perf_counter() - t0
+    stages["compile"] = {"device": "cpu", "wall_seconds": compile_seconds}
+    width = check_bit_width(qmodule, arch["max_bit_width"])
+    ctx.log.info("compiled: max bit width %d (bound %d)", width, arch["max_bit_width"])
+
+    # 6. Evaluate under FHE simulation, from the exported head (what a client runs).
+    t0 = time.perf_counter()
+    head, head_config = export_head(model, arch)
+    fhe_in = head_forward(head, head_config, test_x)
+    sim = fhe_logits(qmodule, fhe_in, "simulate")
+    sim_acc = topk_accuracy(sim, test_y)
+    stages["evaluate_fhe_simulation"] = {"device": "cpu", "wall_seconds": time.perf_counter() - t0}
+    ctx.log.info("FHE-sim top-1/2/3: %.4f %.4f %.4f", sim_acc[1], sim_acc[2], sim_acc[3])
+
+    metrics = {
+        "clear_top1": clear_acc[1],
+        "clear_top2": clear_acc[2],
+        "clear_top3": clear_acc[3],
+        "fhe_simulation_top1": sim_acc[1],
+        "fhe_simulation_top2": sim_acc[2],
+        "fhe_simulation_top3": sim_acc[3],
+        "clear_vs_simulation_argmax_agreement": float((clear.argmax(1) == sim.argmax(1)).mean()),
+        "n_test_images": len(test_y),
+        "max_bit_width": width,
+        "max_bit_width_bound": arch["max_bit_width"],
+        "max_nonzero_fanin": max_fanin(model),
+        "n_parameters": n_params,
+        "circuit": circuit_statistics(qmodule),
+        "train_history": history,
+        "train_seconds": train_seconds,
+        "compile_seconds": compile_seconds,
+    }
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.encrypted.state_dict().items()}
+    return RecipeResult(
+        head=head,
+        head_config=head_config,
+        weights=weights,
+        quantized_module=qmodule,
+        metrics=metrics,
+        config=cfg,
+        stages=stages,
+        data=data,
+    )

@@ -1,0 +1,271 @@
+"""``zoo build``: run a variant's recipe and package the result as a build directory.
+
+A build directory holds the reproducible artifacts, listed with their sha256 in
+``manifest.json``::
+
+    head.safetensors     float clear head + input-quantization numbers (client)
+    weights.safetensors  Brevitas state of the encrypted part
+    client.zip           concrete-ml client specs, rewritten deterministically
+    server.zip           concrete-ml compiled circuit, rewritten deterministically
+    README.md            Hugging Face model card, rendered from the manifest
+    manifest.json        recipe, resolved config, seed, data fingerprints, runtime, metrics, circuit
+
+plus what is *not* reproducible and therefore not part of the pinned build: ``report.json``
+(wall times, host, where each stage ran; ``zoo publish`` copies its timings into the registry)
+and ``work/`` (checkpoints, logs). Same recipe, profile, seed, data, runtime and device ⇒ the
+same bytes for every pinned file; :func:`check` and ``--build-missing`` rely on it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from zoo import cache, card, config, manifest, versions
+from zoo import registry as reg
+from zoo.errors import BuildError, IntegrityError
+
+log = logging.getLogger(__name__)
+PROFILES = ("full", "quick", "smoke")
+
+
+@dataclass
+class BuildContext:
+    """What a recipe's ``build(ctx)`` gets."""
+
+    variant: str
+    params: dict[str, Any]
+    profile: str
+    seed: int
+    data_dir: Path
+    work_dir: Path
+    device: str
+    resume: bool
+    log: logging.Logger
+
+
+def load_recipe(module: str) -> ModuleType:
+    """Import a recipe file (``recipes/NAME.py``, relative to the project root)."""
+    path = config.PROJECT_ROOT / module
+    if not path.is_file():
+        raise BuildError(f"recipe {module} not found at {path}", hint="check the registry entry")
+    spec = importlib.util.spec_from_file_location(f"zoo_recipe_{path.stem}", path)
+    assert spec is not None and spec.loader is not None
+    recipe = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = recipe  # dataclasses and pickling look modules up here
+    spec.loader.exec_module(recipe)
+    return recipe
+
+
+def _logger(work_dir: Path) -> logging.Logger:
+    logger = logging.getLogger(f"zoo.build.{work_dir}")
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    if not logger.handlers:
+        handler = logging.FileHandler(work_dir / "build.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger.addHandler(handler)
+        stream = logging.StreamHandler()
+        stream.setFormatter(logging.Formatter("[zoo build] %(message)s"))
+        logger.addHandler(stream)
+    return logger
+
+
+def _split_metrics(metrics: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """(scalar metrics, structured details, wall times ``*_seconds``) of a recipe's metrics."""
+    timings = {k: v for k, v in metrics.items() if k.endswith("_seconds")}
+    rest = {k: v for k, v in metrics.items() if k not in timings}
+    scalars = {k: v for k, v in rest.items() if v is None or isinstance(v, (int, float, str))}
+    return scalars, {k: v for k, v in rest.items() if k not in scalars}, timings
+
+
+def _write_safetensors(path: Path, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
+    from safetensors.torch import save_file
+
+    contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    # One metadata key: safetensors keeps metadata in a hash map, whose order is not stable.
+    save_file(contiguous, str(path), metadata={"zoo": json.dumps(meta, sort_keys=True)})
+
+
+def build(
+    variant: str,
+    *,
+    profile: str = "quick",
+    data_dir: Path | None = None,
+    out_dir: Path | None = None,
+    seed: int | None = None,
+    resume: bool = False,
+    device: str = "cpu",
+    registry_path: Path | None = None,
+) -> Path:
+    """Build ``variant`` with its recipe and write the build directory; return its path."""
+    from zoo.package import circuit_statistics, write_fhe_zips
+
+    entry = reg.load(registry_path).variant(variant)
+    if profile not in entry.recipe["profiles"]:
+        raise BuildError(
+            f"{variant} has no profile {profile!r}",
+            hint=f"use one of {', '.join(entry.recipe['profiles'])}",
+        )
+    seed = entry.recipe["seed"] if seed is None else seed
+    data_dir = Path(data_dir) if data_dir else config.data_dir()
+    out_dir = Path(out_dir) if out_dir else Path("build-out") / f"{variant}-{profile}"
+    if out_dir.exists() and not resume and any(p.is_file() for p in out_dir.iterdir()):
+        raise BuildError(
+            f"{out_dir} already holds a build", hint="pass --resume, or another --out, or remove it"
+        )
+    work_dir = out_dir / "work"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    for stale in [*manifest.ROLE_OF, manifest.MANIFEST, manifest.REPORT]:
+        (out_dir / stale).unlink(missing_ok=True)
+    logger = _logger(work_dir)
+    started = time.time()
+    recipe = load_recipe(entry.recipe["module"])
+    ctx = BuildContext(
+        variant=variant, params=dict(entry.recipe["params"]), profile=profile, seed=seed,
+        data_dir=data_dir, work_dir=work_dir, device=device, resume=resume, log=logger,
+    )  # fmt: skip
+    logger.info("building %s (profile %s, seed %d, device %s)", variant, profile, seed, device)
+    result = recipe.build(ctx)
+
+    package_started = time.time()
+    _write_safetensors(out_dir / "head.safetensors", result.head, result.head_config)
+    _write_safetensors(out_dir / "weights.safetensors", result.weights, {"variant": variant})
+    write_fhe_zips(result.quantized_module, out_dir)
+    circuit = circuit_statistics(result.quantized_module)
+    metrics, details, timings = _split_metrics(result.metrics)
+    runtime = versions.installed()
+    document = {
+        "schema_version": 1,
+        "variant": variant,
+        "family": entry.family,
+        "recipe": {"module": entry.recipe["module"], "params": entry.recipe["params"],
+                   "config": result.config},  # fmt: skip
+        "seed": seed,
+        "profile": profile,
+        "device": device,
+        "data": result.data,
+        "runtime": {k: runtime[k] for k in versions.BINDING + versions.RECORDED},
+        "metrics": metrics,
+        "details": details,
+        "circuit": circuit,
+        "head": result.head_config,
+    }
+    (out_dir / "README.md").write_text(card.render(document, entry))
+    manifest.write(out_dir, document)
+    timings.update(
+        package_seconds=round(time.time() - package_started, 3),
+        build_seconds=round(time.time() - started, 3),
+    )
+    report = {
+        "variant": variant,
+        "profile": profile,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "host": {"machine": platform.machine(), "processor": _cpu_model(), "cpus": os.cpu_count()},
+        "stages": result.stages,
+        "timings": timings,
+    }
+    (out_dir / manifest.REPORT).write_text(manifest.dumps(report))
+    logger.info("wrote %s in %.1f s", out_dir, timings["build_seconds"])
+    return out_dir
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def compare(build_dir: Path, pinned: reg.Build) -> dict[str, str]:
+    """File by file: does a fresh build match a published one? path → "match" or why not."""
+    report = {}
+    for entry in pinned.files:
+        path = Path(build_dir) / entry.path
+        if not path.is_file():
+            report[entry.path] = "missing from the rebuild"
+            continue
+        actual = manifest.entry_for(path, entry.role)
+        report[entry.path] = (
+            "match" if actual.sha256 == entry.sha256 else f"differs ({actual.sha256[:19]}…)"
+        )
+    return report
+
+
+MISMATCH_HINT = (
+    "a rebuild matches only with the same recipe, profile, seed, data, runtime versions and kind "
+    "of device; a build trained on a GPU (see the registry's `device`) does not reproduce on a CPU"
+)
+
+
+def check(
+    ref: str,
+    *,
+    data_dir: Path | None = None,
+    out_dir: Path | None = None,
+    registry_path: Path | None = None,
+) -> tuple[Path, dict[str, str]]:
+    """Rebuild the build ``ref`` names and compare every file with its pinned sha256."""
+    registry = reg.load(registry_path)
+    pinned = reg.resolve(registry, ref, check_runtime=False)
+    out_dir = out_dir or Path(tempfile.mkdtemp(prefix=f"zoo-check-{pinned.variant}-"))
+    build(
+        pinned.variant, profile=pinned.profile, data_dir=data_dir, out_dir=out_dir,
+        seed=pinned.raw.get("seed"), device="cpu", registry_path=registry_path,
+    )  # fmt: skip
+    return out_dir, compare(out_dir, pinned)
+
+
+def rebuild_into_cache(
+    pinned: reg.Build,
+    registry: reg.Registry,
+    *,
+    role: str = "all",
+    cache_root: Path | None = None,
+    data_dir: Path | None = None,
+) -> cache.PullResult:
+    """Pull by rebuilding: accept the rebuild only if every pinned file matches its sha256.
+
+    A mismatching rebuild is kept aside (its path is in the error) and nothing enters the cache.
+    """
+    root = cache_root or config.cache_dir()
+    (root / "tmp").mkdir(parents=True, exist_ok=True)
+    out_dir = Path(tempfile.mkdtemp(prefix=f"rebuild-{pinned.variant}-", dir=root / "tmp"))
+    build(
+        pinned.variant, profile=pinned.profile, data_dir=data_dir, out_dir=out_dir,
+        seed=pinned.raw.get("seed"), device="cpu", registry_path=registry.path,
+    )  # fmt: skip
+    report = compare(out_dir, pinned)
+    bad = {path: why for path, why in report.items() if why != "match"}
+    if bad:
+        kept = root.parent / "rebuilds" / f"{pinned.variant}-{pinned.revision[:12]}"
+        shutil.rmtree(kept, ignore_errors=True)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(out_dir), kept)
+        listing = "; ".join(f"{p}: {why}" for p, why in sorted(bad.items()))
+        raise IntegrityError(
+            f"the rebuild of {pinned.variant}@{pinned.revision[:12]} does not match its pins "
+            f"({listing}); kept aside in {kept}",
+            hint=MISMATCH_HINT,
+        )
+    result = cache.PullResult(pinned, cache.build_path(pinned, root), role)
+    result.path.mkdir(parents=True, exist_ok=True)
+    for entry in pinned.files_for(role):
+        os.replace(out_dir / entry.path, result.path / entry.path)
+        result.downloaded.append(entry.path)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return result

@@ -1,0 +1,217 @@
+"""Run a pulled build: clear head → quantize → encrypt → FHE circuit → decrypt → top-k.
+
+    model = zoo.runtime.load("cifar10-split-tiny")
+    model.predict(images_uint8_nhwc, fhe="execute", top_k=3)
+
+The client side (head, ``client.zip``, keys) and the server side (``server.zip``) load from the
+verified cache; the zips are checked by :func:`zoo.safezip.extract_zip` before concrete-ml opens
+them, and the runtime versions are checked before concrete-ml would fail on them. Client keys are
+generated once per build and kept under ``$ZOO_HOME/keys`` (folder 0700, files 0600); the secret
+key never leaves the client.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from zoo import api, config, head, versions
+from zoo.errors import RuntimeMismatchError, ZooError
+from zoo.registry import Build
+from zoo.safezip import extract_zip
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck")  # fmt: skip
+
+
+class InputError(ZooError):
+    """Images of the wrong shape, type or layout."""
+
+    exit_code = 2
+
+
+def as_images(images: Any) -> np.ndarray:
+    """uint8 (N, 32, 32, 3) from an array, a PIL image, a path, or a list of those."""
+    if isinstance(images, (str, Path)) or type(images).__module__.startswith("PIL"):
+        images = [images]
+    if isinstance(images, (list, tuple)) and images and not isinstance(images[0], np.ndarray):
+        return np.stack([_one_image(i) for i in images])
+    array = np.asarray(images)
+    if array.ndim == 3:
+        array = array[None]
+    if array.dtype != np.uint8:
+        raise InputError(
+            f"images must be uint8 pixels (0-255), got {array.dtype}",
+            hint="convert with (x * 255).round().astype(np.uint8) if they are floats in [0, 1]",
+        )
+    if array.ndim != 4 or array.shape[1:] != (32, 32, 3):
+        hint = "the layout is NHWC (N, 32, 32, 3)"
+        if array.ndim == 4 and array.shape[1] == 3:
+            hint += "; these look channel-first: use x.transpose(0, 2, 3, 1)"
+        raise InputError(f"images must have shape (N, 32, 32, 3), got {array.shape}", hint=hint)
+    return np.ascontiguousarray(array)
+
+
+def _one_image(item: Any) -> np.ndarray:
+    from PIL import Image
+
+    image = Image.open(item) if isinstance(item, (str, Path)) else item
+    if image.size != (32, 32):
+        raise InputError(
+            f"image {getattr(image, 'filename', '') or ''} is {image.size[0]}x{image.size[1]}, "
+            "the models take 32x32",
+            hint="resize it first, e.g. PIL's image.resize((32, 32))",
+        )
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+@dataclass
+class Prediction:
+    """Top-k classes of one image."""
+
+    labels: list[int]
+    names: list[str]
+    scores: list[float]
+
+
+@dataclass
+class Model:
+    """A loaded build: its head, FHE client and/or server, and manifest."""
+
+    build: Build
+    path: Path
+    meta: dict[str, Any]
+    head_tensors: dict[str, Any]
+    head_config: dict[str, Any]
+    client: Any = None
+    server: Any = None
+    timings: dict[str, Any] = field(default_factory=dict)
+    _simulator: Any = field(default=None, repr=False)
+
+    def head(self, images: Any) -> np.ndarray:
+        """Run the clear head: the float circuit inputs (N, C, H, W)."""
+        return head.forward(self.head_tensors, self.head_config, as_images(images))
+
+    def logits(self, images: Any, fhe: str = "execute") -> np.ndarray:
+        """Dequantized logits, one row per image: real FHE (``execute``) or ``simulate``."""
+        if fhe not in ("execute", "simulate"):
+            raise InputError(f"unknown fhe mode {fhe!r}", hint="use 'execute' or 'simulate'")
+        if self.client is None or self.server is None:
+            raise InputError("predicting needs the client and the server", hint="role='both'")
+        x = self.head(images)
+        if fhe == "simulate":
+            return self._simulate(x)
+        keys = self.client.get_serialized_evaluation_keys()
+        rows = []
+        for i in range(len(x)):
+            start = time.perf_counter()
+            encrypted = self.client.quantize_encrypt_serialize(x[i : i + 1])
+            result = self.server.run(encrypted, keys)
+            rows.append(self.client.deserialize_decrypt_dequantize(result)[0])
+            self.timings.setdefault("fhe_seconds", []).append(time.perf_counter() - start)
+        return np.stack(rows)
+
+    def _simulate(self, x: np.ndarray) -> np.ndarray:
+        """The circuit of server.zip compiled for simulation: same integers, no encryption."""
+        if self._simulator is None:
+            self._simulator = _simulator(self.path / "server.zip")
+        server, client = self._simulator
+        processing = self.client.model
+        q = processing.quantize_input(x)
+        rows = [client.simulate_decrypt(server.run(q[i : i + 1])) for i in range(len(q))]
+        return processing.post_processing(processing.dequantize_output(np.concatenate(rows)))
+
+    def predict(self, images: Any, fhe: str = "execute", top_k: int = 3) -> list[Prediction]:
+        """Top-k labels, class names and softmax scores per image."""
+        logits = self.logits(images, fhe)
+        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs = exp / exp.sum(axis=1, keepdims=True)
+        out = []
+        for row in probs:
+            order = np.argsort(-row, kind="stable")[:top_k]
+            names = [CIFAR10_CLASSES[i] if len(row) == 10 else str(i) for i in order]
+            out.append(Prediction([int(i) for i in order], names, [float(row[i]) for i in order]))
+        return out
+
+
+def _simulator(server_zip: Path) -> tuple[Any, Any]:
+    """(simulated server, simulated client) from the MLIR that server.zip carries."""
+    import zipfile
+
+    import jsonpickle
+    from concrete import fhe
+
+    with zipfile.ZipFile(server_zip) as archive:
+        mlir = archive.read("circuit.mlir").decode()
+        options = jsonpickle.loads(archive.read("configuration.json").decode())
+    server = fhe.Server.create(mlir, fhe.Configuration().fork(**options), is_simulated=True)
+    return server, fhe.Client(server.client_specs, is_simulated=True)
+
+
+def _checked_zip_dir(build: Build, path: Path, name: str) -> Path:
+    """A folder holding ``name`` (client.zip / server.zip) after a safety check of the archive."""
+    with tempfile.TemporaryDirectory() as scratch:
+        extract_zip(path / name, Path(scratch) / "check")
+    return path
+
+
+def keys_dir(build: Build) -> Path:
+    """Where the client keys of a build live (created 0700)."""
+    folder = config.keys_dir() / build.variant / build.revision
+    folder.mkdir(parents=True, exist_ok=True)
+    for part in (config.keys_dir(), folder.parent, folder):
+        os.chmod(part, 0o700)
+    return folder
+
+
+def _restrict(folder: Path) -> None:
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(Path(root) / d, 0o700)
+        for f in files:
+            os.chmod(Path(root) / f, 0o600)
+
+
+def load(ref: str, role: str = "both", **pull_kwargs: Any) -> Model:
+    """Pull (if needed) and load a build for ``role``: client, server or both."""
+    import json
+
+    pull_role = {"both": "all", "client": "client", "server": "server"}[role]
+    pulled = api.pull(ref, role=pull_role, **pull_kwargs)
+    build, path = pulled.build, pulled.path
+    problems = versions.mismatches(build.runtime)
+    if problems:
+        raise RuntimeMismatchError(
+            f"{build.variant} needs another runtime: {'; '.join(problems)}",
+            hint=versions.install_hint(build.runtime),
+        )
+    meta = json.loads((path / "manifest.json").read_text())
+    tensors, head_config = head.load(path / "head.safetensors") if role != "server" else ({}, {})
+    model = Model(build, path, meta, tensors, head_config)
+    from concrete.ml.deployment import FHEModelClient, FHEModelServer
+
+    if role in ("client", "both"):
+        started = time.perf_counter()
+        model.client = FHEModelClient(
+            str(_checked_zip_dir(build, path, "client.zip")), key_dir=str(keys_dir(build))
+        )
+        model.client.generate_private_and_evaluation_keys(force=False)
+        _restrict(keys_dir(build))
+        model.timings["keygen_seconds"] = time.perf_counter() - started
+    if role in ("server", "both"):
+        started = time.perf_counter()
+        model.server = FHEModelServer(str(_checked_zip_dir(build, path, "server.zip")))
+        model.timings["server_load_seconds"] = time.perf_counter() - started
+    return model
+
+
+def remove_keys(build: Build) -> None:
+    """Forget the client keys of a build."""
+    shutil.rmtree(config.keys_dir() / build.variant / build.revision, ignore_errors=True)
