@@ -15,6 +15,10 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[test]'
+	# olah (a Hugging Face hub mirror) serves the hub tests; its pins clash with concrete-ml's,
+	# so it gets a virtualenv of its own.
+	python3 -m venv .venv-olah
+	.venv-olah/bin/pip install --quiet olah==0.5.4
 	touch $@
 
 # Real CIFAR in the official python layout. Here it is materialized from the offline copy in

@@ -153,7 +153,9 @@ def publish(
     if report.is_file():
         import json
 
-        timings = json.loads(report.read_text()).get("timings", {})
+        measured = json.loads(report.read_text())
+        entry["metrics"] = {**measured.get("metrics", {}), **entry["metrics"]}
+        timings = measured.get("timings", {})
         entry["timings"] = {k: v for k, v in timings.items() if isinstance(v, (int, float, str))}
     with FileLock(str(registry_path) + ".lock"):
         fresh = reg.load(registry_path).raw

@@ -11,7 +11,9 @@ A build directory holds the reproducible artifacts, listed with their sha256 in
     manifest.json        recipe, resolved config, seed, data fingerprints, runtime, metrics, circuit
 
 plus what is *not* reproducible and therefore not part of the pinned build: ``report.json``
-(wall times, host, where each stage ran; ``zoo publish`` copies its timings into the registry)
+(wall times, host, where each stage ran, and metrics measured with random draws such as FHE
+simulation, whose PBS-error RNG concrete does not let us seed; ``zoo publish`` copies them into
+the registry)
 and ``work/`` (checkpoints, logs). Same recipe, profile, seed, data, runtime and device ⇒ the
 same bytes for every pinned file; :func:`check` and ``--build-missing`` rely on it.
 """
@@ -82,12 +84,18 @@ def _logger(work_dir: Path) -> logging.Logger:
     return logger
 
 
-def _split_metrics(metrics: dict[str, Any]) -> tuple[dict, dict, dict]:
-    """(scalar metrics, structured details, wall times ``*_seconds``) of a recipe's metrics."""
+#: Metric names measured with random draws: FHE simulation injects PBS errors at the circuit's
+#: p_error with an RNG that concrete does not let us seed, so these go to report.json.
+SAMPLED = ("fhe_simulation_", "clear_vs_simulation_")
+
+
+def _split_metrics(metrics: dict[str, Any]) -> tuple[dict, dict, dict, dict]:
+    """A recipe's metrics as (reproducible scalars, structured details, sampled, wall times)."""
     timings = {k: v for k, v in metrics.items() if k.endswith("_seconds")}
-    rest = {k: v for k, v in metrics.items() if k not in timings}
+    sampled = {k: v for k, v in metrics.items() if k.startswith(SAMPLED)}
+    rest = {k: v for k, v in metrics.items() if k not in timings and k not in sampled}
     scalars = {k: v for k, v in rest.items() if v is None or isinstance(v, (int, float, str))}
-    return scalars, {k: v for k, v in rest.items() if k not in scalars}, timings
+    return scalars, {k: v for k, v in rest.items() if k not in scalars}, sampled, timings
 
 
 def _write_safetensors(path: Path, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
@@ -144,7 +152,7 @@ def build(
     _write_safetensors(out_dir / "weights.safetensors", result.weights, {"variant": variant})
     write_fhe_zips(result.quantized_module, out_dir)
     circuit = circuit_statistics(result.quantized_module)
-    metrics, details, timings = _split_metrics(result.metrics)
+    metrics, details, sampled, timings = _split_metrics(result.metrics)
     runtime = versions.installed()
     document = {
         "schema_version": 1,
@@ -174,6 +182,7 @@ def build(
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "host": {"machine": platform.machine(), "processor": _cpu_model(), "cpus": os.cpu_count()},
         "stages": result.stages,
+        "metrics": sampled,
         "timings": timings,
     }
     (out_dir / manifest.REPORT).write_text(manifest.dumps(report))

@@ -265,6 +265,51 @@ def verify(ref: str, registry_path: Path | None, as_json: bool) -> None:
         sys.exit(4)
 
 
+@main.command()
+@click.argument("ref")
+@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.option("--fhe", type=click.Choice(["simulate", "execute"]), default="execute")
+@click.option("--top-k", type=int, default=3)
+@REGISTRY
+@JSON
+@handles_errors
+def predict(ref: str, images: tuple[Path, ...], fhe: str, top_k: int,
+            registry_path: Path | None, as_json: bool) -> None:  # fmt: skip
+    """Classify 32x32 PNG/JPEG images: clear head, then the encrypted circuit."""
+    from zoo import runtime
+
+    model = runtime.load(ref, registry_path=registry_path)
+    predictions = model.predict(list(images), fhe=fhe, top_k=top_k)
+    data = [{"image": str(i), **p.__dict__} for i, p in zip(images, predictions)]
+
+    def text() -> str:
+        return "\n".join(
+            f"{d['image']}: " + ", ".join(f"{n} {s:.3f}" for n, s in zip(d["names"], d["scores"]))
+            for d in data
+        )
+
+    _emit(as_json, data, text)
+
+
+@main.command("eval")
+@click.argument("ref")
+@click.option("--fhe", type=click.Choice(["simulate", "execute"]), default="simulate")
+@click.option("-n", "n_images", type=int, default=100, help="first N test images")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+@REGISTRY
+@JSON
+@handles_errors
+def eval_cmd(ref: str, fhe: str, n_images: int, data_dir: Path | None,
+             registry_path: Path | None, as_json: bool) -> None:  # fmt: skip
+    """Top-1/2/3 on the first N CIFAR test images (real FHE also reports agreement with
+    simulation, image by image)."""
+    from zoo import evaluate
+
+    result = evaluate.evaluate(ref, fhe=fhe, n_images=n_images, data_dir=data_dir,
+                               registry_path=registry_path, progress=not as_json)  # fmt: skip
+    _emit(as_json, result, lambda: json.dumps(result, indent=2, sort_keys=True))
+
+
 @main.group("cache")
 def cache_group() -> None:
     """Inspect and clean the local cache ($ZOO_HOME/cache)."""

@@ -67,6 +67,12 @@ _ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
         ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"),
         ("numpy", "dtype"),
+        # Protocol-5 pickles rebuild arrays from a buffer.
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
+        # Protocol-2 pickles written by python 3 encode bytes payloads via _codecs.encode
+        # (a pure str -> bytes conversion).
+        ("_codecs", "encode"),
     }
 )
 
@@ -93,7 +99,8 @@ class RestrictedUnpickler(pickle.Unpickler):
         raise UnsafePickleError(
             f"refusing to unpickle global {module}.{name}: CIFAR archives only need numpy "
             "array reconstruction (numpy.core.multiarray._reconstruct, numpy.ndarray, "
-            "numpy.dtype); this file is not an official CIFAR archive"
+            "numpy.dtype and friends); this file is not an official CIFAR archive and may "
+            "try to run code"
         )
 
 

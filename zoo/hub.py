@@ -193,6 +193,10 @@ class HfHub:
         return out
 
 
+#: The HTTP stack under huggingface_hub (its name changes across versions: httpx / httpx2).
+TRANSPORT_MODULES = {"httpx", "httpx2", "httpcore", "httpcore2", "h11", "requests", "urllib3"}
+
+
 @contextlib.contextmanager
 def _hub_errors(endpoint: str, repo: str):  # noqa: ANN202
     """Turn huggingface_hub's exceptions into HubError / NotFoundError with a next step."""
@@ -205,6 +209,12 @@ def _hub_errors(endpoint: str, repo: str):  # noqa: ANN202
             f"{endpoint} has no {repo} at that revision ({type(exc).__name__})",
             hint="check --endpoint / ZOO_HF_ENDPOINT and the registry's pin",
         ) from None
+    except errors.LocalEntryNotFoundError as exc:  # a subclass of EntryNotFoundError: first
+        cause = exc.__cause__ or exc
+        raise HubError(
+            f"cannot get a file of {repo} from {endpoint}: {str(cause).splitlines()[0]}",
+            hint="retry later, or use --offline with what is cached; the cache was left as it was",
+        ) from None
     except errors.EntryNotFoundError as exc:
         raise NotFoundError(f"{endpoint}: a file of {repo} is missing: {exc}") from None
     except errors.HfHubHTTPError as exc:
@@ -213,12 +223,19 @@ def _hub_errors(endpoint: str, repo: str):  # noqa: ANN202
             f"{endpoint} answered HTTP {status} for {repo}: {str(exc).splitlines()[0]}",
             hint="retry later; the cache was left as it was",
         ) from None
-    except (OSError, errors.LocalEntryNotFoundError) as exc:
+    except OSError as exc:
         if isinstance(exc, (FileNotFoundError, PermissionError)):
             raise
         raise HubError(
             f"cannot reach {endpoint} for {repo}: {exc}",
             hint="check the network, or use --offline with what is cached",
+        ) from None
+    except Exception as exc:
+        if type(exc).__module__.split(".")[0] not in TRANSPORT_MODULES:
+            raise
+        raise HubError(
+            f"transfer from {endpoint} for {repo} broke off: {exc}",
+            hint="pull again; nothing incomplete was kept in the cache",
         ) from None
 
 

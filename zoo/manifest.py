@@ -36,7 +36,7 @@ def entry_for(path: Path, role: str | None = None) -> FileEntry:
     """A pinned entry for a file on disk."""
     return FileEntry(
         path=path.name,
-        role=role or ROLE_OF[path.name],
+        role=role or {**ROLE_OF, MANIFEST: "manifest"}[path.name],
         size=path.stat().st_size,
         sha256=sha256_file(path),
     )

@@ -1,0 +1,184 @@
+"""The split-CNV recipe: client head export, bit-width bound, deterministic training."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+from zoo.data import load_cifar10
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_recipe() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("test_recipe_split_cnv",
+                                                  ROOT / "recipes" / "split_cnv.py")
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+sc = _load_recipe()
+
+#: A profile small enough for unit tests (seconds, not minutes).
+TINY_PROFILE = {"epochs": 2, "n_train": 300, "n_test": 60, "n_calib": 60, "batch_size": 50,
+                "eval_batch_size": 60}
+
+
+@dataclass
+class Ctx:
+    """Stand-in for zoo.build.BuildContext."""
+
+    work_dir: Path
+    data_dir: Path
+    variant: str = "cifar10-split-tiny"
+    params: dict[str, Any] = field(default_factory=lambda: {"arch": "tiny"})
+    profile: str = "smoke"
+    seed: int = 0
+    device: str = "cpu"
+    resume: bool = False
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger("test-split-cnv"))
+
+
+def _train_tiny(cifar_dir: Path, work: Path, epochs: int, resume: bool = False,
+                stop_after: int | None = None):
+    """Train the tiny arch on a few hundred images; return (model, cfg)."""
+    params = {"arch": "tiny", "profile_overrides": dict(TINY_PROFILE, epochs=epochs)}
+    cfg = sc.resolve_config("cifar10-split-tiny", params, "smoke", 0)
+    if stop_after is not None:
+        cfg["profile"]["epochs"] = stop_after
+    sc.seed_everything(0, "cpu")
+    model = sc.SplitCNV(cfg["arch"])
+    x, y = load_cifar10(cifar_dir, "train")
+    ctx = Ctx(work_dir=work, data_dir=cifar_dir, resume=resume)
+    work.mkdir(parents=True, exist_ok=True)
+    sc.train(model, x[:300], y[:300], cfg, ctx)
+    return model, cfg
+
+
+def test_configs_resolve() -> None:
+    """Both variants and all profiles resolve; bad names are refused."""
+    for arch in sc.ARCHS:
+        for profile in sc.PROFILES:
+            cfg = sc.resolve_config(f"cifar10-{arch}", {"arch": arch}, profile, 0)
+            assert cfg["torch_threads"] == sc.TORCH_THREADS
+    with pytest.raises(ValueError):
+        sc.resolve_config("x", {"arch": "nope"}, "smoke", 0)
+    with pytest.raises(ValueError):
+        sc.resolve_config("x", {"arch": "tiny", "bogus": 1}, "smoke", 0)
+
+
+def test_reference_model_size() -> None:
+    """The 8-bit variant is the ~1.5 M-parameter reference CNV."""
+    cfg = sc.resolve_config("cifar10-split-8bit", {"arch": "split-8bit"}, "smoke", 0)
+    model = sc.SplitCNV(cfg["arch"])
+    n = sum(p.numel() for p in model.parameters())
+    assert 1.4e6 < n < 1.7e6
+    model.eval()
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_fanin_mask_limits_rows() -> None:
+    """Each output neuron keeps at most K weights, the largest ones."""
+    w = torch.randn(8, 4, 3, 3)
+    mask = sc.fanin_mask(w, 5)
+    assert mask.reshape(8, -1).sum(1).tolist() == [5.0] * 8
+    a, m = w.abs().reshape(8, -1), mask.reshape(8, -1).bool()
+    kept = a.masked_fill(~m, float("inf")).min(1).values
+    dropped = a.masked_fill(m, 0.0).max(1).values
+    assert torch.all(kept >= dropped)
+
+
+def test_head_forward_reproduces_model_head(cifar_dir: Path, tmp_path: Path) -> None:
+    """head_forward (saved tensors + config only) equals the training model's quantized head
+    output exactly on real test images."""
+    model, cfg = _train_tiny(cifar_dir, tmp_path / "w", epochs=1)
+    model.eval()
+    tensors, config = sc.export_head(model, cfg["arch"])
+    # Round-trip through safetensors bytes, as a client would receive them.
+    from safetensors.torch import load as st_load
+
+    tensors = st_load(st_save(tensors))
+    x, _ = load_cifar10(cifar_dir, "test")
+    images = x[:256]
+    got = sc.head_forward(tensors, config, images)
+    mean = torch.tensor(sc.DATA["mean"])
+    std = torch.tensor(sc.DATA["std"])
+    with torch.no_grad():
+        feats = model.head(sc.normalize_images(images, mean, std))
+        want = model.encrypted.input_quant(feats).numpy()
+        # The unfolded float path (conv then BatchNorm) agrees up to rounding at the
+        # quantization boundaries.
+        unfolded = model.encrypted.input_quant(
+            torch.nn.functional.avg_pool2d(torch.nn.functional.hardtanh(
+                model.head.bn(model.head.conv(sc.normalize_images(images, mean, std)))), 3, 3)
+        ).numpy()
+    assert got.dtype == np.float32 and got.flags["C_CONTIGUOUS"]
+    assert got.shape == (256, *config["output"]["shape"][1:])
+    np.testing.assert_array_equal(got, want)
+    assert (got == unfolded).mean() > 0.999
+    levels = np.unique(got / float(tensors["quant.scale"]))
+    assert set(np.round(levels).tolist()) <= {-1.0, 0.0, 1.0}
+    assert config["ops"][-1]["bit_width"] == 2
+
+
+def test_training_is_deterministic_and_resumable(cifar_dir: Path, tmp_path: Path) -> None:
+    """Two runs give byte-identical weights; an interrupted + resumed run gives the same."""
+    m1, _ = _train_tiny(cifar_dir, tmp_path / "a", epochs=2)
+    m2, _ = _train_tiny(cifar_dir, tmp_path / "b", epochs=2)
+    b1, b2 = st_save(m1.state_dict()), st_save(m2.state_dict())
+    assert b1 == b2
+    # Stop after epoch 1, then resume to 2 from the checkpoint.
+    _train_tiny(cifar_dir, tmp_path / "c", epochs=2, stop_after=1)
+    m3, _ = _train_tiny(cifar_dir, tmp_path / "c", epochs=2, resume=True)
+    assert st_save(m3.state_dict()) == b1
+
+
+def _small_build(cifar_dir: Path, tmp_path: Path, **params: Any):
+    ctx = Ctx(work_dir=tmp_path / "work", data_dir=cifar_dir,
+              params={"arch": "tiny", "profile_overrides": TINY_PROFILE, **params})
+    return sc.build(ctx)
+
+
+def test_bit_width_bound_fails_when_too_low(cifar_dir: Path, tmp_path: Path) -> None:
+    """The build refuses a circuit wider than the variant's bound."""
+    with pytest.raises(sc.BitWidthBoundError, match="bound of 3 bits"):
+        _small_build(cifar_dir, tmp_path, max_bit_width=3)
+
+
+def test_small_build_end_to_end(cifar_dir: Path, tmp_path: Path) -> None:
+    """A small tiny build compiles within its bound and FHE simulation matches the clear
+    model (p_error is small enough that no error is drawn)."""
+    r = _small_build(cifar_dir, tmp_path)
+    m = r.metrics
+    assert m["max_bit_width"] <= sc.ARCHS["tiny"]["max_bit_width"]
+    assert max(m["max_nonzero_fanin"]) <= max(sc.ARCHS["tiny"]["fanin"])
+    assert m["n_test_images"] == 60
+    for k in (1, 2, 3):
+        assert 0.0 <= m[f"fhe_simulation_top{k}"] <= 1.0
+    assert m["clear_vs_simulation_argmax_agreement"] == 1.0
+    assert m["fhe_simulation_top1"] == m["clear_top1"]
+    assert m["circuit"]["programmable_bootstrap_count"] > 0
+    assert r.quantized_module.fhe_circuit is not None
+    assert all(k.endswith("_seconds") or "seconds" not in k for k in m)
+    assert set(r.stages) == {"data", "train", "evaluate_clear", "compile",
+                             "evaluate_fhe_simulation"}
+    assert (tmp_path / "work" / "checkpoint.pt").exists()
+    # The head shipped to clients feeds the circuit directly.
+    x, _ = load_cifar10(cifar_dir, "test")
+    inp = sc.head_forward(r.head, r.head_config, x[:4])
+    out = r.quantized_module.forward(inp, fhe="disable")
+    assert out.shape == (4, 10)
+    assert r.data["n_train"] == 300 and r.data["train_fingerprint"].startswith("sha256:")
