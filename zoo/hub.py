@@ -171,26 +171,24 @@ class HfHub:
     def download(
         self, repo: str, revision: str, entries: list[FileEntry], staging: Path, progress: bool
     ) -> dict[str, Path]:
-        """``hf_hub_download`` of each file at the pinned revision into ``staging``."""
-        from huggingface_hub import hf_hub_download
+        """``snapshot_download`` of exactly these files at the pinned revision into ``staging``
+        (parallel transfers, huggingface_hub's retries and progress bars)."""
+        from huggingface_hub import snapshot_download
         from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
         if len(revision) != 40:
             raise NotFoundError(f"{revision} is not a Hugging Face commit (40 hex digits)")
-        (disable_progress_bars if not progress else enable_progress_bars)()
-        out = {}
+        (enable_progress_bars if progress else disable_progress_bars)()
         with _hub_errors(self.endpoint, repo):
-            for entry in entries:
-                path = hf_hub_download(
-                    repo,
-                    entry.path,
-                    revision=revision,
-                    endpoint=self.endpoint,
-                    token=self.token,
-                    local_dir=staging,
-                )
-                out[entry.path] = Path(path)
-        return out
+            snapshot_download(
+                repo,
+                revision=revision,
+                allow_patterns=[entry.path for entry in entries],  # plain names: no glob chars
+                endpoint=self.endpoint,
+                token=self.token,
+                local_dir=staging,
+            )
+        return {entry.path: staging / entry.path for entry in entries}
 
 
 #: The HTTP stack under huggingface_hub (its name changes across versions: httpx / httpx2).
