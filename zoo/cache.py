@@ -204,13 +204,13 @@ def clean_tmp(root: Path | None = None) -> int:
 
 
 def verify(build: Build, root: Path | None = None) -> dict[str, str]:
-    """Rehash every cached file of ``build``: path → "ok", "missing" or "corrupt (removed)"."""
+    """Rehash every cached file of ``build``: path → "ok", "not cached" or "corrupt (removed)"."""
     folder = build_path(build, root)
     report = {}
     for entry in build.files:
         path = folder / entry.path
         if not path.is_file():
-            report[entry.path] = "missing"
+            report[entry.path] = "not cached"
         elif path.stat().st_size != entry.size or sha256_file(path) != entry.sha256:
             path.unlink()
             report[entry.path] = "corrupt (removed)"

@@ -261,7 +261,7 @@ def verify(ref: str, registry_path: Path | None, as_json: bool) -> None:
         )  # fmt: skip
 
     _emit(as_json, report, text)
-    if any(s != "ok" for files in report.values() for s in files.values()):
+    if any(s.startswith("corrupt") for files in report.values() for s in files.values()):
         sys.exit(4)
 
 

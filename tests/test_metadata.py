@@ -1,0 +1,62 @@
+"""Every variant and build of registry.json, checked as torchvision checks its Weights' meta:
+all problems are collected and reported in one run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from zoo import registry as reg
+
+ROOT = Path(__file__).resolve().parent.parent
+REQUIRED_ROLES = {"head", "weights", "client", "server", "manifest", "card"}
+ACCURACY_KEYS = ("clear_top1", "fhe_simulation_top1", "fhe_execute_top1")
+
+
+def _variant_problems(variant: reg.Variant) -> list[str]:
+    problems = []
+    name = variant.name
+    if not name.startswith(f"{variant.dataset}-"):
+        problems.append(f"{name}: name does not start with its dataset {variant.dataset}")
+    expected_classes = {"cifar10": 10, "cifar100": 100}[variant.dataset]
+    if variant.num_classes != expected_classes:
+        problems.append(f"{name}: num_classes {variant.num_classes} != {expected_classes}")
+    if not (ROOT / variant.recipe["module"]).is_file():
+        problems.append(f"{name}: recipe {variant.recipe['module']} does not exist")
+    if variant.reference["metrics"] and "not measured here" not in variant.reference.get("note", ""):
+        problems.append(f"{name}: reference metrics must be labelled 'not measured here'")
+    bound = variant.recipe["params"].get("max_bit_width")
+    revisions = [b.revision for b in variant.builds]
+    if len(set(revisions)) != len(revisions):
+        problems.append(f"{name}: a revision is pinned twice")
+    for build in variant.builds:
+        where = f"{name}@{build.revision[:12]}"
+        roles = [f.role for f in build.files]
+        if set(roles) != REQUIRED_ROLES or len(roles) != len(set(roles)):
+            problems.append(f"{where}: roles {sorted(roles)} != one each of {sorted(REQUIRED_ROLES)}")
+        if any(f.size <= 0 for f in build.files):
+            problems.append(f"{where}: a file has size 0")
+        if build.profile not in variant.recipe["profiles"]:
+            problems.append(f"{where}: profile {build.profile} is not one of the recipe's")
+        if bound is not None and build.circuit["max_bit_width"] > bound:
+            problems.append(f"{where}: max bit width {build.circuit['max_bit_width']} > {bound}")
+        by_width = build.circuit.get("pbs_count_by_bit_width")
+        if by_width is not None and sum(by_width.values()) != build.circuit["pbs_count"]:
+            problems.append(f"{where}: PBS counts by bit width do not add up to pbs_count")
+        if not any(k in build.metrics for k in ACCURACY_KEYS):
+            problems.append(f"{where}: no measured accuracy")
+        if build.hub_kind == "local" and len(build.revision) != 64:
+            problems.append(f"{where}: local revisions are 64-hex content hashes")
+        if build.hub_kind == "hf" and len(build.revision) != 40:
+            problems.append(f"{where}: Hugging Face revisions are 40-hex commits")
+    return problems
+
+
+def test_every_variant_and_build_has_complete_metadata() -> None:
+    registry = reg.load(ROOT / "registry.json")
+    problems = [p for v in registry.variants.values() for p in _variant_problems(v)]
+    assert not problems, "\n".join(problems)
+
+
+def test_the_required_variants_are_catalogued() -> None:
+    names = set(reg.load(ROOT / "registry.json").variants)
+    assert {"cifar10-split-8bit", "cifar10-split-tiny"} <= names
