@@ -54,8 +54,9 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="zoo-bench-"))
     os.environ.update(ZOO_HOME=str(work / "home"), ZOO_REGISTRY=str(work / "registry.json"))
     shutil.copy(ROOT / "registry.json", work / "registry.json")
-    import zoo
     from huggingface_hub import snapshot_download
+
+    import zoo
 
     build_dir = make_build_dir(work / "build", payload=args.payload_mb << 20)
     size = sum(p.stat().st_size for p in build_dir.iterdir() if p.is_file())

@@ -117,7 +117,9 @@ def test_real_fhe_on_real_images_agrees_with_simulation(
     assert (executed.argmax(1) == simulated.argmax(1)).all()
     document = manifest.read(tiny_build)
     sim_all = model.logits(images[: document["data"]["n_test"]], "simulate")
-    expected = json.loads((tiny_build / "report.json").read_text())["metrics"]["fhe_simulation_top1"]
+    expected = json.loads((tiny_build / "report.json").read_text())["metrics"][
+        "fhe_simulation_top1"
+    ]
     accuracy = float((sim_all.argmax(1) == labels[: len(sim_all)]).mean())
     assert accuracy == pytest.approx(expected, abs=0.03)  # simulation draws PBS errors at random
     keys = zoo_home / "keys" / TINY

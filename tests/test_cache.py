@@ -26,10 +26,14 @@ VARIANT = "cifar10-split-tiny"
 
 def _hub_files(home: Path) -> dict[str, bytes]:
     root = home / "hub"
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
-def test_publish_pull_verify_round_trip(zoo_home: Path, registry_file: Path, build_dir: Path) -> None:
+def test_publish_pull_verify_round_trip(
+    zoo_home: Path, registry_file: Path, build_dir: Path
+) -> None:
     build = zoo.publish(build_dir)
     assert build.hub_kind == "local" and len(build.revision) == 64
     pinned = {e.path: e.sha256 for e in build.files}
@@ -54,7 +58,9 @@ def test_publish_twice_is_idempotent_and_pins_once(
     assert len(reg.load(registry_file).variant(VARIANT).builds) == 1
 
 
-def test_role_pulls_only_what_it_needs(zoo_home: Path, registry_file: Path, build_dir: Path) -> None:
+def test_role_pulls_only_what_it_needs(
+    zoo_home: Path, registry_file: Path, build_dir: Path
+) -> None:
     zoo.publish(build_dir)
     client = zoo.pull(VARIANT, role="client")
     assert sorted(client.downloaded) == ["client.zip", "head.safetensors", "manifest.json"]

@@ -149,5 +149,6 @@ def test_fingerprint() -> None:
 def test_data_module_does_not_import_torch() -> None:
     """Listing commands stay fast: zoo.data needs numpy only."""
     code = "import sys, zoo.data; assert 'torch' not in sys.modules"
-    subprocess.run([sys.executable, "-c", code], check=True,
-                   cwd=Path(__file__).resolve().parent.parent)
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent
+    )

@@ -46,7 +46,9 @@ def test_publish_is_one_commit_and_pull_verifies(hf_env, build_dir: Path) -> Non
 
 
 def test_second_publish_replaces_files_and_old_revision_stays_pullable(
-    hf_env, build_dir: Path, tmp_path: Path  # noqa: ANN001
+    hf_env,
+    build_dir: Path,
+    tmp_path: Path,  # noqa: ANN001
 ) -> None:
     first = zoo.publish(build_dir, f"hf://{REPO}")
     second = zoo.publish(make_build_dir(tmp_path / "b2", seed=7), f"hf://{REPO}")
@@ -57,7 +59,9 @@ def test_second_publish_replaces_files_and_old_revision_stays_pullable(
 
 
 def test_publish_fails_if_someone_pushed_meanwhile(
-    hf_env, build_dir: Path, tmp_path: Path  # noqa: ANN001
+    hf_env,
+    build_dir: Path,
+    tmp_path: Path,  # noqa: ANN001
 ) -> None:
     from zoo.hub import HfHub
 
@@ -144,7 +148,9 @@ def test_truncated_download_never_enters_the_cache(fault_env, zoo_home: Path) ->
     with pytest.raises((HubError, IntegrityError)):
         zoo.pull(VARIANT, role="server")
     assert _cache_is_clean(zoo_home)
-    assert not (zoo_home / "cache" / "builds" / VARIANT / fault_env.revision / "server.zip").exists()
+    assert not (
+        zoo_home / "cache" / "builds" / VARIANT / fault_env.revision / "server.zip"
+    ).exists()
 
 
 def test_server_errors_500_and_404_leave_the_cache_clean(fault_env, zoo_home: Path) -> None:  # noqa: ANN001

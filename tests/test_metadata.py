@@ -22,7 +22,9 @@ def _variant_problems(variant: reg.Variant) -> list[str]:
         problems.append(f"{name}: num_classes {variant.num_classes} != {expected_classes}")
     if not (ROOT / variant.recipe["module"]).is_file():
         problems.append(f"{name}: recipe {variant.recipe['module']} does not exist")
-    if variant.reference["metrics"] and "not measured here" not in variant.reference.get("note", ""):
+    if variant.reference["metrics"] and "not measured here" not in variant.reference.get(
+        "note", ""
+    ):
         problems.append(f"{name}: reference metrics must be labelled 'not measured here'")
     bound = variant.recipe["params"].get("max_bit_width")
     revisions = [b.revision for b in variant.builds]
@@ -32,7 +34,9 @@ def _variant_problems(variant: reg.Variant) -> list[str]:
         where = f"{name}@{build.revision[:12]}"
         roles = [f.role for f in build.files]
         if set(roles) != REQUIRED_ROLES or len(roles) != len(set(roles)):
-            problems.append(f"{where}: roles {sorted(roles)} != one each of {sorted(REQUIRED_ROLES)}")
+            problems.append(
+                f"{where}: roles {sorted(roles)} != one each of {sorted(REQUIRED_ROLES)}"
+            )
         if any(f.size <= 0 for f in build.files):
             problems.append(f"{where}: a file has size 0")
         if build.profile not in variant.recipe["profiles"]:

@@ -24,7 +24,9 @@ def _build(revision: str, **runtime: str) -> dict:
         "revision": revision,
         "hub": {"kind": "local", "repo": "zoo/cifar10-split-tiny"},
         "profile": "smoke",
-        "files": [{"path": "manifest.json", "role": "manifest", "size": 3, "sha256": "sha256:" + "a" * 64}],
+        "files": [
+            {"path": "manifest.json", "role": "manifest", "size": 3, "sha256": "sha256:" + "a" * 64}
+        ],
         "runtime": rt,
         "metrics": {},
         "circuit": {"max_bit_width": 5, "pbs_count": 10},
@@ -72,7 +74,9 @@ def test_invalid_json_is_a_clear_error(tmp_path: Path) -> None:
         reg.load(path)
 
 
-def test_save_refuses_an_invalid_document_and_keeps_the_file(document: dict, tmp_path: Path) -> None:
+def test_save_refuses_an_invalid_document_and_keeps_the_file(
+    document: dict, tmp_path: Path
+) -> None:
     path = tmp_path / "registry.json"
     reg.save(document, path)
     before = path.read_bytes()

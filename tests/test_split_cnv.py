@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _load_recipe() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("test_recipe_split_cnv",
-                                                  ROOT / "recipes" / "split_cnv.py")
+    spec = importlib.util.spec_from_file_location(
+        "test_recipe_split_cnv", ROOT / "recipes" / "split_cnv.py"
+    )
     assert spec is not None and spec.loader is not None
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
@@ -33,8 +34,14 @@ def _load_recipe() -> ModuleType:
 sc = _load_recipe()
 
 #: A profile small enough for unit tests (seconds, not minutes).
-TINY_PROFILE = {"epochs": 2, "n_train": 300, "n_test": 60, "n_calib": 60, "batch_size": 50,
-                "eval_batch_size": 60}
+TINY_PROFILE = {
+    "epochs": 2,
+    "n_train": 300,
+    "n_test": 60,
+    "n_calib": 60,
+    "batch_size": 50,
+    "eval_batch_size": 60,
+}
 
 
 @dataclass
@@ -52,8 +59,9 @@ class Ctx:
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("test-split-cnv"))
 
 
-def _train_tiny(cifar_dir: Path, work: Path, epochs: int, resume: bool = False,
-                stop_after: int | None = None):
+def _train_tiny(
+    cifar_dir: Path, work: Path, epochs: int, resume: bool = False, stop_after: int | None = None
+):
     """Train the tiny arch on a few hundred images; return (model, cfg)."""
     params = {"arch": "tiny", "profile_overrides": dict(TINY_PROFILE, epochs=epochs)}
     cfg = sc.resolve_config("cifar10-split-tiny", params, "smoke", 0)
@@ -122,8 +130,13 @@ def test_head_forward_reproduces_model_head(cifar_dir: Path, tmp_path: Path) -> 
         # The unfolded float path (conv then BatchNorm) agrees up to rounding at the
         # quantization boundaries.
         unfolded = model.encrypted.input_quant(
-            torch.nn.functional.avg_pool2d(torch.nn.functional.hardtanh(
-                model.head.bn(model.head.conv(sc.normalize_images(images, mean, std)))), 3, 3)
+            torch.nn.functional.avg_pool2d(
+                torch.nn.functional.hardtanh(
+                    model.head.bn(model.head.conv(sc.normalize_images(images, mean, std)))
+                ),
+                3,
+                3,
+            )
         ).numpy()
     assert got.dtype == np.float32 and got.flags["C_CONTIGUOUS"]
     assert got.shape == (256, *config["output"]["shape"][1:])
@@ -147,8 +160,11 @@ def test_training_is_deterministic_and_resumable(cifar_dir: Path, tmp_path: Path
 
 
 def _small_build(cifar_dir: Path, tmp_path: Path, **params: Any):
-    ctx = Ctx(work_dir=tmp_path / "work", data_dir=cifar_dir,
-              params={"arch": "tiny", "profile_overrides": TINY_PROFILE, **params})
+    ctx = Ctx(
+        work_dir=tmp_path / "work",
+        data_dir=cifar_dir,
+        params={"arch": "tiny", "profile_overrides": TINY_PROFILE, **params},
+    )
     return sc.build(ctx)
 
 
@@ -173,8 +189,13 @@ def test_small_build_end_to_end(cifar_dir: Path, tmp_path: Path) -> None:
     assert m["circuit"]["programmable_bootstrap_count"] > 0
     assert r.quantized_module.fhe_circuit is not None
     assert all(k.endswith("_seconds") or "seconds" not in k for k in m)
-    assert set(r.stages) == {"data", "train", "evaluate_clear", "compile",
-                             "evaluate_fhe_simulation"}
+    assert set(r.stages) == {
+        "data",
+        "train",
+        "evaluate_clear",
+        "compile",
+        "evaluate_fhe_simulation",
+    }
     assert (tmp_path / "work" / "checkpoint.pt").exists()
     # The head shipped to clients feeds the circuit directly.
     x, _ = load_cifar10(cifar_dir, "test")

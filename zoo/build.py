@@ -158,8 +158,11 @@ def build(
         "schema_version": 1,
         "variant": variant,
         "family": entry.family,
-        "recipe": {"module": entry.recipe["module"], "params": entry.recipe["params"],
-                   "config": result.config},  # fmt: skip
+        "recipe": {
+            "module": entry.recipe["module"],
+            "params": entry.recipe["params"],
+            "config": result.config,
+        },  # fmt: skip
         "seed": seed,
         "profile": profile,
         "device": device,

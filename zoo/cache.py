@@ -125,8 +125,8 @@ def require_cached(build: Build, role: str, root: Path | None = None) -> PullRes
     if missing:
         names = ", ".join(e.path for e in missing)
         raise OfflineError(
-            f"offline, and the cache lacks {len(missing)} file(s) of {build.ref[:len(build.variant) + 13]}"
-            f" for role {role}: {names}",
+            f"offline, and the cache lacks {len(missing)} file(s) of {build.short_ref} "
+            f"for role {role}: {names}",
             hint=f"pull it once with the network: `zoo pull {build.variant} --role {role}`",
         )
     return PullResult(build, build_path(build, root), role)

@@ -39,8 +39,14 @@ def card_data(document: dict[str, Any], variant: Variant) -> Any:
         library_name="concrete-ml",
         license="bsd-3-clause",
         pipeline_tag="image-classification",
-        tags=["fhe", "concrete-ml", "brevitas", "homomorphic-encryption", "cifar",
-              document.get("family", variant.family)],  # fmt: skip
+        tags=[
+            "fhe",
+            "concrete-ml",
+            "brevitas",
+            "homomorphic-encryption",
+            "cifar",
+            document.get("family", variant.family),
+        ],  # fmt: skip
         datasets=[DATASET_IDS[variant.dataset]],
         metrics=["accuracy"],
         model_name=document["variant"],
@@ -65,9 +71,9 @@ def render(document: dict[str, Any], variant: Variant) -> str:
 
 {variant.summary}
 
-Built by `zoo build {name} --profile {document['profile']} --seed {document['seed']}` from
-`{document['recipe']['module']}` on `{document.get('device', 'cpu')}`; data:
-{document['data'].get('dataset', variant.dataset)}. Every file of this build is pinned by sha256
+Built by `zoo build {name} --profile {document["profile"]} --seed {document["seed"]}` from
+`{document["recipe"]["module"]}` on `{document.get("device", "cpu")}`; data:
+{document["data"].get("dataset", variant.dataset)}. Every file of this build is pinned by sha256
 in `manifest.json`; rebuilding with the same recipe, profile, seed, data, runtime and kind of
 device gives the same bytes (`zoo build {name} --check REVISION`).
 
@@ -78,9 +84,9 @@ zoo pull {name}                       # verified download into the cache
 zoo predict {name} image.png --fhe execute
 ```
 
-Runtime: concrete-ml {document['runtime']['concrete-ml']}, concrete-python
-{document['runtime']['concrete-python']}, Python {document['runtime']['python']}, torch
-{document['runtime']['torch']}, brevitas {document['runtime']['brevitas']}.
+Runtime: concrete-ml {document["runtime"]["concrete-ml"]}, concrete-python
+{document["runtime"]["concrete-python"]}, Python {document["runtime"]["python"]}, torch
+{document["runtime"]["torch"]}, brevitas {document["runtime"]["brevitas"]}.
 
 ## Measured
 

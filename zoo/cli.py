@@ -360,7 +360,9 @@ def cache_rm(ref: str | None, everything: bool, registry_path: Path | None, as_j
 def cache_prune(registry_path: Path | None, as_json: bool) -> None:
     """Remove builds this runtime cannot load, orphans and interrupted downloads."""
     data = api.cache_prune(registry_path)
-    _emit(as_json, data, lambda: "\n".join(data["removed"] + [f"freed {_size(data['freed_bytes'])}"]))
+    _emit(
+        as_json, data, lambda: "\n".join(data["removed"] + [f"freed {_size(data['freed_bytes'])}"])
+    )
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ def seconds_per_pbs(bit_width: int, table: dict[int, float] | None = None) -> fl
     return math.exp(math.log(table[low]) + slope * (bit_width - low))
 
 
-def estimate_seconds(circuit: dict[str, Any], table: dict[int, float] | None = None) -> float | None:
+def estimate_seconds(
+    circuit: dict[str, Any], table: dict[int, float] | None = None
+) -> float | None:
     """Estimated real-FHE seconds per image from a build's circuit statistics (None if unknown)."""
     by_width = circuit.get("pbs_count_by_bit_width")
     if not by_width:

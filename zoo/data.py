@@ -153,8 +153,9 @@ def _read_batch(path: Path, label_key: str, dirname: str) -> tuple[np.ndarray, n
         raise ValueError(f"{path}: expected a dict, got {type(batch).__name__}")
     data = np.asarray(_get(batch, "data", path))
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        raise ValueError(f"{path}: expected uint8 data of shape (N, 3072), got "
-                         f"{data.dtype} {data.shape}")
+        raise ValueError(
+            f"{path}: expected uint8 data of shape (N, 3072), got {data.dtype} {data.shape}"
+        )
     labels = np.asarray(_get(batch, label_key, path), dtype=np.int64)
     if labels.shape != (data.shape[0],):
         raise ValueError(f"{path}: {len(labels)} labels for {data.shape[0]} images")

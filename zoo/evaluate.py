@@ -51,9 +51,8 @@ def evaluate(
         "keygen_seconds": round(model.timings.get("keygen_seconds", 0.0), 3),
     }
     if fhe == "execute":
-        rows = [model.logits(images[i : i + 1], "execute")[0]
-                for i in tqdm(range(len(labels)), desc="real FHE", disable=not progress)]  # fmt: skip
-        executed = np.stack(rows)
+        bar = tqdm(range(len(labels)), desc="real FHE", disable=not progress)
+        executed = np.stack([model.logits(images[i : i + 1], "execute")[0] for i in bar])
         seconds = model.timings["fhe_seconds"]
         result.update(
             execute_top1=topk(executed, labels, 1),

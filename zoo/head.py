@@ -25,7 +25,9 @@ def load(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return tensors, config
 
 
-def forward(tensors: dict[str, Any], config: dict[str, Any], images_uint8_nhwc: np.ndarray) -> np.ndarray:
+def forward(
+    tensors: dict[str, Any], config: dict[str, Any], images_uint8_nhwc: np.ndarray
+) -> np.ndarray:
     """Run the head on uint8 images (N, 32, 32, 3); return float32 NCHW circuit inputs."""
     import torch
     import torch.nn.functional as F

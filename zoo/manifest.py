@@ -44,7 +44,9 @@ def entry_for(path: Path, role: str | None = None) -> FileEntry:
 
 def write(build_dir: Path, document: dict[str, Any]) -> Path:
     """Add the file listing of ``build_dir`` to ``document`` and write ``manifest.json``."""
-    files = [entry_for(build_dir / name) for name in sorted(ROLE_OF) if (build_dir / name).is_file()]
+    files = [
+        entry_for(build_dir / name) for name in sorted(ROLE_OF) if (build_dir / name).is_file()
+    ]
     document = dict(document, files=[e.__dict__ for e in files])
     problems = validate(document, "manifest")
     if problems:
@@ -86,7 +88,9 @@ def check(build_dir: Path) -> tuple[dict[str, Any], list[tuple[Path, FileEntry]]
         if (actual.size, actual.sha256) != (entry.size, entry.sha256):
             problems.append(f"{name}: manifest says {entry.sha256}, file is {actual.sha256}")
     extra = sorted(
-        p.name for p in build_dir.iterdir() if p.is_file() and p.name not in {*listed, MANIFEST, REPORT}
+        p.name
+        for p in build_dir.iterdir()
+        if p.is_file() and p.name not in {*listed, MANIFEST, REPORT}
     )
     problems += [f"{name}: present but not in the manifest" for name in extra]
     if problems:

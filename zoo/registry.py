@@ -57,6 +57,11 @@ class Build:
         """``VARIANT@REVISION``, the build's full name."""
         return f"{self.variant}@{self.revision}"
 
+    @property
+    def short_ref(self) -> str:
+        """``VARIANT@REV12``, for messages."""
+        return f"{self.variant}@{self.revision[:12]}"
+
     def files_for(self, role: str) -> tuple[FileEntry, ...]:
         """The files that ``role`` (client, server or all) needs."""
         if role == "all":
@@ -106,7 +111,9 @@ class Registry:
         if name in self.variants:
             return self.variants[name]
         close = difflib.get_close_matches(name, self.variants, n=3)
-        hint = f"did you mean {', '.join(close)}?" if close else "run `zoo list` to see all variants"
+        hint = (
+            f"did you mean {', '.join(close)}?" if close else "run `zoo list` to see all variants"
+        )
         raise NotFoundError(f"no variant {name!r} in {self.path}", hint=hint)
 
 
@@ -257,7 +264,7 @@ def resolve(
         problems = versions.mismatches(build.runtime, runtime)
         if check_runtime and problems:
             raise RuntimeMismatchError(
-                f"{build.ref[:len(name) + 13]} was built for another runtime: {'; '.join(problems)}",
+                f"{build.short_ref} was built for another runtime: {'; '.join(problems)}",
                 hint=versions.install_hint(build.runtime),
             )
         return build
