@@ -66,7 +66,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from zoo import head as zoo_head
 from zoo.data import CIFAR10_DIRNAME, fingerprint, load_cifar10
+from zoo.errors import BuildError
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -160,7 +162,7 @@ PROFILE_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
     # FHE simulation of the 8-bit circuit costs ~0.25 s per image on 2 CPU cores (~100k PBS),
     # so the 30-minute quick profile simulates the first 2,000 test images, not 10,000.
     ("split-8bit", "quick"): {"epochs": 2, "n_train": 10000, "n_test": 2000, "n_calib": 1000},
-    ("tiny", "quick"): {"epochs": 20, "n_train": None},
+    ("tiny", "quick"): {"epochs": 3, "n_train": None},
     ("tiny", "smoke"): {"epochs": 2, "n_train": 2000},
 }
 
@@ -179,7 +181,7 @@ WEIGHT_CLIP = 1.0
 SIM_EVAL_BATCH = 500
 
 
-class BitWidthBoundError(RuntimeError):
+class BitWidthBoundError(BuildError):
     """The compiled circuit needs wider integers than the variant's accumulator bound."""
 
 
@@ -441,9 +443,7 @@ class EncryptedCNV(nn.Module):
             self.linear.append(QuantIdentity(act_quant=aq, bit_width=ab))
             n_in = n_out
         self.linear.append(
-            QuantLinear(
-                n_in, arch["num_classes"], bias=True, weight_quant=wq, weight_bit_width=wb
-            )
+            QuantLinear(n_in, arch["num_classes"], bias=True, weight_quant=wq, weight_bit_width=wb)
         )
         if arch["tensor_norm"]:
             self.linear.append(TensorNorm())
@@ -636,8 +636,12 @@ def train(
         model.train()
         t0 = time.perf_counter()
         loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(range(n_batches), desc=f"epoch {epoch + 1}/{prof['epochs']}", leave=False,
-                   disable=not ctx.log.isEnabledFor(logging.INFO))
+        bar = tqdm(
+            range(n_batches),
+            desc=f"epoch {epoch + 1}/{prof['epochs']}",
+            leave=False,
+            disable=not ctx.log.isEnabledFor(logging.INFO),
+        )
         for b in bar:
             idx = order[b * bs : (b + 1) * bs]
             x = augment(images[idx], rng, DATA["crop_padding"], DATA["hflip"])
@@ -662,7 +666,11 @@ def train(
         history.append(rec)
         ctx.log.info(
             "epoch %d/%d lr %.5f loss %.4f train acc %.4f (%.1f s)",
-            epoch + 1, prof["epochs"], rec["lr"], rec["loss"], rec["train_top1"],
+            epoch + 1,
+            prof["epochs"],
+            rec["lr"],
+            rec["loss"],
+            rec["train_top1"],
             time.perf_counter() - t0,
         )
         _save_checkpoint(ckpt_path, epoch, model, opt, history)
@@ -714,8 +722,7 @@ def clear_logits(model: SplitCNV, images: np.ndarray, batch: int) -> np.ndarray:
     model.eval()
     feats = head_outputs(model, images, batch)
     outs = [
-        model.encrypted(torch.from_numpy(feats[i : i + batch]))
-        for i in range(0, len(feats), batch)
+        model.encrypted(torch.from_numpy(feats[i : i + batch])) for i in range(0, len(feats), batch)
     ]
     return torch.cat(outs).numpy()
 
@@ -793,42 +800,7 @@ def _head_out_shape(arch: dict[str, Any]) -> list[int]:
     return [arch["head"]["out_channels"], size, size]
 
 
-def head_forward(
-    head_tensors: dict[str, torch.Tensor], head_config: dict[str, Any], images_uint8_nhwc
-) -> np.ndarray:
-    """Run the client head from the exported tensors and config (no recipe classes).
-
-    Returns the dequantized quantized values (float32, NCHW) that go into the FHE circuit.
-    """
-    t = head_tensors
-    inp = head_config["input"]
-    x = torch.from_numpy(np.ascontiguousarray(images_uint8_nhwc)).permute(0, 3, 1, 2)
-    x = x.to(torch.float32) / 255.0
-    mean, std = t["input.mean"].to(torch.float32), t["input.std"].to(torch.float32)
-    x = (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
-    assert inp["to_layout"] == "NCHW"
-    with torch.no_grad():
-        for op in head_config["ops"]:
-            kind = op["op"]
-            if kind == "conv2d":
-                x = F.conv2d(x, t[op["weight"]], t[op["bias"]], stride=op["stride"],
-                             padding=op["padding"])
-            elif kind == "hardtanh":
-                x = F.hardtanh(x, op["min"], op["max"])
-            elif kind == "avg_pool2d":
-                x = F.avg_pool2d(x, op["kernel_size"], op["stride"])
-            elif kind == "quantize_dequantize":
-                bits, signed, narrow = op["bit_width"], op["signed"], op["narrow_range"]
-                if signed:
-                    qmin, qmax = -(2 ** (bits - 1)) + int(narrow), 2 ** (bits - 1) - 1
-                else:
-                    qmin, qmax = 0, 2**bits - 1 - int(narrow)
-                scale, zp = t[op["scale"]], t[op["zero_point"]]
-                q = torch.clamp(torch.round(x / scale + zp), qmin, qmax)
-                x = (q - zp) * scale
-            else:
-                raise ValueError(f"unknown head op {kind!r}")
-    return np.ascontiguousarray(x.numpy(), dtype=np.float32)
+head_forward = zoo_head.forward  # the client's head: one implementation, in zoo
 
 
 # --------------------------------------------------------------------------------------------
@@ -862,26 +834,6 @@ def check_bit_width(quantized_module: Any, bound: int) -> int:
             f"{bound} bits: tighten the fan-in pruning ('fanin') or lower the bit widths"
         )
     return width
-
-
-def circuit_statistics(quantized_module: Any) -> dict[str, Any]:
-    """PBS counts (total and per bit width / parameter set) of the compiled circuit."""
-    stats = quantized_module.fhe_circuit.statistics
-    keep = {}
-    for key, value in stats.items():
-        if "bootstrap" in key or "keyswitch" in key or key in ("size_of_inputs", "complexity"):
-            keep[key] = _jsonable_stat(value)
-    return keep
-
-
-def _jsonable_stat(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable_stat(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable_stat(v) for v in value]
-    if isinstance(value, (np.integer, np.floating)):
-        return value.item()
-    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -987,7 +939,6 @@ def build(ctx: BuildContextLike) -> RecipeResult:
         "max_bit_width_bound": arch["max_bit_width"],
         "max_nonzero_fanin": max_fanin(model),
         "n_parameters": n_params,
-        "circuit": circuit_statistics(qmodule),
         "train_history": history,
         "train_seconds": train_seconds,
         "compile_seconds": compile_seconds,

@@ -16,13 +16,17 @@ from zoo import head, manifest, runtime
 from zoo import registry as reg
 from zoo.data import load_cifar10
 from zoo.errors import BuildError, IntegrityError
+from zoo.hashing import sha256_file
 
 TINY = "cifar10-split-tiny"
 
 
 def _hashes(build_dir: Path) -> dict[str, str]:
-    return {f["path"]: f["sha256"] for f in manifest.read(build_dir)["files"]} | {
-        "manifest.json": manifest.entry_for(build_dir / "manifest.json").sha256
+    """sha256 of every file of a build directory (report.json is not part of the build)."""
+    return {
+        p.name: sha256_file(p)
+        for p in build_dir.iterdir()
+        if p.is_file() and p.name != manifest.REPORT
     }
 
 
@@ -144,3 +148,17 @@ def test_predict_rejects_bad_images(
         model.predict([big])
     with pytest.raises(runtime.InputError, match="unknown fhe mode"):
         model.predict(np.zeros((32, 32, 3), dtype=np.uint8), fhe="fast")
+
+
+def test_split_8bit_smoke_build_round_trips(
+    cifar_dir: Path, zoo_home: Path, registry_file: Path, tmp_path: Path
+) -> None:
+    out = builder.build(
+        "cifar10-split-8bit", profile="smoke", data_dir=cifar_dir, out_dir=tmp_path / "b8"
+    )
+    document = manifest.read(out)
+    assert document["circuit"]["max_bit_width"] <= 8  # the variant's accumulator bound
+    published = zoo.publish(out)
+    pulled = zoo.pull("cifar10-split-8bit")
+    assert _hashes(pulled.path) == _hashes(out)
+    assert {e.path: e.sha256 for e in published.files} == _hashes(out)

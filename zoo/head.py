@@ -60,4 +60,4 @@ def forward(
                 x = (q - zp) * scale
             else:
                 raise ValueError(f"unknown head op {kind!r}: this zoo is older than the build")
-    return x.numpy().astype(np.float32, copy=False)
+    return np.ascontiguousarray(x.numpy(), dtype=np.float32)
