@@ -5,7 +5,7 @@ ZOO := $(VENV)/bin/zoo
 DATA ?= .data
 SHARED_DATA ?= ../shared/data
 export ZOO_DATA_DIR ?= $(abspath $(DATA))
-DEMO_IMAGES ?= 8
+DEMO_IMAGES ?= 3
 
 .PHONY: install data demo test lint bench clean
 
