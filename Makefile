@@ -30,13 +30,15 @@ $(DATA)/cifar-10-batches-py/.complete: | install
 
 # The main job, end to end: get cifar10-split-tiny verified against its pinned hashes (no hub is
 # reachable here, so it is rebuilt and accepted only if every file matches), build a fresh smoke
-# build, publish it to the local hub (into a scratch registry), pull it back, and classify real
+# build, publish it to the local hub (into a scratch registry), pull it back from there (after
+# emptying the cache), and classify real
 # CIFAR-10 test images in real FHE.
 demo: install data
 	$(ZOO) pull cifar10-split-tiny --build-missing
 	$(ZOO) build cifar10-split-tiny --profile smoke --out build-out/demo --resume
 	cp registry.json build-out/demo-registry.json
 	$(ZOO) publish build-out/demo --hub local --registry build-out/demo-registry.json
+	$(ZOO) cache rm cifar10-split-tiny --registry build-out/demo-registry.json
 	$(ZOO) pull cifar10-split-tiny --registry build-out/demo-registry.json
 	$(ZOO) eval cifar10-split-tiny --fhe execute -n $(DEMO_IMAGES) --registry build-out/demo-registry.json
 

@@ -274,10 +274,11 @@ def rebuild_into_cache(
             f"({listing}); kept aside in {kept}",
             hint=MISMATCH_HINT,
         )
-    result = cache.PullResult(pinned, cache.build_path(pinned, root), role)
+    result = cache.PullResult(pinned, cache.build_path(pinned, root), role, source="rebuild")
     result.path.mkdir(parents=True, exist_ok=True)
     for entry in pinned.files_for(role):
         os.replace(out_dir / entry.path, result.path / entry.path)
         result.downloaded.append(entry.path)
+        result.downloaded_bytes += entry.size
     shutil.rmtree(out_dir, ignore_errors=True)
     return result

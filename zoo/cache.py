@@ -57,6 +57,7 @@ class PullResult:
     role: str
     downloaded: list[str] = field(default_factory=list)
     downloaded_bytes: int = 0
+    source: str = "cache"  # where missing files came from: "cache", "hub" or "rebuild"
 
     @property
     def files(self) -> dict[str, Path]:
@@ -96,7 +97,7 @@ def fetch(
     from filelock import FileLock
 
     root = root or config.cache_dir()
-    result = PullResult(build, build_path(build, root), role)
+    result = PullResult(build, build_path(build, root), role, source="hub")
     if not missing_files(build, role, root):
         return result
     (root / "locks").mkdir(parents=True, exist_ok=True)

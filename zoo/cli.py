@@ -185,9 +185,14 @@ def pull(
         "path": str(result.path),
         "downloaded": result.downloaded,
         "downloaded_bytes": result.downloaded_bytes,
+        "source": result.source,
         "files": {k: str(v) for k, v in result.files.items()},
     }
-    verb = f"downloaded {_size(result.downloaded_bytes)}" if result.downloaded else "cached"
+    verb = "cached"
+    if result.downloaded:
+        verb = f"downloaded {_size(result.downloaded_bytes)}, verified"
+    if result.source == "rebuild":
+        verb = f"rebuilt from its recipe: all {len(result.downloaded)} files match their pins"
     _emit(as_json, data, lambda: f"{result.build.variant}@{result.build.revision[:12]} ({verb}): "
           f"{result.path}")  # fmt: skip
 
