@@ -59,7 +59,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -67,6 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo import head as zoo_head
+from zoo.build import BuildContext
 from zoo.data import CIFAR10_DIRNAME, fingerprint, load_cifar10
 from zoo.errors import BuildError
 
@@ -183,20 +184,6 @@ SIM_EVAL_BATCH = 500
 
 class BitWidthBoundError(BuildError):
     """The compiled circuit needs wider integers than the variant's accumulator bound."""
-
-
-class BuildContextLike(Protocol):
-    """What :func:`build` reads from ``zoo.build.BuildContext``."""
-
-    variant: str
-    params: dict[str, Any]
-    profile: str
-    seed: int
-    data_dir: Path
-    work_dir: Path
-    device: str
-    resume: bool
-    log: logging.Logger
 
 
 @dataclass
@@ -590,7 +577,7 @@ def train(
     images: np.ndarray,
     labels: np.ndarray,
     cfg: dict[str, Any],
-    ctx: BuildContextLike,
+    ctx: BuildContext,
 ) -> list[dict[str, Any]]:
     """Quantization-aware training with fan-in pruning; checkpoints every epoch."""
     from tqdm import tqdm
@@ -863,7 +850,7 @@ def fhe_logits(
 # --------------------------------------------------------------------------------------------
 
 
-def build(ctx: BuildContextLike) -> RecipeResult:
+def build(ctx: BuildContext) -> RecipeResult:
     """Data -> model -> train -> evaluate clear -> compile -> evaluate FHE simulation."""
     cfg = resolve_config(ctx.variant, ctx.params, ctx.profile, ctx.seed)
     arch, prof = cfg["arch"], cfg["profile"]
