@@ -13,7 +13,7 @@ from typing import Any
 
 from zoo import cache, config, cost, hub, manifest, versions
 from zoo import registry as reg
-from zoo.errors import HubError, NotFoundError
+from zoo.errors import HubError, NotFoundError, RuntimeMismatchError
 
 
 def list_variants(registry_path: Path | None = None) -> list[dict[str, Any]]:
@@ -63,7 +63,7 @@ def info(ref: str, registry_path: Path | None = None) -> dict[str, Any]:
         if "@" in ref:
             raise
         build = None
-    except reg.RuntimeMismatchError as exc:
+    except RuntimeMismatchError as exc:
         out["resolved"] = None
         out["resolve_error"] = str(exc)
         build = None

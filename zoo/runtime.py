@@ -13,7 +13,6 @@ key never leaves the client.
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -155,11 +154,10 @@ def _simulator(server_zip: Path) -> tuple[Any, Any]:
     return server, fhe.Client(server.client_specs, is_simulated=True)
 
 
-def _checked_zip_dir(build: Build, path: Path, name: str) -> Path:
-    """A folder holding ``name`` (client.zip / server.zip) after a safety check of the archive."""
+def _check_zip(path: Path) -> None:
+    """Refuse an archive with unsafe members before concrete-ml unpacks it."""
     with tempfile.TemporaryDirectory() as scratch:
-        extract_zip(path / name, Path(scratch) / "check")
-    return path
+        extract_zip(path, Path(scratch) / "check")
 
 
 def keys_dir(build: Build) -> Path:
@@ -199,19 +197,14 @@ def load(ref: str, role: str = "both", **pull_kwargs: Any) -> Model:
 
     if role in ("client", "both"):
         started = time.perf_counter()
-        model.client = FHEModelClient(
-            str(_checked_zip_dir(build, path, "client.zip")), key_dir=str(keys_dir(build))
-        )
+        _check_zip(path / "client.zip")
+        model.client = FHEModelClient(str(path), key_dir=str(keys_dir(build)))
         model.client.generate_private_and_evaluation_keys(force=False)
         _restrict(keys_dir(build))
         model.timings["keygen_seconds"] = time.perf_counter() - started
     if role in ("server", "both"):
         started = time.perf_counter()
-        model.server = FHEModelServer(str(_checked_zip_dir(build, path, "server.zip")))
+        _check_zip(path / "server.zip")
+        model.server = FHEModelServer(str(path))
         model.timings["server_load_seconds"] = time.perf_counter() - started
     return model
-
-
-def remove_keys(build: Build) -> None:
-    """Forget the client keys of a build."""
-    shutil.rmtree(config.keys_dir() / build.variant / build.revision, ignore_errors=True)
