@@ -198,9 +198,10 @@ def load(ref: str, role: str = "both", **pull_kwargs: Any) -> Model:
     if role in ("client", "both"):
         started = time.perf_counter()
         _check_zip(path / "client.zip")
-        model.client = FHEModelClient(str(path), key_dir=str(keys_dir(build)))
+        keys = keys_dir(build)
+        model.client = FHEModelClient(str(path), key_dir=str(keys))
         model.client.generate_private_and_evaluation_keys(force=False)
-        _restrict(keys_dir(build))
+        _restrict(keys)
         model.timings["keygen_seconds"] = time.perf_counter() - started
     if role in ("server", "both"):
         started = time.perf_counter()
