@@ -122,11 +122,15 @@ ARCHS: dict[str, dict[str, Any]] = {
 #: ``prune_epoch`` is the epoch at whose start the fan-in masks are computed (from weight
 #: magnitude) and frozen.
 PROFILES: dict[str, dict[str, Any]] = {
+    # The reference trains for hundreds of epochs (lr halved every 40). Here a CPU epoch of
+    # split-8bit takes ~110 s on 50k images, so ``full`` compresses the same step schedule
+    # into 60 epochs (lr halved every 12) and logs clear test top-1 every 5 epochs.
     "full": {
-        "epochs": 400,
+        "epochs": 60,
         "batch_size": 100,
         "lr": 0.02,
-        "lr_halve_every": 40,
+        "lr_halve_every": 12,
+        "monitor_every": 5,
         "prune_epoch": 5,
         "n_train": None,
         "n_test": None,
@@ -578,8 +582,13 @@ def train(
     labels: np.ndarray,
     cfg: dict[str, Any],
     ctx: BuildContext,
+    monitor: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:
-    """Quantization-aware training with fan-in pruning; checkpoints every epoch."""
+    """Quantization-aware training with fan-in pruning; checkpoints every epoch.
+
+    With the profile's ``monitor_every`` = k, the clear top-1 on ``monitor`` (images, labels)
+    is logged and kept in the history every k epochs; it never steers training.
+    """
     from tqdm import tqdm
 
     prof, arch, seed = cfg["profile"], cfg["arch"], cfg["seed"]
@@ -650,6 +659,12 @@ def train(
             "loss": loss_sum / max(seen, 1),
             "train_top1": correct / max(seen, 1),
         }
+        every = prof.get("monitor_every")
+        if monitor is not None and every and (epoch + 1) % every == 0:
+            logits = clear_logits(model.cpu(), monitor[0], prof["eval_batch_size"])
+            model.to(device)
+            rec["monitor_top1"] = topk_accuracy(logits, monitor[1], ks=(1,))[1]
+            ctx.log.info("epoch %d: clear test top-1 %.4f", epoch + 1, rec["monitor_top1"])
         history.append(rec)
         ctx.log.info(
             "epoch %d/%d lr %.5f loss %.4f train acc %.4f (%.1f s)",
@@ -881,7 +896,7 @@ def build(ctx: BuildContext) -> RecipeResult:
 
     # 3. Train (QAT + fan-in pruning).
     t0 = time.perf_counter()
-    history = train(model, train_x, train_y, cfg, ctx)
+    history = train(model, train_x, train_y, cfg, ctx, monitor=(test_x, test_y))
     train_seconds = time.perf_counter() - t0
     stages["train"] = {"device": ctx.device, "wall_seconds": train_seconds}
     model.eval()

@@ -3,8 +3,11 @@
     import zoo
     zoo.list_variants()
     result = zoo.pull("cifar10-split-tiny", role="client")
+    model = zoo.load("cifar10-split-tiny")          # head, FHE client and server, manifest
+    model.predict("cat.png", fhe="execute")         # real FHE; "simulate" for the fast check
 
-The public functions live in :mod:`zoo.api` (and :mod:`zoo.build` for builds); they are imported
+The public functions live in :mod:`zoo.api`, :mod:`zoo.runtime` (``load``, ``keygen``),
+:mod:`zoo.build`, and :func:`zoo.evaluate.evaluate`; they are imported
 on first use so that ``import zoo`` stays cheap.
 """
 
@@ -15,7 +18,8 @@ from typing import Any
 __version__ = "0.1.0"
 _API = {"list_variants", "info", "pull", "publish", "verify", "cache_list", "cache_remove",
         "cache_prune"}  # fmt: skip
-__all__ = sorted(_API | {"build"})
+_RUNTIME = {"load", "keygen"}
+__all__ = sorted(_API | _RUNTIME | {"build"})
 
 
 def __getattr__(name: str) -> Any:
@@ -23,6 +27,10 @@ def __getattr__(name: str) -> Any:
         from zoo import api
 
         return getattr(api, name)
+    if name in _RUNTIME:
+        from zoo import runtime
+
+        return getattr(runtime, name)
     if name == "build":
         from zoo.build import build
 

@@ -19,6 +19,7 @@ from zoo.errors import HubError, NotFoundError, RuntimeMismatchError
 def list_variants(registry_path: Path | None = None) -> list[dict[str, Any]]:
     """One row per variant: dataset, accuracies, bit width, cost, published builds."""
     registry = reg.load(registry_path)
+    calibration = cost.current_calibration()
     rows = []
     for variant in registry.variants.values():
         build = variant.builds[-1] if variant.builds else None
@@ -33,7 +34,9 @@ def list_variants(registry_path: Path | None = None) -> list[dict[str, Any]]:
                 "fhe_simulation_top1": metrics.get("fhe_simulation_top1"),
                 "fhe_execute_top1": metrics.get("fhe_execute_top1"),
                 "max_bit_width": circuit.get("max_bit_width"),
-                "est_fhe_seconds": cost.estimate_seconds(circuit) if build else None,
+                "est_fhe_seconds": (
+                    cost.estimate_seconds(circuit, calibration=calibration) if build else None
+                ),
                 "eval_key_bytes": circuit.get("eval_key_bytes"),
                 "builds": len(variant.builds),
             }
@@ -69,6 +72,7 @@ def info(ref: str, registry_path: Path | None = None) -> dict[str, Any]:
         build = None
     if build is not None:
         cached = not cache.missing_files(build, "all")
+        estimate = cost.breakdown(build.circuit)
         out["resolved"] = {
             "revision": build.revision,
             "profile": build.profile,
@@ -77,7 +81,8 @@ def info(ref: str, registry_path: Path | None = None) -> dict[str, Any]:
                 for role in ("client", "server", "all")
             },
             "eval_key_bytes": build.circuit.get("eval_key_bytes"),
-            "est_fhe_seconds_per_image": cost.estimate_seconds(build.circuit),
+            "est_fhe_seconds_per_image": estimate["total_seconds"] if estimate else None,
+            "cost": estimate,
             "cached": cached,
         }
     return out

@@ -2,7 +2,7 @@
 
 Every command takes ``--json``. Failures print one line and a hint, and exit with the error's
 code: 1 generic, 2 usage, 3 not found / bad registry, 4 integrity, 5 runtime mismatch,
-6 offline and missing, 7 hub error, 8 build failed.
+6 offline and missing, 7 hub error, 8 build failed, 9 `zoo serve` refused.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from zoo import api
+from zoo import api, cost
 from zoo.errors import ZooError
 
 REGISTRY = click.option(
@@ -104,6 +104,33 @@ def list_cmd(registry_path: Path | None, as_json: bool) -> None:
     _emit(as_json, rows, text)
 
 
+def _cost_lines(estimate: dict[str, Any] | None) -> list[str]:
+    """Per parameter set: an FHE time estimate's terms, and where its calibration is from."""
+    if not estimate:
+        return []
+    calibration = estimate.get("calibration")
+    if calibration:
+        where = (f"{calibration['source']} calibration: {calibration['cpu_model']}, "
+                 f"{calibration['cpu_count']} cores, {calibration['created']}, concrete-python "
+                 f"{calibration['concrete-python']}")  # fmt: skip
+        lines = [f"cost model: {calibration['formula']} per PBS; {where}"]
+        if calibration.get("note"):
+            lines.append(f"  note: {calibration['note']}")
+        if calibration.get("stale"):
+            lines.append(f"  warning: this calibration was {calibration['stale']}")
+        lines += [f"  ignored {i['path']}: {i['reason']}" for i in calibration.get("ignored", [])]
+    else:
+        lines = ["cost model: per-bit-width table (no per-parameter PBS counts in this build)"]
+    for row in estimate["rows"]:
+        what = (f"{row['bit_width']}-bit" if "bit_width" in row
+                else cost.describe(row["parameter"]))  # fmt: skip
+        lines.append(f"  {row['count']:>9,} PBS x {row['seconds_each'] * 1e3:9.2f} ms = "
+                     f"{row['seconds']:10.1f} s  {what}")  # fmt: skip
+    if estimate.get("overhead_seconds"):
+        lines.append(f"  + {estimate['overhead_seconds']:.3f} s fixed per run")
+    return lines
+
+
 @main.command()
 @click.argument("ref")
 @REGISTRY
@@ -134,6 +161,7 @@ def info(ref: str, registry_path: Path | None, as_json: bool) -> None:
                 f"est. {_num(resolved['est_fhe_seconds_per_image'], '{:.1f}')} s per image in "
                 f"real FHE; cached: {'yes' if resolved['cached'] else 'no'}"
             )
+            lines.extend(_cost_lines(resolved.get("cost")))
         elif data.get("resolve_error"):
             lines.append(f"no build for this runtime: {data['resolve_error']}")
         else:
@@ -275,15 +303,24 @@ def verify(ref: str, registry_path: Path | None, as_json: bool) -> None:
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--fhe", type=click.Choice(["simulate", "execute"]), default="execute")
 @click.option("--top-k", type=int, default=3)
+@click.option("--server", "server_url", default=None, metavar="URL",
+              help="run the circuit on a `zoo serve` server (the secret key stays here)")
 @REGISTRY
 @JSON
 @handles_errors
-def predict(ref: str, images: tuple[Path, ...], fhe: str, top_k: int,
+def predict(ref: str, images: tuple[Path, ...], fhe: str, top_k: int, server_url: str | None,
             registry_path: Path | None, as_json: bool) -> None:  # fmt: skip
-    """Classify 32x32 PNG/JPEG images: clear head, then the encrypted circuit."""
+    """Classify 32x32 PNG/JPEG images: clear head, then the encrypted circuit (here, or on
+    a `zoo serve` server with --server: encrypted here, run there, decrypted here)."""
     from zoo import runtime
 
-    model = runtime.load(ref, registry_path=registry_path)
+    if server_url and fhe != "execute":
+        raise click.UsageError("--server runs real FHE: use --fhe execute with it (simulation "
+                               "runs locally: drop --server)")  # fmt: skip
+    role = "client" if server_url else "both"
+    model = runtime.load(ref, role=role, server_url=server_url, registry_path=registry_path)
+    if server_url:
+        model.server.health()  # a wrong or absent server fails now, not after keygen
     predictions = model.predict(list(images), fhe=fhe, top_k=top_k)
     data = [{"image": str(i), **p.__dict__} for i, p in zip(images, predictions)]
 
@@ -296,23 +333,134 @@ def predict(ref: str, images: tuple[Path, ...], fhe: str, top_k: int,
     _emit(as_json, data, text)
 
 
-@main.command("eval")
+# fmt: off
+@main.command("serve")
 @click.argument("ref")
-@click.option("--fhe", type=click.Choice(["simulate", "execute"]), default="simulate")
-@click.option("-n", "n_images", type=int, default=100, help="first N test images")
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--key-store", type=click.Path(path_type=Path, file_okay=False), default=None,
+              help="where received evaluation keys go (default "
+                   "$ZOO_HOME/server-keys/VARIANT/REVISION)")
+@click.option("--max-key-bytes", type=int, default=None,
+              help="largest evaluation-key upload accepted (default 4 GiB)")
+@click.option("--max-keys", type=int, default=None,
+              help="evaluation keys kept; the least recently used go first (default 8)")
 @REGISTRY
 @JSON
 @handles_errors
-def eval_cmd(ref: str, fhe: str, n_images: int, data_dir: Path | None,
-             registry_path: Path | None, as_json: bool) -> None:  # fmt: skip
-    """Top-1/2/3 on the first N CIFAR test images (real FHE also reports agreement with
-    simulation, image by image)."""
+def serve_cmd(ref: str, host: str, port: int, key_store: Path | None, max_key_bytes: int | None,
+              max_keys: int | None, registry_path: Path | None, as_json: bool) -> None:
+    """Serve a build's FHE circuit over HTTP for `zoo predict --server` (the server side only:
+    it receives evaluation keys and ciphertexts, never a secret key)."""
+    from zoo import serve
+
+    limits = {"max_key_bytes": max_key_bytes, "max_keys": max_keys}
+    kwargs = {k: v for k, v in limits.items() if v is not None}
+
+    def announce(data: dict[str, Any]) -> None:
+        _emit(as_json, data, lambda: f"serving {data['variant']}@{data['revision'][:12]} at "
+              f"{data['url']} (evaluation keys in {data['key_store']})")
+
+    serve.serve(ref, host, port, announce=announce, registry_path=registry_path,
+                key_store=key_store, **kwargs)
+# fmt: on
+
+
+@main.command("eval")
+@click.argument("ref")
+@click.option("--fhe", type=click.Choice(["simulate", "execute"]), default="simulate")
+@click.option("-n", "n_images", type=int, default=100, help="number of test images")
+@click.option("--seed", type=int, default=None, help="seeded sample (default: first N)")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--results", type=click.Path(path_type=Path), default=None,
+              help="results file (JSON lines; default under $ZOO_HOME/results)")
+@click.option("--resume", is_flag=True, help="continue the results file, skipping finished images")
+@click.option("--backend", type=click.Choice(["local", "ray"]), default="local",
+              help="where the encrypted circuit runs (--fhe execute)")
+@click.option("--address", default=None, help="Ray cluster address (default: start a local one)")
+@click.option("--workers", type=int, default=None, help="Ray workers (default: one per CPU)")
+@REGISTRY
+@JSON
+@handles_errors
+def eval_cmd(ref: str, fhe: str, n_images: int, seed: int | None, data_dir: Path | None,
+             results: Path | None, resume: bool, backend: str, address: str | None,
+             workers: int | None, registry_path: Path | None, as_json: bool) -> None:  # fmt: skip
+    """Top-1/2/3 on CIFAR-10 test images; real FHE also reports agreement with simulation,
+    image by image. Every image is appended to the results file as it finishes."""
     from zoo import evaluate
 
-    result = evaluate.evaluate(ref, fhe=fhe, n_images=n_images, data_dir=data_dir,
-                               registry_path=registry_path, progress=not as_json)  # fmt: skip
+    result = evaluate.evaluate(
+        ref, fhe=fhe, n_images=n_images, seed=seed, data_dir=data_dir, registry_path=registry_path,
+        results=results, resume=resume, backend=backend, address=address, workers=workers,
+        progress=not as_json,
+    )  # fmt: skip
     _emit(as_json, result, lambda: json.dumps(result, indent=2, sort_keys=True))
+
+
+@main.command()
+@click.argument("ref")
+@click.option("--force", is_flag=True, help="throw the build's keys away and make new ones")
+@REGISTRY
+@JSON
+@handles_errors
+def keygen(ref: str, force: bool, registry_path: Path | None, as_json: bool) -> None:
+    """Generate the client keys of a build once (or reuse them) and report their size."""
+    from zoo import runtime
+
+    info = runtime.keygen(ref, force=force, registry_path=registry_path)
+    data = {**info.__dict__, "path": str(info.path)}
+
+    def text() -> str:
+        made = (f"generated in {info.keygen_seconds:.1f} s" if info.generated
+                else "reused")  # fmt: skip
+        return (f"{info.variant}@{info.revision[:12]}: keys {made} at {info.path}\n"
+                f"evaluation keys: {_size(info.eval_key_bytes)} (sent to the server; "
+                "the secret key stays here)")  # fmt: skip
+
+    _emit(as_json, data, text)
+
+
+@main.group("bench")
+def bench_group() -> None:
+    """Measure this machine (calibrations for the cost estimates of `zoo list` / `zoo info`)."""
+
+
+# fmt: off
+@bench_group.command("pbs")
+@click.option("--max-bits", type=click.IntRange(2, 8), default=7, show_default=True,
+              help="widest lookup measured (8 adds polynomial size 32768: minutes of keygen)")
+@click.option("--min-bits", type=click.IntRange(2, 8), default=2, show_default=True)
+@click.option("--repetitions", type=click.IntRange(min=1), default=5, show_default=True,
+              help="timed runs per circuit (the median is kept)")
+@click.option("--out", "out_path", type=click.Path(path_type=Path), default=None,
+              help="calibration file (default $ZOO_HOME/calibration/pbs.json)")
+@click.option("--note", default=None, help="free text stored with the calibration")
+@JSON
+@handles_errors
+def bench_pbs(max_bits: int, min_bits: int, repetitions: int, out_path: Path | None,
+              note: str | None, as_json: bool) -> None:
+    """Time programmable bootstraps per crypto parameter set and fit the cost model."""
+    from zoo import bench
+
+    if min_bits > max_bits:
+        raise click.UsageError("--min-bits must not exceed --max-bits")
+    document, path = bench.run_pbs_bench(
+        max_bits=max_bits, min_bits=min_bits, repetitions=repetitions, out=out_path, note=note,
+        progress=None if as_json else lambda line: click.echo(line, err=True))
+    fit = document["fit"]
+
+    def text() -> str:
+        lines = [f"{e['circuit']}: measured {e['measured_seconds']:.3f} s, model "
+                 f"{e['predicted_seconds']:.3f} s ({e['relative_error']:+.0%})"
+                 for e in fit["errors"]]
+        lines.append(f"fit: seconds per PBS = {fit['coefficient']:.4g} x n x level x (k+1)^2 x "
+                     f"N x log2(N); max |error| {fit['max_abs_relative_error']:.0%}; "
+                     f"{document['bench_seconds']:.0f} s")
+        lines.append(f"calibration written to {path}")
+        return "\n".join(lines)
+
+    _emit(as_json, {**document, "path": str(path)}, text)
+# fmt: on
 
 
 @main.group("cache")

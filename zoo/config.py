@@ -39,6 +39,11 @@ def keys_dir() -> Path:
     return zoo_home() / "keys"
 
 
+def server_keys_dir() -> Path:
+    """Evaluation keys that ``zoo serve`` received, one folder per build (0700)."""
+    return zoo_home() / "server-keys"
+
+
 def data_dir() -> Path:
     """Where builds read CIFAR (``cifar-10-batches-py/``, ``cifar-100-python/``)."""
     return Path(os.environ.get("ZOO_DATA_DIR") or zoo_home() / "data")

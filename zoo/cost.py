@@ -1,17 +1,105 @@
 """What a build costs before anyone pays for it: estimated seconds of real FHE per image.
 
-Estimate = Σ over bit widths of (PBS count at that width × seconds per PBS at that width).
-The default table was measured on this project's reference machine (2 cores, default p_error,
-concrete-python 2.10): 19 ms per 4-bit PBS, 70 ms per 6-bit, 530 ms per 8-bit; widths in between
-are interpolated geometrically (log-linear), widths outside are extrapolated from the nearest pair.
+Model (per crypto parameter set, not per bit width)::
+
+    seconds per image = Σ_p count_p × seconds_per_pbs(p) + overhead
+    seconds_per_pbs(p) = c × n × level × (k + 1)² × N × log2(N)
+
+summed over the parameter sets ``p`` of the programmable bootstraps (PBS) concrete reports
+(``circuit.statistics["programmable_bootstrap_count_per_parameter"]``, stored in every build's
+``circuit.pbs_count_per_parameter``), with ``n`` = ``input_lwe_dimension``, ``k`` =
+``glwe_dimension``, ``N`` = ``polynomial_size``. A bootstrap is ``n`` external products; each
+decomposes the ``k + 1`` accumulator polynomials into ``level`` pieces and multiplies them, in
+the Fourier domain, with a ``(k + 1) × level × (k + 1)`` block of the bootstrap key: ``n × level
+× (k+1)²`` products of length-``N`` polynomials at ``O(N log N)``. The bit width only matters
+through the parameters the optimizer picks for it, so rounding (more, cheaper PBS) is priced
+right, which a per-width table cannot do. ``overhead`` is the fixed cost of one run with PBS
+(~30-60 ms here; a run without PBS costs ~1 ms).
+
+Why this formula: `zoo bench pbs` (:mod:`zoo.bench`) times level-1 and level-2 bootstraps at
+polynomial sizes 512..32768 with our builds' ``p_error``, including exactly the parameter sets
+our convolutions use. On those points (``zoo/calibration/default.json``) it is the simplest
+formula that fits: 14% rms relative error, 30% at worst, over the 10 points up to N = 16384
+(25% rms with the N = 32768 point, which the stored fit includes; see the misses below).
+Dropping ``log2 N`` (key bytes streamed: 25% rms) or ``level`` (level-2 points 37-47% too low:
+28% rms) fits clearly worse. Counting FFTs instead, ``n × (k+1) × (level+1) × N log2 N``, fits
+about as well (12%), and so does adding a key-switch term (``k·N × level_ks × n`` per PBS; 12%:
+it counts 5-11% of the bootstrap's operations and grows with the same ``N`` and ``n``):
+neither gain is above the run-to-run noise of that (loaded) machine, so one constant stays.
+Known misses: above N = 8192 a PBS costs more per unit of the formula, probably as its
+polynomials outgrow the CPU caches. At N = 16384 the fit is 4-40% low over three bench runs
+(level 1 worst; level 2, which dominates ``cifar10-split-8bit``, 4-24%), at N = 32768 (8-bit
+lookups only) ~3x low (-66%, -70%); our 8-bit build has 10 such PBS out of 100,746. Linear
+layers (clear multiplications and additions on ciphertexts) are not modelled: counting their
+operations, they are a few per cent of the PBS time in our builds (not measured). Check on a
+whole circuit: one ``cifar10-split-tiny`` image took 130 s of ``server.run`` under the same load
+as the shipped calibration, which estimates 149 s (+14%); it took 77 s on a quiet machine.
+
+Where the calibration (``c``, ``overhead``) comes from, first that applies:
+
+1. ``$ZOO_HOME/calibration/pbs.json``, written by ``zoo bench pbs`` on this machine, if it was
+   measured with the installed concrete-python (otherwise it is ignored with a
+   :class:`StaleCalibrationWarning`, and ``zoo info`` says so);
+2. the default shipped with the package (``zoo/calibration/default.json``; its ``machine`` and
+   ``note`` say where and how it was measured);
+3. for a circuit without per-parameter counts (builds recorded before they existed), or when no
+   calibration can be read, the old per-bit-width table: 19 ms per 4-bit PBS, 70 ms per 6-bit,
+   530 ms per 8-bit (this project's 2-core machine, 2 threads), interpolated log-linearly.
+
+This module imports neither torch nor concrete (``zoo list`` / ``zoo info`` use it).
 """
 
 from __future__ import annotations
 
+import json
 import math
+import warnings
+from pathlib import Path
 from typing import Any
 
+from zoo import config, versions
+
 DEFAULT_SECONDS_PER_PBS = {4: 0.019, 6: 0.070, 8: 0.530}
+DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "calibration" / "default.json"
+FORMULA = "c * n * level * (k + 1)**2 * N * log2(N)"
+CALIBRATION_SCHEMA = 1
+
+
+class StaleCalibrationWarning(UserWarning):
+    """A calibration measured with another concrete-python version was ignored."""
+
+
+# -- the work of one bootstrap ----------------------------------------------------------------
+
+
+def pbs_work(parameter: dict[str, Any]) -> float:
+    """Relative cost of one PBS: ``n × level × (k + 1)² × N × log2(N)`` (FFT external products)."""
+    n = int(parameter["input_lwe_dimension"])
+    level = int(parameter["level"])
+    k = int(parameter["glwe_dimension"])
+    size = int(parameter["polynomial_size"])
+    return float(n * level * (k + 1) ** 2 * size * math.log2(size))
+
+
+def describe(parameter: dict[str, Any]) -> str:
+    """A short label of a bootstrap parameter set, e.g. ``N=8192 k=1 n=896 level=2 base_log=15``."""
+    return (
+        f"N={parameter.get('polynomial_size')} k={parameter.get('glwe_dimension')} "
+        f"n={parameter.get('input_lwe_dimension')} level={parameter.get('level')} "
+        f"base_log={parameter.get('base_log')}"
+    )
+
+
+def pbs_rows(circuit: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``[{"parameter": {...}, "count": n}]`` PBS counts of a circuit (empty if unknown)."""
+    rows = circuit.get("pbs_count_per_parameter")
+    if not rows:
+        stats = circuit.get("concrete_statistics") or {}
+        rows = stats.get("programmable_bootstrap_count_per_parameter") or []
+    return [r for r in rows if r.get("count")]
+
+
+# -- the old per-bit-width table (fallback) ---------------------------------------------------
 
 
 def seconds_per_pbs(bit_width: int, table: dict[int, float] | None = None) -> float:
@@ -28,11 +116,232 @@ def seconds_per_pbs(bit_width: int, table: dict[int, float] | None = None) -> fl
     return math.exp(math.log(table[low]) + slope * (bit_width - low))
 
 
-def estimate_seconds(
-    circuit: dict[str, Any], table: dict[int, float] | None = None
-) -> float | None:
-    """Estimated real-FHE seconds per image from a build's circuit statistics (None if unknown)."""
+# -- calibrations -----------------------------------------------------------------------------
+
+
+def user_calibration_path() -> Path:
+    """``$ZOO_HOME/calibration/pbs.json``: where `zoo bench pbs` writes this machine's fit."""
+    return config.zoo_home() / "calibration" / "pbs.json"
+
+
+def _read(path: Path) -> dict[str, Any] | None:
+    try:
+        document = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(document, dict) or not isinstance(document.get("fit"), dict):
+        return None
+    return document
+
+
+def stale_reason(document: dict[str, Any], have: dict[str, str] | None = None) -> str | None:
+    """Why ``document`` does not describe this runtime (another concrete-python), or None."""
+    have = versions.installed() if have is None else have
+    measured = (document.get("versions") or {}).get("concrete-python")
+    if measured != have.get("concrete-python"):
+        return f"measured with concrete-python {measured}, installed {have.get('concrete-python')}"
+    return None
+
+
+def current_calibration(warn: bool = True) -> dict[str, Any] | None:
+    """The calibration estimates use: this machine's if valid, else the shipped default.
+
+    Returns the calibration document with a ``"source"`` entry added: ``{"kind": "user" |
+    "default", "path": ..., "ignored": [{"path", "reason"}], "stale": reason or None}``
+    (``ignored`` lists a user calibration that was skipped). None when neither can be read.
+    """
+    ignored = []
+    user = user_calibration_path()
+    if user.is_file():
+        document = _read(user)
+        reason = "unreadable or not a calibration" if document is None else stale_reason(document)
+        if reason is None and document is not None:
+            return {**document, "source": {"kind": "user", "path": str(user), "ignored": []}}
+        ignored.append({"path": str(user), "reason": reason})
+        if warn:
+            warnings.warn(
+                f"ignoring {user}: {reason}; re-run `zoo bench pbs`",
+                StaleCalibrationWarning,
+                stacklevel=2,
+            )
+    document = _read(DEFAULT_CALIBRATION)
+    if document is None:
+        return None
+    source = {
+        "kind": "default",
+        "path": str(DEFAULT_CALIBRATION),
+        "ignored": ignored,
+        "stale": stale_reason(document),
+    }
+    return {**document, "source": source}
+
+
+def calibration_summary(calibration: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What `zoo info` says about a calibration: where, which machine, when, how well it fits."""
+    if calibration is None:
+        return None
+    machine = calibration.get("machine") or {}
+    fit_ = calibration.get("fit") or {}
+    return {
+        "source": (calibration.get("source") or {}).get("kind"),
+        "path": (calibration.get("source") or {}).get("path"),
+        "cpu_model": machine.get("cpu_model"),
+        "cpu_count": machine.get("cpu_count"),
+        "created": calibration.get("created"),
+        "concrete-python": (calibration.get("versions") or {}).get("concrete-python"),
+        "formula": fit_.get("formula"),
+        "max_abs_relative_error": fit_.get("max_abs_relative_error"),
+        "note": calibration.get("note"),
+        "stale": (calibration.get("source") or {}).get("stale"),
+        "ignored": (calibration.get("source") or {}).get("ignored", []),
+    }
+
+
+# -- the estimate -----------------------------------------------------------------------------
+
+
+def breakdown(
+    circuit: dict[str, Any],
+    calibration: dict[str, Any] | None = None,
+    table: dict[int, float] | None = None,
+) -> dict[str, Any] | None:
+    """Estimated real-FHE seconds per image, term by term; None when the circuit says nothing.
+
+    Returns ``{"method": "per-parameter" | "bit-width-table", "rows": [...], "overhead_seconds",
+    "total_seconds", "calibration": calibration_summary or None}``; each row has ``count``,
+    ``seconds_each`` and ``seconds``, plus ``parameter`` (per-parameter) or ``bit_width``.
+    ``calibration`` defaults to :func:`current_calibration`; ``table`` is the per-bit-width
+    fallback (default :data:`DEFAULT_SECONDS_PER_PBS`).
+    """
+    rows = pbs_rows(circuit)
+    if rows:
+        calibration = current_calibration() if calibration is None else calibration
+    if rows and calibration is not None:
+        coefficient = float(calibration["fit"]["coefficient"])
+        overhead = float(calibration["fit"].get("overhead_seconds", 0.0))
+        terms = []
+        for row in rows:
+            each = coefficient * pbs_work(row["parameter"])
+            terms.append(
+                {
+                    "parameter": {
+                        key: row["parameter"].get(key)
+                        for key in (
+                            "polynomial_size",
+                            "glwe_dimension",
+                            "input_lwe_dimension",
+                            "level",
+                            "base_log",
+                        )  # fmt: skip
+                    },
+                    "count": int(row["count"]),
+                    "seconds_each": each,
+                    "seconds": each * int(row["count"]),
+                }
+            )
+        terms.sort(key=lambda t: -t["seconds"])
+        return {
+            "method": "per-parameter",
+            "rows": terms,
+            "overhead_seconds": overhead,
+            "total_seconds": sum(t["seconds"] for t in terms) + overhead,
+            "calibration": calibration_summary(calibration),
+        }
     by_width = circuit.get("pbs_count_by_bit_width")
     if not by_width:
         return None
-    return sum(count * seconds_per_pbs(int(w), table) for w, count in by_width.items())
+    terms = [
+        {
+            "bit_width": int(w),
+            "count": int(count),
+            "seconds_each": seconds_per_pbs(int(w), table),
+            "seconds": int(count) * seconds_per_pbs(int(w), table),
+        }
+        for w, count in sorted(by_width.items(), key=lambda item: int(item[0]))
+    ]
+    return {
+        "method": "bit-width-table",
+        "rows": terms,
+        "overhead_seconds": 0.0,
+        "total_seconds": sum(t["seconds"] for t in terms),
+        "calibration": None,
+    }
+
+
+def estimate_seconds(
+    circuit: dict[str, Any],
+    table: dict[int, float] | None = None,
+    calibration: dict[str, Any] | None = None,
+) -> float | None:
+    """Estimated real-FHE seconds per image from a build's circuit statistics (None if unknown).
+
+    Per parameter set with the current calibration when the circuit has per-parameter PBS
+    counts; with the per-bit-width ``table`` otherwise (see :func:`breakdown`).
+    """
+    result = breakdown(circuit, calibration, table)
+    return None if result is None else result["total_seconds"]
+
+
+# -- fitting (used by `zoo bench pbs`) --------------------------------------------------------
+
+
+def fit(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """Fit ``run seconds = overhead + c × Σ count × pbs_work`` to measured circuits.
+
+    Minimises the squared relative errors (each circuit counts alike, whatever its duration),
+    with ``overhead >= 0``. Each point needs ``circuit``, ``pbs_count_per_parameter`` and
+    ``run_seconds_median``. Returns ``{"formula", "coefficient", "overhead_seconds", "errors":
+    [{"circuit", "measured_seconds", "predicted_seconds", "relative_error"}],
+    "max_abs_relative_error", "rms_relative_error"}``.
+    """
+    pairs = []
+    for point in points:
+        work = sum(r["count"] * pbs_work(r["parameter"]) for r in point["pbs_count_per_parameter"])
+        if work > 0 and point["run_seconds_median"] > 0:
+            pairs.append((point, work, float(point["run_seconds_median"])))
+    if not pairs:
+        raise ValueError("no measured point with PBS to fit")
+    # minimise Σ (o·a + c·b − 1)² with a = 1/y, b = work/y: 2×2 normal equations
+    a = [1.0 / y for _, _, y in pairs]
+    b = [w / y for _, w, y in pairs]
+    saa, sab, sbb = sum(x * x for x in a), sum(x * z for x, z in zip(a, b)), sum(z * z for z in b)
+    det = saa * sbb - sab * sab
+    overhead = (sum(a) * sbb - sum(b) * sab) / det if len(pairs) > 1 and det > 0 else 0.0
+    if overhead <= 0:
+        overhead, coefficient = 0.0, sum(b) / sbb
+    else:
+        coefficient = (saa * sum(b) - sab * sum(a)) / det
+    errors = [
+        {
+            "circuit": point.get("circuit"),
+            "measured_seconds": measured,
+            "predicted_seconds": overhead + coefficient * work,
+            "relative_error": (overhead + coefficient * work) / measured - 1.0,
+        }
+        for point, work, measured in pairs
+    ]
+    relative = [e["relative_error"] for e in errors]
+    return {
+        "formula": FORMULA,
+        "coefficient": coefficient,
+        "overhead_seconds": overhead,
+        "errors": errors,
+        "max_abs_relative_error": max(abs(x) for x in relative),
+        "rms_relative_error": math.sqrt(sum(x * x for x in relative) / len(relative)),
+    }
+
+
+def make_calibration(points: list[dict[str, Any]]) -> dict[str, Any]:
+    """A calibration document (the bench adds machine, versions and date) from measured points.
+
+    Adds to each point ``seconds_per_pbs`` (its run time less the fitted fixed cost, per PBS)
+    and ``relative_error`` (the fit's, on its run time).
+    """
+    result = fit(points)
+    by_circuit = {e["circuit"]: e["relative_error"] for e in result["errors"]}
+    for point in points:
+        count = point.get("pbs_count") or sum(r["count"] for r in point["pbs_count_per_parameter"])
+        spent = max(point["run_seconds_median"] - result["overhead_seconds"], 0.0)
+        point["seconds_per_pbs"] = spent / count if count else None
+        point["relative_error"] = by_circuit.get(point.get("circuit"))
+    return {"schema": CALIBRATION_SCHEMA, "fit": result, "points": points}

@@ -60,3 +60,9 @@ class BuildError(ZooError):
     """A build failed a check (bit-width bound, manifest mismatch, data missing)."""
 
     exit_code = 8
+
+
+class ServerError(ZooError):
+    """A `zoo serve` server refused a request, could not be reached, or runs another build."""
+
+    exit_code = 9

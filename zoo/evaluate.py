@@ -1,19 +1,36 @@
-"""``zoo eval``: accuracy of a build on the CIFAR test set, simulated or in real FHE.
+"""``zoo eval``: accuracy of a build on the CIFAR-10 test set, simulated or in real FHE.
 
-Real FHE also runs the simulation of the same images and reports their agreement image by
-image: the measurement no reference published.
+Every image's result is appended to a results file (JSON lines) as soon as it is known, so a
+long real-FHE evaluation can be killed and continued with ``resume=True``::
+
+    {"run": {"variant": ..., "revision": ..., "fhe": "execute", "indices": [...]}}
+    {"index": 17, "label": 3, "simulate": [...10 logits], "execute": [...], "seconds": 71.2}
+    ...
+    {"summary": {"execute_top1": ..., "agreement_with_simulation": ..., ...}}
+
+Real FHE also runs the simulation of each image and reports their agreement image by image:
+the measurement no reference published. ``backend="ray"`` spreads the encrypted runs over a Ray
+cluster (:mod:`zoo.cluster`); encryption and decryption stay here, with the secret key.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from zoo import config, runtime
-from zoo.data import load_cifar10
+from zoo import config, cost, runtime
+from zoo.data import fingerprint, load_cifar10
+from zoo.errors import ZooError
+
+KEY_TIMINGS = ("keygen_seconds", "keys_load_seconds")
+#: Images simulated per results-file append (simulation is cheap; real FHE appends per image).
+SIMULATE_CHUNK = 50
 
 
 def topk(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
@@ -22,45 +39,225 @@ def topk(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
     return float((order == labels[:, None]).any(axis=1).mean())
 
 
+def sample_indices(n_total: int, n: int, seed: int | None) -> np.ndarray:
+    """The first ``n`` test images, or (with a seed) ``n`` drawn without replacement, sorted."""
+    if not 1 <= n <= n_total:
+        raise ZooError(f"-n must be between 1 and {n_total}, got {n}")
+    if seed is None:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n_total, size=n, replace=False))
+
+
+def default_results_path(variant: str, revision: str, fhe: str, n: int, seed: int | None) -> Path:
+    """``$ZOO_HOME/results/VARIANT@REV12/FHE-nN-(first|seedS).jsonl``."""
+    sample = "first" if seed is None else f"seed{seed}"
+    folder = config.zoo_home() / "results" / f"{variant}@{revision[:12]}"
+    return folder / f"{fhe}-n{n}-{sample}.jsonl"
+
+
+def read_results(path: Path) -> tuple[dict[str, Any] | None, dict[int, dict[str, Any]]]:
+    """(run header, image records by index) of a results file; a torn last line is ignored."""
+    header, records = None, {}
+    for line in path.read_text().splitlines():
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # the write that was interrupted
+        if "run" in item:
+            header = item["run"]
+        elif "index" in item:
+            records[item["index"]] = item
+    return header, records
+
+
+class _ResultsFile:
+    """Append-only JSON lines, flushed and synced after every record."""
+
+    def __init__(self, path: Path, header: dict[str, Any], resume: bool) -> None:
+        self.path = path
+        self.done: dict[int, dict[str, Any]] = {}
+        found = None
+        if path.exists():
+            found, self.done = read_results(path)
+        if found is not None:
+            if not resume:
+                raise ZooError(
+                    f"results file {path} exists",
+                    hint="pass --resume to continue it, or --results to write another file",
+                )
+            if found != header:
+                raise ZooError(
+                    f"results file {path} belongs to another run (build, mode or images differ)",
+                    hint="pass --results to write another file, or remove this one",
+                )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = path.open("a" if found is not None else "w")
+        if found is None:
+            self.append({"run": header})
+        elif not path.read_bytes().endswith(b"\n"):
+            self._handle.write("\n")  # the interrupted write left a torn line: start afresh
+
+    def append(self, item: dict[str, Any]) -> None:
+        self._handle.write(json.dumps(item, sort_keys=True) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def _rows(logits: np.ndarray) -> list[list[float]]:
+    return [[round(float(v), 6) for v in row] for row in logits]
+
+
+def summarize(records: list[dict[str, Any]], fhe: str) -> dict[str, Any]:
+    """Top-1/2/3 of simulation (and real FHE), agreement, and seconds per image."""
+    records = sorted(records, key=lambda r: r["index"])
+    labels = np.array([r["label"] for r in records])
+    simulated = np.array([r["simulate"] for r in records])
+    summary: dict[str, Any] = {"n_images": len(records)}
+    for k in (1, 2, 3):
+        summary[f"simulate_top{k}"] = topk(simulated, labels, k)
+    if fhe == "execute":
+        executed = np.array([r["execute"] for r in records])
+        for k in (1, 2, 3):
+            summary[f"execute_top{k}"] = topk(executed, labels, k)
+        agree = executed.argmax(1) == simulated.argmax(1)
+        summary.update(
+            agreement_with_simulation=float(agree.mean()),
+            disagreeing_indices=[r["index"] for r, a in zip(records, agree) if not a],
+            execute_seconds_per_image=round(float(np.mean([r["seconds"] for r in records])), 3),
+            predictions=[int(i) for i in executed.argmax(1)],
+            labels=[int(i) for i in labels],
+        )
+    return summary
+
+
 def evaluate(
     ref: str,
     *,
     fhe: str = "simulate",
     n_images: int = 100,
+    seed: int | None = None,
     data_dir: Path | None = None,
     registry_path: Path | None = None,
+    results: Path | None = None,
+    resume: bool = False,
+    backend: str = "local",
+    address: str | None = None,
+    workers: int | None = None,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Top-1/2/3 of ``ref`` on the first ``n_images`` CIFAR-10 test images."""
+    """Top-1/2/3 of ``ref`` on CIFAR-10 test images (the first ``n_images``, or a seeded sample).
+
+    Results go to ``results`` (default :func:`default_results_path`); with ``resume`` the images
+    already there are not run again. Returns the summary, also appended to the results file.
+    """
     from tqdm.auto import tqdm
 
+    if fhe not in ("simulate", "execute"):
+        raise ZooError(f"unknown fhe mode {fhe!r}", hint="use 'simulate' or 'execute'")
+    if backend not in ("local", "ray"):
+        raise ZooError(f"unknown backend {backend!r}", hint="use 'local' or 'ray'")
     model = runtime.load(ref, registry_path=registry_path)
     images, labels = load_cifar10(Path(data_dir or config.data_dir()), "test")
-    images, labels = images[:n_images], labels[:n_images]
-    started = time.perf_counter()
-    simulated = model.logits(images, "simulate")
-    result: dict[str, Any] = {
-        "variant": model.build.variant,
-        "revision": model.build.revision,
-        "n_images": len(labels),
+    indices = sample_indices(len(labels), n_images, seed)
+    build = model.build
+    header = {
+        "variant": build.variant,
+        "revision": build.revision,
         "fhe": fhe,
-        "simulate_top1": topk(simulated, labels, 1),
-        "simulate_top2": topk(simulated, labels, 2),
-        "simulate_top3": topk(simulated, labels, 3),
-        "simulate_seconds": round(time.perf_counter() - started, 3),
-        "keygen_seconds": round(model.timings.get("keygen_seconds", 0.0), 3),
+        "test_set": fingerprint(images, labels),
+        "indices": [int(i) for i in indices],
     }
-    if fhe == "execute":
-        bar = tqdm(range(len(labels)), desc="real FHE", disable=not progress)
-        executed = np.stack([model.logits(images[i : i + 1], "execute")[0] for i in bar])
-        seconds = model.timings["fhe_seconds"]
-        result.update(
-            execute_top1=topk(executed, labels, 1),
-            execute_top2=topk(executed, labels, 2),
-            execute_top3=topk(executed, labels, 3),
-            agreement_with_simulation=float((executed.argmax(1) == simulated.argmax(1)).mean()),
-            execute_seconds_per_image=round(float(np.mean(seconds)), 3),
-            predictions=[int(i) for i in executed.argmax(1)],
-            labels=[int(i) for i in labels],
+    path = Path(results) if results else default_results_path(
+        build.variant, build.revision, fhe, n_images, seed
+    )
+    out = _ResultsFile(path, header, resume)
+    pending = [int(i) for i in indices if int(i) not in out.done]
+    estimate = cost.estimate_seconds(model.meta.get("circuit", {}))
+    if progress and fhe == "execute" and estimate and pending:
+        parallel = max(1, workers or 1) if backend == "ray" else 1
+        hours = estimate * len(pending) / parallel / 3600
+        tqdm.write(f"cost model: ~{estimate:,.0f} s per image, ~{hours:.2f} h for "
+                   f"{len(pending)} images; the bar's ETA takes over after the first")  # fmt: skip
+    started = time.perf_counter()
+    bar = tqdm(total=len(indices), initial=len(indices) - len(pending), disable=not progress,
+               desc=f"{fhe} {build.variant}", unit="img")  # fmt: skip
+    try:
+        records = (
+            _simulated(model, images, labels, pending)
+            if fhe == "simulate"
+            else _executed(model, images, labels, pending, backend, address, workers)
         )
-    return result
+        for record in records:
+            out.append(record)
+            out.done[record["index"]] = record
+            bar.update(1)
+    finally:
+        bar.close()
+    summary = {
+        "variant": build.variant,
+        "revision": build.revision,
+        "fhe": fhe,
+        "backend": backend,
+        "sample": "first" if seed is None else f"seed {seed}",
+        **summarize(list(out.done.values()), fhe),
+        **{k: round(model.timings[k], 3) for k in KEY_TIMINGS if k in model.timings},
+        "this_run_images": len(pending),
+        "this_run_seconds": round(time.perf_counter() - started, 3),
+    }
+    out.append({"summary": summary})
+    out.close()
+    summary["results"] = str(path)
+    return summary
+
+
+def _simulated(
+    model: runtime.Model, images: np.ndarray, labels: np.ndarray, pending: list[int]
+) -> Iterator[dict[str, Any]]:
+    for start in range(0, len(pending), SIMULATE_CHUNK):
+        chunk = pending[start : start + SIMULATE_CHUNK]
+        logits = model.logits(images[chunk], "simulate")
+        for index, row in zip(chunk, _rows(logits)):
+            yield {"index": index, "label": int(labels[index]), "simulate": row}
+
+
+def _executed(
+    model: runtime.Model,
+    images: np.ndarray,
+    labels: np.ndarray,
+    pending: list[int],
+    backend: str,
+    address: str | None,
+    workers: int | None,
+) -> Iterator[dict[str, Any]]:
+    """Encrypt here, run the circuit locally or on Ray, decrypt here; yield as results come."""
+    if not pending:
+        return
+    inputs = model.head(images[pending])
+    simulated = dict(zip(pending, _rows(model.logits(images[pending], "simulate"))))
+
+    def record(index: int, result: bytes, seconds: float) -> dict[str, Any]:
+        logits = model.client.deserialize_decrypt_dequantize(result)
+        return {"index": index, "label": int(labels[index]), "simulate": simulated[index],
+                "execute": _rows(logits)[0], "seconds": round(seconds, 3)}  # fmt: skip
+
+    model.ensure_keys()
+    keys = model.client.get_serialized_evaluation_keys()
+    ciphertexts = (
+        (index, model.client.quantize_encrypt_serialize(inputs[i : i + 1]))
+        for i, index in enumerate(pending)
+    )
+    if backend == "ray":
+        from zoo import cluster
+
+        for index, result, seconds in cluster.run(
+            model.path, keys, ciphertexts, address=address, workers=workers
+        ):
+            yield record(index, result, seconds)
+        return
+    for index, ciphertext in ciphertexts:
+        start = time.perf_counter()
+        result = model.server.run(ciphertext, keys)
+        yield record(index, result, time.perf_counter() - start)

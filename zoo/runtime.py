@@ -13,6 +13,7 @@ key never leaves the client.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -94,6 +95,19 @@ class Model:
     timings: dict[str, Any] = field(default_factory=dict)
     _simulator: Any = field(default=None, repr=False)
 
+    def ensure_keys(self) -> None:
+        """Load the client keys from ``$ZOO_HOME/keys``, generating them the first time."""
+        if "keys_generated" in self.timings:
+            return
+        started = time.perf_counter()
+        folder = keys_dir(self.build)
+        generated = not any(p.name != "keys.json" for p in folder.iterdir())
+        self.client.generate_private_and_evaluation_keys(force=False)
+        _restrict(folder)
+        seconds = time.perf_counter() - started
+        self.timings["keygen_seconds" if generated else "keys_load_seconds"] = seconds
+        self.timings["keys_generated"] = generated
+
     def head(self, images: Any) -> np.ndarray:
         """Run the clear head: the float circuit inputs (N, C, H, W)."""
         return head.forward(self.head_tensors, self.head_config, as_images(images))
@@ -107,6 +121,7 @@ class Model:
         x = self.head(images)
         if fhe == "simulate":
             return self._simulate(x)
+        self.ensure_keys()
         keys = self.client.get_serialized_evaluation_keys()
         rows = []
         for i in range(len(x)):
@@ -177,8 +192,55 @@ def _restrict(folder: Path) -> None:
             os.chmod(Path(root) / f, 0o600)
 
 
-def load(ref: str, role: str = "both", **pull_kwargs: Any) -> Model:
-    """Pull (if needed) and load a build for ``role``: client, server or both."""
+@dataclass
+class KeyInfo:
+    """The client keys of one build, as :func:`keygen` found or made them."""
+
+    variant: str
+    revision: str
+    path: Path
+    generated: bool
+    keygen_seconds: float | None  # None: keys made by an earlier load, time not recorded
+    eval_key_bytes: int
+
+
+def keygen(ref: str, force: bool = False, **pull_kwargs: Any) -> KeyInfo:
+    """Generate (or reuse) the client keys of a build and report the evaluation-key size.
+
+    Keys live under ``$ZOO_HOME/keys/VARIANT/REVISION`` with a ``keys.json`` that records how
+    long generation took and how large the serialized evaluation keys are.
+    """
+    import json
+
+    pulled = api.pull(ref, role="client", **pull_kwargs)
+    folder = keys_dir(pulled.build)
+    record = folder / "keys.json"
+    if force:
+        for item in folder.iterdir():
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    model = load(ref, role="client", **pull_kwargs)
+    model.ensure_keys()
+    generated = model.timings["keys_generated"]
+    if generated or not record.exists():
+        size = len(model.client.get_serialized_evaluation_keys())
+        seconds = model.timings["keygen_seconds"] if generated else None
+        info = {"keygen_seconds": seconds, "eval_key_bytes": size}
+        record.write_text(json.dumps(info, sort_keys=True))
+        os.chmod(record, 0o600)
+    info = json.loads(record.read_text())
+    return KeyInfo(pulled.build.variant, pulled.build.revision, folder, generated,
+                   info["keygen_seconds"], info["eval_key_bytes"])  # fmt: skip
+
+
+def load(ref: str, role: str = "both", server_url: str | None = None, **pull_kwargs: Any) -> Model:
+    """Pull (if needed) and load a build for ``role``: client, server or both.
+
+    With ``server_url`` (and ``role="client"``), the circuit runs on that `zoo serve` server:
+    ``model.server`` is a :class:`zoo.remote.RemoteServer`.
+    """
+    if server_url is not None and role != "client":
+        raise InputError("server_url goes with role='client'", hint="load(ref, role='client', "
+                         "server_url=URL): the server side runs on that server")  # fmt: skip
     import json
 
     pull_role = {"both": "all", "client": "client", "server": "server"}[role]
@@ -200,12 +262,14 @@ def load(ref: str, role: str = "both", **pull_kwargs: Any) -> Model:
         _check_zip(path / "client.zip")
         keys = keys_dir(build)
         model.client = FHEModelClient(str(path), key_dir=str(keys))
-        model.client.generate_private_and_evaluation_keys(force=False)
-        _restrict(keys)
-        model.timings["keygen_seconds"] = time.perf_counter() - started
+        model.timings["client_load_seconds"] = time.perf_counter() - started
     if role in ("server", "both"):
         started = time.perf_counter()
         _check_zip(path / "server.zip")
         model.server = FHEModelServer(str(path))
         model.timings["server_load_seconds"] = time.perf_counter() - started
+    if server_url is not None:
+        from zoo.remote import RemoteServer
+
+        model.server = RemoteServer(server_url, build)
     return model

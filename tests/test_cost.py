@@ -1,0 +1,229 @@
+"""The FHE cost model: per-parameter estimates, where the calibration comes from, `zoo bench pbs`.
+
+`zoo bench pbs` runs for real here (concrete compile, keygen and runs of 2- and 3-bit circuits,
+about 10 s); no assertion is about speed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from zoo import cost, versions
+from zoo.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+PARAM_A = {"polynomial_size": 8192, "glwe_dimension": 1, "input_lwe_dimension": 896, "level": 2,
+           "base_log": 15}  # fmt: skip
+PARAM_B = {"polynomial_size": 2048, "glwe_dimension": 1, "input_lwe_dimension": 965, "level": 1,
+           "base_log": 23}  # fmt: skip
+CIRCUIT = {
+    "pbs_count_by_bit_width": {"4": 256, "6": 1408},
+    "pbs_count_per_parameter": [
+        {"parameter": PARAM_A, "count": 1408},
+        {"parameter": PARAM_B, "count": 256},
+    ],
+}
+
+
+def _calibration(coefficient: float, overhead: float = 0.0, concrete: str | None = None) -> dict:
+    have = versions.installed()
+    return {
+        "schema": 1,
+        "created": "2025-01-01T00:00:00+00:00",
+        "machine": {"cpu_model": "test CPU", "cpu_count": 2},
+        "versions": {**have, "concrete-python": concrete or have["concrete-python"]},
+        "fit": {"formula": cost.FORMULA, "coefficient": coefficient, "overhead_seconds": overhead},
+        "points": [],
+    }
+
+
+def _write_user(calibration: dict) -> Path:
+    path = cost.user_calibration_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(calibration))
+    return path
+
+
+def test_estimate_is_the_hand_computed_sum_over_parameter_sets() -> None:
+    c, overhead = 2e-10, 0.05
+    by_hand = (
+        1408 * c * 896 * 2 * 2**2 * 8192 * 13  # log2(8192) = 13
+        + 256 * c * 965 * 1 * 2**2 * 2048 * 11  # log2(2048) = 11
+        + overhead
+    )
+    calibration = _calibration(c, overhead)
+    assert cost.estimate_seconds(CIRCUIT, calibration=calibration) == pytest.approx(by_hand)
+    result = cost.breakdown(CIRCUIT, calibration)
+    assert result["method"] == "per-parameter"
+    assert [row["count"] for row in result["rows"]] == [1408, 256]  # most expensive first
+    first = result["rows"][0]
+    assert first["parameter"] == PARAM_A
+    assert first["seconds_each"] == pytest.approx(c * 896 * 2 * 4 * 8192 * 13)
+    assert first["seconds"] == pytest.approx(1408 * first["seconds_each"])
+    assert result["calibration"]["cpu_model"] == "test CPU"
+
+
+def test_counts_are_also_read_from_concrete_statistics() -> None:
+    rows = CIRCUIT["pbs_count_per_parameter"]
+    circuit = {"concrete_statistics": {"programmable_bootstrap_count_per_parameter": rows}}
+    calibration = _calibration(1e-10)
+    assert cost.estimate_seconds(circuit, calibration=calibration) == pytest.approx(
+        cost.estimate_seconds(CIRCUIT, calibration=calibration)
+    )
+
+
+def test_fallback_order_user_then_default_then_bit_width_table(
+    zoo_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    default = json.loads(cost.DEFAULT_CALIBRATION.read_text())
+    _write_user(_calibration(1e-9))
+    user = cost.current_calibration()
+    assert user["source"]["kind"] == "user"
+    assert cost.breakdown(CIRCUIT)["calibration"]["source"] == "user"
+    assert cost.estimate_seconds(CIRCUIT) == pytest.approx(
+        cost.estimate_seconds(CIRCUIT, calibration=_calibration(1e-9))
+    )
+
+    cost.user_calibration_path().unlink()
+    shipped = cost.current_calibration()
+    assert shipped["source"]["kind"] == "default"
+    assert shipped["fit"]["coefficient"] == default["fit"]["coefficient"]
+    assert cost.breakdown(CIRCUIT)["calibration"]["source"] == "default"
+
+    # a build recorded before per-parameter counts existed: the per-bit-width table
+    old = {"pbs_count_by_bit_width": CIRCUIT["pbs_count_by_bit_width"]}
+    assert cost.breakdown(old)["method"] == "bit-width-table"
+    assert cost.estimate_seconds(old) == pytest.approx(256 * 0.019 + 1408 * 0.070)
+    # no calibration readable at all: the table for every circuit
+    monkeypatch.setattr(cost, "DEFAULT_CALIBRATION", zoo_home / "missing.json")
+    assert cost.current_calibration() is None
+    assert cost.breakdown(CIRCUIT)["method"] == "bit-width-table"
+    assert cost.estimate_seconds({}) is None
+
+
+def test_shipped_default_describes_its_machine() -> None:
+    default = json.loads(cost.DEFAULT_CALIBRATION.read_text())
+    assert default["machine"]["cpu_model"] and default["machine"]["cpu_count"]
+    assert default["versions"]["concrete-python"] and default["created"] and default["note"]
+    assert default["fit"]["coefficient"] > 0 and default["points"]
+
+
+def test_stale_user_calibration_is_ignored_with_a_warning(zoo_home: Path) -> None:
+    path = _write_user(_calibration(1e-9, concrete="0.0.1"))
+    with pytest.warns(cost.StaleCalibrationWarning, match="concrete-python 0.0.1"):
+        calibration = cost.current_calibration()
+    assert calibration["source"]["kind"] == "default"
+    (ignored,) = calibration["source"]["ignored"]
+    assert ignored["path"] == str(path) and "concrete-python 0.0.1" in ignored["reason"]
+
+
+def test_zoo_info_reports_breakdown_and_ignored_calibration(
+    zoo_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ZOO_REGISTRY", raising=False)  # the project's registry, with its builds
+    _write_user(_calibration(1e-9, concrete="0.0.1"))
+    runner = CliRunner()
+    with pytest.warns(cost.StaleCalibrationWarning):
+        result = runner.invoke(main, ["info", "cifar10-split-tiny", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    estimate = data["resolved"]["cost"]
+    assert estimate["method"] == "per-parameter"
+    assert estimate["calibration"]["source"] == "default"
+    assert "0.0.1" in estimate["calibration"]["ignored"][0]["reason"]
+    assert sum(row["count"] for row in estimate["rows"]) == 1664
+    assert data["resolved"]["est_fhe_seconds_per_image"] == pytest.approx(estimate["total_seconds"])
+    with pytest.warns(cost.StaleCalibrationWarning):
+        text = runner.invoke(main, ["info", "cifar10-split-tiny"]).output
+    assert "cost model:" in text and "default calibration" in text and "ignored" in text
+    assert "1,408 PBS" in text and "N=8192 k=1 n=896 level=2" in text
+
+
+def test_list_uses_the_per_parameter_model(zoo_home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("ZOO_REGISTRY", raising=False)
+    _write_user(_calibration(1e-10))
+    rows = {r["variant"]: r for r in json.loads(
+        CliRunner().invoke(main, ["list", "--json"]).output)}  # fmt: skip
+    registry = json.loads((ROOT / "registry.json").read_text())
+    circuit = registry["variants"]["cifar10-split-tiny"]["builds"][-1]["circuit"]
+    expected = cost.estimate_seconds(circuit, calibration=_calibration(1e-10))
+    assert rows["cifar10-split-tiny"]["est_fhe_seconds"] == pytest.approx(expected)
+
+
+LIGHT = """
+import sys, warnings
+warnings.simplefilter("ignore")
+from zoo.cli import main
+try:
+    main(["info", "cifar10-split-tiny"])
+except SystemExit as exc:
+    assert exc.code in (0, None), exc.code
+print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'concrete', 'brevitas')))
+"""
+
+
+def test_info_with_cost_breakdown_imports_neither_torch_nor_concrete(
+    zoo_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ZOO_REGISTRY", raising=False)
+    out = subprocess.run([sys.executable, "-c", LIGHT], capture_output=True, text=True,
+                         check=True)  # fmt: skip
+    assert "cost model:" in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+def _synthetic_points(coefficient: float, overhead: float) -> list[dict[str, Any]]:
+    points = []
+    for i, (param, count) in enumerate([(PARAM_A, 12), (PARAM_B, 32), (PARAM_B, 1)]):
+        work = count * cost.pbs_work(param)
+        points.append({"circuit": f"p{i}", "pbs_count": count,
+                       "pbs_count_per_parameter": [{"parameter": param, "count": count}],
+                       "run_seconds_median": overhead + coefficient * work})  # fmt: skip
+    return points
+
+
+def test_fit_recovers_coefficient_and_overhead() -> None:
+    document = cost.make_calibration(_synthetic_points(3e-10, 0.04))
+    assert document["fit"]["coefficient"] == pytest.approx(3e-10)
+    assert document["fit"]["overhead_seconds"] == pytest.approx(0.04)
+    assert document["fit"]["max_abs_relative_error"] == pytest.approx(0.0, abs=1e-9)
+    first = document["points"][0]
+    assert first["seconds_per_pbs"] == pytest.approx(3e-10 * cost.pbs_work(PARAM_A))
+    assert first["relative_error"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_bench_pbs_really_runs_and_writes_a_calibration(zoo_home: Path) -> None:
+    result = CliRunner().invoke(main, ["bench", "pbs", "--max-bits", "3", "--repetitions", "2",
+                                       "--json"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    path = zoo_home / "calibration" / "pbs.json"
+    assert data["path"] == str(path) and path.is_file()
+    stored = json.loads(path.read_text())
+    assert stored["machine"]["cpu_model"] and stored["machine"]["cpu_count"] >= 1
+    assert stored["versions"]["concrete-python"] == versions.installed()["concrete-python"]
+    assert stored["versions"]["concrete-ml"] == versions.installed()["concrete-ml"]
+    assert stored["created"] and stored["p_error"] == 2**-40
+    assert {p["bits"] for p in stored["points"]} == {2, 3}
+    for point in stored["points"]:
+        assert point["pbs_count"] >= 1 and len(point["run_seconds"]) == 2
+        (row,) = point["pbs_count_per_parameter"]
+        assert row["count"] == point["pbs_count"]
+        assert {"polynomial_size", "glwe_dimension", "input_lwe_dimension", "level",
+                "base_log"} <= set(row["parameter"])  # fmt: skip
+        assert point["seconds_per_pbs"] >= 0 and math.isfinite(point["relative_error"])
+    fit = stored["fit"]
+    assert fit["coefficient"] > 0 and fit["formula"] == cost.FORMULA
+    assert len(fit["errors"]) == len(stored["points"])
+    # the new calibration is the one estimates now use
+    assert cost.current_calibration()["source"]["kind"] == "user"
+    assert cost.breakdown(CIRCUIT)["calibration"]["source"] == "user"

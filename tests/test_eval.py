@@ -1,0 +1,145 @@
+"""`zoo keygen` and `zoo eval` on the tiny variant and real CIFAR-10: results files, resume,
+seeded samples, and real FHE on a local Ray cluster that loses a worker mid-image."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import zoo
+from zoo import build as builder
+from zoo import evaluate, runtime
+from zoo.errors import ZooError
+
+TINY = "cifar10-split-tiny"
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory: pytest.TempPathFactory, cifar_dir: Path) -> Path:
+    """One smoke build of cifar10-split-tiny for this module."""
+    out = tmp_path_factory.mktemp("tiny") / "build"
+    return builder.build(TINY, profile="smoke", data_dir=cifar_dir, out_dir=out)
+
+
+@pytest.fixture
+def published(tiny_build: Path, zoo_home: Path, registry_file: Path) -> Path:
+    """The tiny build, published to the local hub of a fresh ZOO_HOME."""
+    zoo.publish(tiny_build)
+    return tiny_build
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_sample_indices() -> None:
+    assert evaluate.sample_indices(10_000, 5, None).tolist() == [0, 1, 2, 3, 4]
+    drawn = evaluate.sample_indices(10_000, 50, 7)
+    assert drawn.tolist() == evaluate.sample_indices(10_000, 50, 7).tolist()
+    assert len(set(drawn.tolist())) == 50 and drawn.tolist() == sorted(drawn.tolist())
+    assert drawn.tolist() != list(range(50))
+    with pytest.raises(ZooError, match="between 1 and 10000"):
+        evaluate.sample_indices(10_000, 0, None)
+
+
+def test_keygen_once_then_reuse(published: Path, zoo_home: Path) -> None:
+    first = runtime.keygen(TINY)
+    assert first.generated and first.keygen_seconds > 0
+    assert first.eval_key_bytes > 1 << 20  # evaluation keys are large; the secret key is not sent
+    again = runtime.keygen(TINY)
+    assert not again.generated and again.eval_key_bytes == first.eval_key_bytes
+    assert again.keygen_seconds == first.keygen_seconds  # recorded at generation time
+    folder = zoo_home / "keys" / TINY
+    assert oct(folder.stat().st_mode & 0o777) == "0o700"
+    assert all(oct(p.stat().st_mode & 0o777) == "0o600" for p in folder.rglob("*") if p.is_file())
+    fresh = runtime.keygen(TINY, force=True)
+    assert fresh.generated
+
+
+def test_simulated_eval_writes_results_and_resumes(
+    published: Path, cifar_dir: Path, tmp_path: Path
+) -> None:
+    results = tmp_path / "run.jsonl"
+    full = evaluate.evaluate(TINY, n_images=120, seed=3, data_dir=cifar_dir, results=results)
+    lines = _lines(results)
+    header = lines[0]["run"]
+    assert header["variant"] == TINY and header["fhe"] == "simulate"
+    assert header["indices"] == evaluate.sample_indices(10_000, 120, 3).tolist()
+    assert [r["index"] for r in lines[1:-1]] == header["indices"]
+    assert lines[-1]["summary"]["simulate_top1"] == full["simulate_top1"]
+    assert full["n_images"] == 120 and full["this_run_images"] == 120
+    assert 0.1 <= full["simulate_top1"] <= full["simulate_top2"] <= full["simulate_top3"]
+
+    # An interruption: 40 records written, then a torn line.
+    kept = results.read_text().splitlines()[:41]
+    results.write_text("\n".join(kept) + '\n{"index": 9')
+    resumed = evaluate.evaluate(
+        TINY, n_images=120, seed=3, data_dir=cifar_dir, results=results, resume=True
+    )
+    assert resumed["this_run_images"] == 80
+    assert {k: resumed[k] for k in ("simulate_top1", "simulate_top2", "n_images")} == {
+        k: full[k] for k in ("simulate_top1", "simulate_top2", "n_images")
+    }
+    assert results.read_text().splitlines()[:41] == kept
+
+    with pytest.raises(ZooError, match="exists") as refused:
+        evaluate.evaluate(TINY, n_images=120, seed=3, data_dir=cifar_dir, results=results)
+    assert "--resume" in refused.value.hint
+    with pytest.raises(ZooError, match="another run"):
+        evaluate.evaluate(
+            TINY, n_images=120, seed=4, data_dir=cifar_dir, results=results, resume=True
+        )
+
+
+def _worker_pids() -> list[int]:
+    """Ray workers busy running the circuit (Ray titles them ``ray::CircuitWorker.run``)."""
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
+    return [int(line.split()[0]) for line in out.splitlines() if "ray::CircuitWorker.run" in line]
+
+
+def test_ray_backend_real_fhe_survives_a_killed_worker(
+    published: Path, cifar_dir: Path, tmp_path: Path
+) -> None:
+    pytest.importorskip("ray")
+    results = tmp_path / "ray.jsonl"
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["summary"] = evaluate.evaluate(
+                TINY, fhe="execute", n_images=2, data_dir=cifar_dir, results=results,
+                backend="ray", workers=2,
+            )  # fmt: skip
+        except BaseException as exc:  # reported by the assertion below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    killed = None
+    deadline = time.monotonic() + 300
+    while killed is None and thread.is_alive() and time.monotonic() < deadline:
+        pids = _worker_pids()
+        if pids:
+            time.sleep(5)  # well inside the image: a ~1 min circuit
+            os.kill(pids[0], signal.SIGKILL)
+            killed = pids[0]
+        time.sleep(0.5)
+    thread.join(timeout=900)
+    assert killed is not None, "no Ray worker was seen running the circuit"
+    assert "error" not in outcome, outcome.get("error")
+    summary = outcome["summary"]
+    assert summary["n_images"] == 2 and summary["backend"] == "ray"
+    assert summary["agreement_with_simulation"] == 1.0
+    records = [r for r in _lines(results) if "index" in r]
+    assert sorted(r["index"] for r in records) == [0, 1]
+    for record in records:
+        assert np.argmax(record["execute"]) == np.argmax(record["simulate"])
+        assert record["seconds"] > 0

@@ -1,0 +1,291 @@
+"""`zoo serve` + `zoo predict --server`: a real server process, real HTTP, real FHE on CIFAR-10.
+
+One smoke build of cifar10-split-tiny is published to a local hub, and a `zoo serve` process
+with its own ZOO_HOME (a copy of that hub, nothing else: the "server machine") serves it for
+the whole module. The client side uses another ZOO_HOME. Those two homes and the registry are
+module-scoped versions of the ``zoo_home`` / ``registry_file`` fixtures of conftest.py (those
+are per test; one server per test would cost a build and a keygen each). One image runs in real
+FHE (about 1-2 minutes here); every other request is refused before any FHE runs, or aborts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from click.testing import CliRunner
+
+import zoo
+from zoo import build as builder
+from zoo import runtime, serve
+from zoo.cli import main
+from zoo.data import load_cifar10
+from zoo.errors import ServerError
+from zoo.keystore import KeyIdError, KeyStore
+from zoo.registry import Build
+from zoo.remote import REVISION_HEADER, RemoteServer
+
+TINY = "cifar10-split-tiny"
+ROOT = Path(__file__).resolve().parent.parent
+MAX_KEY_BYTES = 300_000_000  # the tiny build's evaluation keys take about 255 MiB
+
+
+@dataclasses.dataclass
+class Served:
+    """The module's server and the two sides' homes."""
+
+    url: str
+    build: Build
+    root: Path
+    client_home: Path
+    server_home: Path
+    log: Path
+
+    @property
+    def key_store(self) -> Path:
+        return self.server_home / "server-keys" / TINY / self.build.revision
+
+    def stored(self) -> list[Path]:
+        return sorted(p for p in self.key_store.iterdir() if p.is_file())
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for_health(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"zoo serve exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"zoo serve did not answer /health in 180 s:\n{log.read_text()[-3000:]}")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the server's process group (server + FHE worker), SIGKILL if it lingers."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, cifar_dir: Path) -> Iterator[Served]:
+    """Build + publish the tiny variant, then run `zoo serve` on it for the module."""
+    root = tmp_path_factory.mktemp("serve")
+    client_home, server_home = root / "client-home", root / "server-home"
+    registry = root / "registry.json"
+    document = json.loads((ROOT / "registry.json").read_text())
+    for variant in document["variants"].values():
+        variant["builds"] = []
+    registry.write_text(json.dumps(document))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ZOO_HOME", str(client_home))
+        patch.setenv("ZOO_REGISTRY", str(registry))
+        patch.delenv("ZOO_OFFLINE", raising=False)
+        out = builder.build(TINY, profile="smoke", data_dir=cifar_dir, out_dir=root / "build")
+        build = zoo.publish(out)
+        shutil.copytree(client_home / "hub", server_home / "hub")  # the server's own machine
+        url, log = f"http://127.0.0.1:{_free_port()}", root / "server.log"
+        command = [sys.executable, "-m", "zoo.cli", "serve", TINY, "--port", url.rsplit(":", 1)[1],
+                   "--max-key-bytes", str(MAX_KEY_BYTES)]  # fmt: skip
+        with log.open("wb") as sink:
+            env = {**os.environ, "ZOO_HOME": str(server_home)}
+            proc = subprocess.Popen(
+                command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        try:
+            _wait_for_health(url, proc, log)
+            yield Served(url, build, root, client_home, server_home, log)
+        finally:
+            _stop(proc)
+
+
+@pytest.fixture(scope="module")
+def client(served: Served) -> runtime.Model:
+    """The client side of the build, loaded in this process (keys under the client's home)."""
+    return runtime.load(TINY, role="client", server_url=served.url)
+
+
+def _key_id(client: runtime.Model) -> str:
+    """Upload the client's evaluation keys (skipped if the server has them): their key id."""
+    return client.server.upload_keys(client.client.get_serialized_evaluation_keys())
+
+
+def test_predict_over_the_network_agrees_with_local_simulation(
+    served: Served, cifar_dir: Path, tmp_path: Path
+) -> None:
+    from PIL import Image
+
+    images, _ = load_cifar10(cifar_dir, "test")
+    png = tmp_path / "test-0.png"
+    Image.fromarray(images[0]).save(png)
+    command = [sys.executable, "-m", "zoo.cli", "predict", TINY, str(png), "--server", served.url,
+               "--fhe", "execute", "--json"]  # fmt: skip
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    remote = json.loads(done.stdout)
+    print(f"zoo predict --server: {time.perf_counter() - started:.1f} s")  # shown with -s
+
+    local = runtime.load(TINY).predict(png, fhe="simulate")  # server.zip here, on the client
+    assert remote[0]["image"] == str(png)
+    assert remote[0]["labels"][0] == local[0].labels[0]
+    assert remote[0]["names"][0] == runtime.CIFAR10_CLASSES[local[0].labels[0]]
+    assert "POST /run" in served.log.read_text()
+    assert not (served.server_home / "keys").exists()  # no client keys on the server machine
+
+
+def test_server_holds_only_the_evaluation_keys(served: Served, client: runtime.Model) -> None:
+    key_id = _key_id(client)
+    stored = served.stored()
+    assert [p.name for p in stored] == [key_id]
+    data = stored[0].read_bytes()
+    assert hashlib.sha256(data).hexdigest() == key_id
+    assert data == client.client.get_serialized_evaluation_keys()
+    assert oct(stored[0].stat().st_mode & 0o777) == "0o600"
+    for folder in (served.server_home / "server-keys", served.key_store):
+        assert oct(folder.stat().st_mode & 0o777) == "0o700"
+    # The client's secret keys (concrete writes them as secretKey_N) appear nowhere on the server.
+    secrets = list((served.client_home / "keys").rglob("secretKey*"))
+    assert secrets
+    server_files = [
+        p for p in served.server_home.rglob("*") if p.is_file() and "hub" not in p.parts
+    ]
+    for secret in secrets:
+        needle = secret.read_bytes()[-4096:]
+        assert not any(needle in p.read_bytes() for p in server_files), secret.name
+
+
+def test_bad_requests_get_4xx_and_the_server_lives_on(
+    served: Served, client: runtime.Model, cifar_dir: Path
+) -> None:
+    url, revision = served.url, served.build.revision
+    key_id = _key_id(client)
+    least = serve.min_key_bytes(runtime.load(TINY, role="server").server)
+    good = {REVISION_HEADER: revision}
+
+    def check(response: requests.Response, status: int, words: str) -> None:
+        assert response.status_code == status, response.text
+        assert words in response.json()["detail"], response.text
+        assert requests.get(f"{url}/health", timeout=10).json()["status"] == "ok"
+
+    run = f"{url}/run"
+    check(requests.post(run, params={"key_id": "ab" * 32}, data=b"x", headers=good), 404,
+          "no evaluation keys")  # fmt: skip
+    check(requests.post(run, params={"key_id": key_id}, data=b"garbage", headers=good), 400,
+          "not an encrypted input of this build")  # fmt: skip
+    check(requests.post(run, params={"key_id": key_id}, data=b"x", headers={REVISION_HEADER: "0"}),
+          409, f"this server runs {TINY}@{revision}")  # fmt: skip
+    check(requests.post(run, params={"key_id": key_id}, data=b"x"), 400, "missing X-Zoo-Revision")
+    check(requests.post(run, params={"key_id": "../../x"}, data=b"x", headers=good), 400,
+          "malformed key id")  # fmt: skip
+    check(requests.get(f"{url}/keys/{'A' * 64}"), 400, "malformed key id")
+    assert requests.get(f"{url}/keys/..%2F..%2Fetc%2Fpasswd").status_code == 404
+    assert requests.head(f"{url}/keys/{key_id}").status_code == 200
+
+    keys = f"{url}/keys"
+    check(requests.post(keys, data=b"garbage", headers=good), 400, "are not evaluation keys")
+    big_garbage = np.random.default_rng(0).bytes(least + 1000)  # passes the size bound
+    check(requests.post(keys, data=big_garbage, headers=good), 400, "not evaluation keys (")
+    del big_garbage
+    check(requests.post(keys, data=bytes(MAX_KEY_BYTES + 1), headers=good), 413,
+          "over this server's limit")  # fmt: skip
+    check(requests.post(keys, data=b"x", headers={REVISION_HEADER: "f" * 64}), 409,
+          "this server runs")  # fmt: skip
+    assert [p.name for p in served.stored()] == [key_id]  # nothing refused was kept
+    assert not any((served.key_store / ".incoming").iterdir())
+
+    # Keys of another circuit, put in the store behind the upload check's back: concrete
+    # aborts on them; the server answers 400 and restarts its FHE worker.
+    from concrete import fhe
+
+    @fhe.compiler({"x": "encrypted"})
+    def plus_one(x: np.ndarray) -> np.ndarray:
+        return x + 1
+
+    circuit = plus_one.compile([np.array([i, i]) for i in range(4)])
+    circuit.keygen()
+    other = circuit.keys.evaluation.serialize()
+    other_id = hashlib.sha256(other).hexdigest()
+    (served.key_store / other_id).write_bytes(other)
+    images, _ = load_cifar10(cifar_dir, "test")
+    ciphertext = client.client.quantize_encrypt_serialize(client.head(images[:1]))
+    try:
+        check(requests.post(run, params={"key_id": other_id}, data=ciphertext, headers=good), 400,
+              "the FHE circuit aborted")  # fmt: skip
+    finally:
+        (served.key_store / other_id).unlink()
+    check(
+        requests.post(run, params={"key_id": key_id}, data=b"garbage", headers=good),
+        400,
+        "not an encrypted input",
+    )  # fmt: skip  (answered by a fresh worker)
+
+
+def test_client_refuses_another_build_and_unreachable_servers(
+    served: Served, client: runtime.Model, cifar_dir: Path
+) -> None:
+    other = dataclasses.replace(served.build, revision="0" * 64)
+    with pytest.raises(ServerError, match=f"serves {TINY}@{served.build.revision[:12]}") as info:
+        RemoteServer(served.url, other).run(b"x", b"y")
+    assert served.build.revision in info.value.hint
+    with pytest.raises(ServerError, match="cannot reach the zoo server") as info:
+        RemoteServer(f"http://127.0.0.1:{_free_port()}", served.build).health()
+    assert "zoo serve" in info.value.hint
+
+    result = CliRunner().invoke(
+        main,
+        ["predict", TINY, str(ROOT / "README.md"), "--server", served.url, "--fhe", "simulate"],
+    )
+    assert result.exit_code == 2 and "--server runs real FHE" in result.output
+
+
+def test_key_store_is_content_addressed_and_evicts_the_least_recently_used(
+    tmp_path: Path,
+) -> None:
+    store = KeyStore(tmp_path / "store", max_keys=2)
+    ids = []
+    for body in (b"first", b"second", b"third"):
+        incoming = store.begin()
+        incoming.write(body)
+        ids.append(store.commit(incoming))
+        assert ids[-1] == hashlib.sha256(body).hexdigest()
+        if len(ids) == 2:
+            assert store.get(ids[0]) is not None  # used: "second" is now the oldest
+    assert store.key_ids() == [ids[0], ids[2]]
+    assert store.get(ids[1]) is None
+    assert (tmp_path / "store" / ids[2]).read_bytes() == b"third"
+    assert oct((tmp_path / "store" / ids[2]).stat().st_mode & 0o777) == "0o600"
+    assert oct((tmp_path / "store").stat().st_mode & 0o777) == "0o700"
+    for bad in ("../" + "a" * 61, "A" * 64, "a" * 63, ""):
+        with pytest.raises(KeyIdError, match="malformed key id"):
+            store.get(bad)
+    refused = store.begin()
+    refused.write(b"garbage")
+    store.discard(refused)
+    assert not any(store.incoming.iterdir())

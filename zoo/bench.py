@@ -1,0 +1,268 @@
+"""`zoo bench pbs`: measure what one programmable bootstrap (PBS) costs on this machine.
+
+Small concrete-python circuits are compiled with the ``p_error`` our builds use (``2**-40``, see
+``recipes/split_cnv.py``); each gets its keys once and one encrypted input, then ``circuit.run``
+is timed (median of a few rounds; the circuits take turns, see :func:`measure`). Timing ``run``
+on an input encrypted once isolates the server's work; one ``encrypt_run_decrypt`` round trip per
+circuit is recorded as well. Two kinds of circuit, together covering the crypto parameter sets
+of our builds:
+
+* ``tlu``: one table lookup over a vector of ``m`` elements of ``bits`` bits (level-1 bootstraps
+  at polynomial sizes 512..16384 for 2..7 bits, level 2 at 32768 for 8 bits);
+* ``chain``: a lookup, a clear matrix product of large 2-norm, then a lookup of ``bits`` bits:
+  the second lookup's input is noisy, so the optimizer picks level-2 bootstraps, the parameter
+  sets of the convolutions of our builds (e.g. polynomial size 8192, ``input_lwe_dimension``
+  896, level 2, base log 15 at 6 bits, as in ``cifar10-split-tiny``).
+
+A 2-bit lookup on a single element measures the fixed cost of a run with PBS, which the fit
+(:func:`zoo.cost.fit`) separates from the per-PBS cost. numpy and concrete are imported inside
+the functions only.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from zoo import cost, versions
+
+BUILD_P_ERROR = 2**-40  # recipes/split_cnv.py ARCHS[*]["p_error"]
+MIN_BITS, MAX_BITS = 2, 8
+DEFAULT_MAX_BITS = 7  # 8 bits add polynomial size 32768: ~2 min more keygen on 2 busy cores
+CHAIN_BITS = (5, 6, 7)  # level-2 parameter sets at polynomial sizes 4096, 8192, 16384
+CHAIN_WEIGHT = 16  # clear weight of the chain's matrix product (its 2-norm forces level 2)
+
+
+@dataclass(frozen=True)
+class PointSpec:
+    """One benchmark circuit: ``kind`` (tlu / chain), lookup ``bits``, input ``shape``."""
+
+    kind: str
+    bits: int
+    shape: tuple[int, ...]
+
+    @property
+    def name(self) -> str:
+        """E.g. ``tlu-6bit-16`` or ``chain-6bit-2x3`` (kind, bits, input shape)."""
+        return f"{self.kind}-{self.bits}bit-{'x'.join(str(d) for d in self.shape)}"
+
+
+# Elements per circuit: enough PBS that one run lasts well above the fixed per-run cost, few
+# enough that the slow widths stay quick (an even count keeps both cores of a 2-core box busy).
+TLU_ELEMENTS = {2: 64, 3: 64, 4: 32, 5: 16, 6: 16, 7: 8, 8: 4}
+CHAIN_ROWS = {5: 8, 6: 2, 7: 1}  # x is (rows, k) with k = (2**bits - 1) // CHAIN_WEIGHT
+# One 2-bit lookup on one element: its run is almost only the fixed cost of a run with PBS
+# (~30-60 ms here, against ~1 ms for a run without PBS), which the fit needs to separate.
+OVERHEAD_SPEC = PointSpec("tlu", 2, (1,))
+
+
+def point_specs(max_bits: int = MAX_BITS, min_bits: int = MIN_BITS) -> list[PointSpec]:
+    """The circuits ``zoo bench pbs`` measures for lookups of ``min_bits``..``max_bits`` bits."""
+    if not MIN_BITS <= min_bits <= max_bits <= MAX_BITS:
+        raise ValueError(f"bit widths must satisfy {MIN_BITS} <= min <= max <= {MAX_BITS}")
+    specs = [PointSpec("tlu", b, (TLU_ELEMENTS[b],)) for b in range(min_bits, max_bits + 1)]
+    for b in CHAIN_BITS:
+        if min_bits <= b <= max_bits:
+            specs.append(PointSpec("chain", b, (CHAIN_ROWS[b], (2**b - 1) // CHAIN_WEIGHT)))
+    return specs
+
+
+def _compile(spec: PointSpec, seed: int = 0) -> tuple[Any, Any]:
+    """Compile ``spec``'s circuit; returns (circuit, an input sample)."""
+    import numpy as np
+    from concrete import fhe
+
+    rng = np.random.default_rng(seed)
+    bits = spec.bits
+    high = 2**bits - 1
+    if spec.kind == "tlu":
+        table = fhe.LookupTable([(7 * i + 3) % 2**bits for i in range(2**bits)])
+
+        @fhe.compiler({"x": "encrypted"})
+        def tlu(x):
+            return table[x]
+
+        function = tlu
+    elif spec.kind == "chain":
+        k = spec.shape[-1]
+        weights = np.full((k, k), CHAIN_WEIGHT, dtype=np.int64)
+
+        @fhe.compiler({"x": "encrypted"})
+        def chain(x):
+            parity = fhe.univariate(lambda v: v % 2)(x)
+            return fhe.univariate(lambda v: (7 * v + 3) % 2**bits)(parity @ weights)
+
+        function = chain
+    else:
+        raise ValueError(f"unknown benchmark circuit kind {spec.kind!r}")
+    inputset = [rng.integers(0, high + 1, size=spec.shape) for _ in range(16)]
+    inputset += [np.full(spec.shape, high), np.full(spec.shape, high - 1), np.zeros(spec.shape)]
+    inputset = [a.astype(np.int64) for a in inputset]
+    circuit = function.compile(inputset, p_error=BUILD_P_ERROR, global_p_error=None)
+    return circuit, inputset[0]
+
+
+@dataclass
+class _Prepared:
+    """A compiled circuit with its keys and one encrypted input, ready to be timed."""
+
+    spec: PointSpec
+    circuit: Any
+    sample: Any
+    encrypted: Any
+    compile_seconds: float
+    keygen_seconds: float
+    runs: list[float]
+
+
+def _prepare(spec: PointSpec) -> _Prepared:
+    """Compile, keygen, encrypt once and run once (the first run is up to 3x slower: the keys
+    are first touched then, so it is a warm-up and is not counted)."""
+    start = time.perf_counter()
+    circuit, sample = _compile(spec)
+    compiled = time.perf_counter() - start
+    start = time.perf_counter()
+    circuit.keygen()
+    keygen = time.perf_counter() - start
+    encrypted = circuit.encrypt(sample)
+    circuit.run(encrypted)
+    return _Prepared(spec, circuit, sample, encrypted, compiled, keygen, [])
+
+
+def _statistics(circuit: Any) -> dict[str, Any]:
+    from zoo.package import _jsonable_statistic
+
+    raw = dict(circuit.statistics)
+    keep = ("programmable_bootstrap_count", "programmable_bootstrap_count_per_parameter",
+            "key_switch_count", "key_switch_count_per_parameter")  # fmt: skip
+    return {key: _jsonable_statistic(key, raw[key]) for key in keep if key in raw}
+
+
+def _point(prepared: _Prepared) -> dict[str, Any]:
+    """The measured point as stored in the calibration (without the fit's columns)."""
+    spec, circuit = prepared.spec, prepared.circuit
+    stats = _statistics(circuit)
+    start = time.perf_counter()
+    circuit.encrypt_run_decrypt(prepared.sample)
+    round_trip = time.perf_counter() - start
+    return {
+        "circuit": spec.name,
+        "kind": spec.kind,
+        "bits": spec.bits,
+        "shape": list(spec.shape),
+        "max_bit_width": int(circuit.graph.maximum_integer_bit_width()),
+        "pbs_count": int(stats.get("programmable_bootstrap_count", 0)),
+        "pbs_count_per_parameter": stats.get("programmable_bootstrap_count_per_parameter", []),
+        "key_switch_count_per_parameter": stats.get("key_switch_count_per_parameter", []),
+        "run_seconds": [round(r, 6) for r in prepared.runs],
+        "run_seconds_median": statistics.median(prepared.runs),
+        "encrypt_run_decrypt_seconds": round(round_trip, 6),
+        "compile_seconds": round(prepared.compile_seconds, 3),
+        "keygen_seconds": round(prepared.keygen_seconds, 3),
+    }
+
+
+def measure(
+    specs: list[PointSpec],
+    repetitions: int = 5,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Prepare every circuit, then time ``circuit.run`` round-robin, ``repetitions`` rounds.
+
+    Interleaving matters on a shared machine: the load changes over the minutes keygen takes,
+    and timing each circuit right after its own keygen made level-2 bootstraps look from 1x to
+    2.5x a level-1 one depending on when they ran; round-robin rounds expose every circuit to
+    the same load. All keys stay in memory meanwhile: 5.1 GiB of evaluation keys up to 7 bits,
+    8.4 GiB with 8 (as concrete reports their sizes).
+    """
+    say = progress or (lambda line: None)
+    prepared = []
+    for spec in specs:
+        prepared.append(_prepare(spec))
+        say(f"{spec.name}: compiled and keys generated ({prepared[-1].keygen_seconds:.1f} s)")
+    for _ in range(repetitions):
+        for item in prepared:
+            start = time.perf_counter()
+            item.circuit.run(item.encrypted)
+            item.runs.append(time.perf_counter() - start)
+    return [_point(item) for item in prepared]
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, core count and what concrete is allowed to use on this machine."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu_model": model,
+        "cpu_count": os.cpu_count(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "platform": platform.platform(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def run_pbs_bench(
+    max_bits: int = DEFAULT_MAX_BITS,
+    min_bits: int = MIN_BITS,
+    repetitions: int = 5,
+    out: Path | None = None,
+    note: str | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> tuple[dict[str, Any], Path]:
+    """Measure the benchmark circuits, fit :mod:`zoo.cost`'s model and save the calibration.
+
+    Args:
+        max_bits / min_bits: range of lookup bit widths (8-bit keygen is the slow part).
+        repetitions: timed runs per circuit (the median is kept).
+        out: where to write the JSON (default ``$ZOO_HOME/calibration/pbs.json``).
+        note: free text stored with the calibration (e.g. "measured under load").
+        progress: called with one line per step.
+
+    Returns:
+        The calibration document and the path it was written to.
+    """
+    say = progress or (lambda line: None)
+    started = time.perf_counter()
+    before = machine()
+    specs = [OVERHEAD_SPEC, *point_specs(max_bits, min_bits)]
+    points = measure(specs, repetitions, say)
+    document = cost.make_calibration(points)
+    for point in points:
+        params = "; ".join(cost.describe(r["parameter"]) for r in point["pbs_count_per_parameter"])
+        say(
+            f"{point['circuit']}: {point['pbs_count']} PBS [{params}] "
+            f"{point['seconds_per_pbs'] * 1e3:.2f} ms per PBS, fit {point['relative_error']:+.0%}"
+        )
+    document.update(
+        {
+            "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+            "machine": {**before, "load_average_after": machine()["load_average"]},
+            "versions": {k: versions.installed()[k] for k in versions.BINDING},
+            "p_error": BUILD_P_ERROR,
+            "repetitions": repetitions,
+            "bits": [min_bits, max_bits],
+            "bench_seconds": round(time.perf_counter() - started, 1),
+        }
+    )
+    if note:
+        document["note"] = note
+    out = Path(out) if out else cost.user_calibration_path()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, out)
+    return document, out

@@ -1,0 +1,119 @@
+"""Run a build's encrypted circuit on a Ray cluster (``zoo eval --backend ray``).
+
+The driver is the client: it encrypts and decrypts, and the secret key stays with it. Workers
+get only ``server.zip`` and the evaluation keys, put once in Ray's object store and loaded once
+per worker: each worker is an actor that unpacks the circuit and deserializes the keys in its
+constructor. A worker that dies is restarted by Ray (``max_restarts``) and the task it was
+running is retried (``max_task_retries``); results are handed back as each one finishes, so a
+failure costs at most the images in flight.
+
+Without ``address`` a local Ray instance is started with ``workers`` CPUs (one actor each).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from zoo.errors import IntegrityError, ZooError
+
+#: How often Ray may restart a crashed worker, and retry the task it was running.
+RETRIES = 3
+
+
+@functools.lru_cache(maxsize=1)
+def _worker_class() -> Any:
+    import ray
+
+    @ray.remote(num_cpus=1, max_restarts=RETRIES, max_task_retries=RETRIES)
+    class CircuitWorker:
+        """One circuit and one set of evaluation keys, loaded once."""
+
+        def __init__(self, server_zip: bytes, sha256: str, eval_keys: bytes) -> None:
+            from concrete import fhe
+            from concrete.ml.deployment import FHEModelServer
+
+            from zoo.runtime import _check_zip
+
+            if hashlib.sha256(server_zip).hexdigest() != sha256:
+                raise IntegrityError("server.zip changed on its way to the worker")
+            self.folder = tempfile.mkdtemp(prefix="zoo-worker-")
+            path = Path(self.folder) / "server.zip"
+            path.write_bytes(server_zip)
+            _check_zip(path)
+            self.server = FHEModelServer(self.folder)
+            self.keys = fhe.EvaluationKeys.deserialize(eval_keys)
+
+        def pid(self) -> int:
+            return os.getpid()
+
+        def run(self, ciphertext: bytes) -> tuple[bytes, float]:
+            start = time.perf_counter()
+            result = self.server.run(ciphertext, self.keys)
+            return result, time.perf_counter() - start
+
+    return CircuitWorker
+
+
+def run(
+    build_dir: Path,
+    eval_keys: bytes,
+    ciphertexts: Iterable[tuple[int, bytes]],
+    *,
+    address: str | None = None,
+    workers: int | None = None,
+) -> Iterator[tuple[int, bytes, float]]:
+    """Run each ``(index, ciphertext)`` on the cluster; yield ``(index, result, seconds)``.
+
+    Results come in the order they finish; ``seconds`` is the circuit's time on its worker.
+    """
+    try:
+        import ray
+    except ImportError as exc:
+        raise ZooError("the ray backend needs Ray", hint="pip install 'ray>=2.9'") from exc
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(
+            address=address,
+            num_cpus=(workers or os.cpu_count()) if address is None else None,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            # Ray nices workers to 15 by default; here the workers are the work.
+            _system_config={"worker_niceness": 0} if address is None else None,
+        )
+    try:
+        server_zip = (Path(build_dir) / "server.zip").read_bytes()
+        digest = hashlib.sha256(server_zip).hexdigest()
+        zip_ref, keys_ref = ray.put(server_zip), ray.put(eval_keys)
+        count = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        worker = _worker_class()
+        idle = [worker.remote(zip_ref, digest, keys_ref) for _ in range(count)]
+        in_flight: dict[Any, tuple[int, Any]] = {}
+        items = iter(ciphertexts)
+        exhausted = False
+        while True:
+            while idle and not exhausted:
+                item = next(items, None)
+                if item is None:
+                    exhausted = True
+                    break
+                actor = idle.pop()
+                in_flight[actor.run.remote(item[1])] = (item[0], actor)
+            if not in_flight:
+                return
+            (done,), _ = ray.wait(list(in_flight), num_returns=1)
+            index, actor = in_flight.pop(done)
+            result, seconds = ray.get(done)
+            idle.append(actor)
+            yield index, result, seconds
+    finally:
+        if started_here:
+            ray.shutdown()
