@@ -55,10 +55,10 @@ def default_results_path(variant: str, revision: str, fhe: str, n: int, seed: in
     return folder / f"{fhe}-n{n}-{sample}.jsonl"
 
 
-def read_results(path: Path) -> tuple[dict[str, Any] | None, dict[int, dict[str, Any]]]:
+def parse_results(text: str) -> tuple[dict[str, Any] | None, dict[int, dict[str, Any]]]:
     """(run header, image records by index) of a results file; a torn last line is ignored."""
     header, records = None, {}
-    for line in path.read_text().splitlines():
+    for line in text.splitlines():
         try:
             item = json.loads(line)
         except json.JSONDecodeError:
@@ -76,9 +76,8 @@ class _ResultsFile:
     def __init__(self, path: Path, header: dict[str, Any], resume: bool) -> None:
         self.path = path
         self.done: dict[int, dict[str, Any]] = {}
-        found = None
-        if path.exists():
-            found, self.done = read_results(path)
+        text = path.read_text() if path.exists() else ""
+        found, self.done = parse_results(text)
         if found is not None:
             if not resume:
                 raise ZooError(
@@ -94,7 +93,7 @@ class _ResultsFile:
         self._handle = path.open("a" if found is not None else "w")
         if found is None:
             self.append({"run": header})
-        elif not path.read_bytes().endswith(b"\n"):
+        elif not text.endswith("\n"):
             self._handle.write("\n")  # the interrupted write left a torn line: start afresh
 
     def append(self, item: dict[str, Any]) -> None:

@@ -212,13 +212,11 @@ def keygen(ref: str, force: bool = False, **pull_kwargs: Any) -> KeyInfo:
     """
     import json
 
-    pulled = api.pull(ref, role="client", **pull_kwargs)
-    folder = keys_dir(pulled.build)
-    record = folder / "keys.json"
+    model = load(ref, role="client", **pull_kwargs)  # keys are made lazily, not by load
     if force:
-        for item in folder.iterdir():
-            shutil.rmtree(item) if item.is_dir() else item.unlink()
-    model = load(ref, role="client", **pull_kwargs)
+        shutil.rmtree(keys_dir(model.build))
+    folder = keys_dir(model.build)
+    record = folder / "keys.json"
     model.ensure_keys()
     generated = model.timings["keys_generated"]
     if generated or not record.exists():
@@ -228,7 +226,7 @@ def keygen(ref: str, force: bool = False, **pull_kwargs: Any) -> KeyInfo:
         record.write_text(json.dumps(info, sort_keys=True))
         os.chmod(record, 0o600)
     info = json.loads(record.read_text())
-    return KeyInfo(pulled.build.variant, pulled.build.revision, folder, generated,
+    return KeyInfo(model.build.variant, model.build.revision, folder, generated,
                    info["keygen_seconds"], info["eval_key_bytes"])  # fmt: skip
 
 
