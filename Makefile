@@ -44,7 +44,8 @@ demo: install data
 
 # The modules that run concrete keygen and FHE get a process each (concrete keeps native state
 # per process). pytest exits 5 when it collected no test: that is a failure here.
-HEAVY := tests/test_package.py tests/test_build.py tests/test_eval.py tests/test_serve.py
+HEAVY := tests/test_package.py tests/test_build.py tests/test_recipes.py tests/test_eval.py \
+	tests/test_serve.py
 test: install data
 	$(PY) -m ruff check zoo recipes tests benchmarks
 	@for args in "$(foreach f,$(HEAVY),--ignore=$(f))" $(HEAVY); do \
@@ -57,7 +58,9 @@ lint: install
 	$(PY) -m ruff check zoo recipes tests benchmarks
 
 bench: install data
+	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/bench_pull.py
+	$(PY) benchmarks/tradeoff.py
 
 clean:
 	rm -rf build-out .pytest_cache .ruff_cache

@@ -49,6 +49,21 @@ def test_publish_pull_verify_round_trip(
     assert zoo.verify(VARIANT) == {build.revision: dict.fromkeys(pinned, "ok")}
 
 
+def test_measured_metrics_are_recorded_into_the_pinned_build(
+    zoo_home: Path, registry_file: Path, build_dir: Path
+) -> None:
+    build = zoo.publish(build_dir)
+    updated = zoo.api.record_metrics(
+        f"{VARIANT}@{build.revision[:10]}", {"fhe_execute_top1": 0.5, "fhe_execute_n_images": 4}
+    )
+    assert updated.metrics["fhe_execute_top1"] == 0.5
+    assert updated.metrics["clear_top1"] == build.metrics["clear_top1"]  # kept
+    before = registry_file.read_bytes()
+    with pytest.raises(RegistryError, match="fhe_execute_top1"):  # not a fraction
+        zoo.api.record_metrics(build.ref, {"fhe_execute_top1": 1.5})
+    assert registry_file.read_bytes() == before
+
+
 def test_publish_twice_is_idempotent_and_pins_once(
     zoo_home: Path, registry_file: Path, build_dir: Path
 ) -> None:

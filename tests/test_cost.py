@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from zoo import cost, versions
+from zoo import cost, sigpipe, versions
 from zoo.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -205,6 +206,13 @@ def test_bench_pbs_really_runs_and_writes_a_calibration(zoo_home: Path) -> None:
     result = CliRunner().invoke(main, ["bench", "pbs", "--max-bits", "3", "--repetitions", "2",
                                        "--json"])  # fmt: skip
     assert result.exit_code == 0, result.output
+    # concrete's runtime now runs in this process; a peer that hangs up must still raise
+    # BrokenPipeError here, not abort the process (its handler replaces SIG_IGN on first run)
+    assert sigpipe.ignored()
+    left, right = socket.socketpair()
+    right.close()
+    with pytest.raises(BrokenPipeError), left:
+        left.sendall(b"x" * (1 << 20))
     data = json.loads(result.output)
     path = zoo_home / "calibration" / "pbs.json"
     assert data["path"] == str(path) and path.is_file()

@@ -17,6 +17,7 @@ import pytest
 import zoo
 from zoo import build as builder
 from zoo import evaluate, runtime
+from zoo import registry as reg
 from zoo.errors import ZooError
 
 TINY = "cifar10-split-tiny"
@@ -106,7 +107,7 @@ def _worker_pids() -> list[int]:
 
 
 def test_ray_backend_real_fhe_survives_a_killed_worker(
-    published: Path, cifar_dir: Path, tmp_path: Path
+    published: Path, cifar_dir: Path, tmp_path: Path, registry_file: Path
 ) -> None:
     if os.environ.get("CI"):
         import ray  # noqa: F401 - CI installs the [test] extra, which has Ray: never skip there
@@ -118,7 +119,7 @@ def test_ray_backend_real_fhe_survives_a_killed_worker(
         try:
             outcome["summary"] = evaluate.evaluate(
                 TINY, fhe="execute", n_images=2, data_dir=cifar_dir, results=results,
-                backend="ray", workers=2,
+                backend="ray", workers=2, record=True,
             )  # fmt: skip
         except BaseException as exc:  # reported by the assertion below
             outcome["error"] = exc
@@ -145,3 +146,6 @@ def test_ray_backend_real_fhe_survives_a_killed_worker(
     for record in records:
         assert np.argmax(record["execute"]) == np.argmax(record["simulate"])
         assert record["seconds"] > 0
+    recorded = reg.load(registry_file).variant(TINY).builds[-1].metrics  # --record
+    assert recorded["fhe_execute_n_images"] == 2 and recorded["fhe_execute_agreement"] == 1.0
+    assert recorded["fhe_execute_top1"] == summary["execute_top1"]

@@ -3,6 +3,7 @@ all problems are collected and reported in one run."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from zoo import registry as reg
@@ -12,7 +13,7 @@ REQUIRED_ROLES = {"head", "weights", "client", "server", "manifest", "card"}
 ACCURACY_KEYS = ("clear_top1", "fhe_simulation_top1", "fhe_execute_top1")
 
 
-def _variant_problems(variant: reg.Variant) -> list[str]:
+def _variant_problems(variant: reg.Variant, registry: reg.Registry) -> list[str]:
     problems = []
     name = variant.name
     if not name.startswith(f"{variant.dataset}-"):
@@ -26,6 +27,20 @@ def _variant_problems(variant: reg.Variant) -> list[str]:
         "note", ""
     ):
         problems.append(f"{name}: reference metrics must be labelled 'not measured here'")
+    rounded = re.fullmatch(r"(.+)-r(\d+)", name)
+    if rounded:
+        base, bits = rounded.group(1), int(rounded.group(2))
+        rounding = variant.recipe["params"].get("rounding_threshold_bits") or {}
+        if rounding.get("n_bits") != bits:
+            problems.append(f"{name}: rounding_threshold_bits.n_bits is not {bits}")
+        if base not in registry.variants:
+            problems.append(f"{name}: its unrounded base {base} is not catalogued")
+        else:
+            base_params = dict(registry.variants[base].recipe["params"])
+            own = {k: v for k, v in variant.recipe["params"].items()
+                   if k not in ("rounding_threshold_bits", "p_error")}  # fmt: skip
+            if own != base_params:
+                problems.append(f"{name}: params differ from {base}'s beyond rounding/p_error")
     bound = variant.recipe["params"].get("max_bit_width")
     revisions = [b.revision for b in variant.builds]
     if len(set(revisions)) != len(revisions):
@@ -57,10 +72,32 @@ def _variant_problems(variant: reg.Variant) -> list[str]:
 
 def test_every_variant_and_build_has_complete_metadata() -> None:
     registry = reg.load(ROOT / "registry.json")
-    problems = [p for v in registry.variants.values() for p in _variant_problems(v)]
+    problems = [p for v in registry.variants.values() for p in _variant_problems(v, registry)]
+    assert not problems, "\n".join(problems)
+
+
+def test_every_variant_resolves_with_its_recipe() -> None:
+    """The registry's params name a real arch and real keys, for every profile."""
+    from zoo.build import load_recipe
+
+    problems = []
+    for variant in reg.load(ROOT / "registry.json").variants.values():
+        recipe = load_recipe(variant.recipe["module"])
+        for profile in variant.recipe["profiles"]:
+            try:
+                cfg = recipe.resolve_config(variant.name, variant.recipe["params"], profile, 0)
+            except ValueError as exc:
+                problems.append(f"{variant.name} ({profile}): {exc}")
+                continue
+            if cfg["arch"]["max_bit_width"] != variant.recipe["params"].get("max_bit_width"):
+                problems.append(f"{variant.name}: max_bit_width is not pinned in the registry")
     assert not problems, "\n".join(problems)
 
 
 def test_the_required_variants_are_catalogued() -> None:
     names = set(reg.load(ROOT / "registry.json").variants)
-    assert {"cifar10-split-8bit", "cifar10-split-tiny"} <= names
+    assert {
+        "cifar10-split-8bit", "cifar10-split-tiny",
+        "cifar10-vgg11-qat", "cifar100-vgg11-qat", "cifar10-vgg11-qat-r6", "cifar10-vgg11-qat-r7",
+        "cifar10-cnv-2w2a", "cifar10-cnv-2w2a-r6", "cifar10-split-8bit-r6",
+    } <= names  # fmt: skip

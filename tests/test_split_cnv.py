@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import save as st_save
 
 from zoo.data import load_cifar10
+from zoo.errors import BuildError
+from zoo.qat import BitWidthBoundError, load_checkpoint, save_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -170,7 +172,7 @@ def _small_build(cifar_dir: Path, tmp_path: Path, **params: Any):
 
 def test_bit_width_bound_fails_when_too_low(cifar_dir: Path, tmp_path: Path) -> None:
     """The build refuses a circuit wider than the variant's bound."""
-    with pytest.raises(sc.BitWidthBoundError, match="bound of 3 bits"):
+    with pytest.raises(BitWidthBoundError, match="bound of 3 bits"):
         _small_build(cifar_dir, tmp_path, max_bit_width=3)
 
 
@@ -203,3 +205,44 @@ def test_small_build_end_to_end(cifar_dir: Path, tmp_path: Path) -> None:
     out = r.quantized_module.forward(inp, fhe="disable")
     assert out.shape == (4, 10)
     assert r.data["n_train"] == 300 and r.data["train_fingerprint"].startswith("sha256:")
+
+
+def test_full_fhe_cnv_has_no_clear_layer(cifar_dir: Path) -> None:
+    """cnv-2w2a: the client only normalises and quantizes the image to 8-bit Q1.7; everything
+    else (the first conv included) is in the encrypted part."""
+    cfg = sc.resolve_config("cifar10-cnv-2w2a", {"arch": "cnv-2w2a"}, "smoke", 0)
+    model = sc.SplitCNV(cfg["arch"])
+    model.eval()
+    assert not model.head.has_conv and not list(model.head.parameters())
+    assert model.encrypted.features[0].in_channels == 3
+    tensors, config = sc.export_head(model, cfg["arch"])
+    assert [op["op"] for op in config["ops"]] == ["quantize_dequantize"]
+    assert config["ops"][0]["bit_width"] == 8 and not config["ops"][0]["narrow_range"]
+    assert float(tensors["quant.scale"]) == 2.0**-7  # Q1.7: power-of-two scale
+    images, _ = load_cifar10(cifar_dir, "test")
+    got = sc.head_forward(tensors, config, images[:8])
+    mean, std = torch.tensor(sc.DATA["mean"]), torch.tensor(sc.DATA["std"])
+    with torch.no_grad():
+        want = model.encrypted.input_quant(sc.normalize_images(images[:8], mean, std)).numpy()
+    np.testing.assert_array_equal(got, want)
+    assert got.shape == (8, 3, 32, 32) and got.min() >= -1.0 and got.max() <= 1.0 - 2.0**-7
+    assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_resume_refuses_a_checkpoint_of_another_training(tmp_path: Path) -> None:
+    """A checkpoint serves any config with the same training (a rounded variant of its base),
+    and is refused under another (here: another seed, another learning rate)."""
+    base = sc.resolve_config("cifar10-split-tiny", {"arch": "tiny"}, "smoke", 0)
+    rounding = {"method": "APPROXIMATE", "n_bits": 4}
+    rounded = sc.resolve_config("x", {"arch": "tiny", "rounding_threshold_bits": rounding},
+                                "smoke", 0)  # fmt: skip
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"epoch": torch.tensor(3)}, base)
+    assert int(load_checkpoint(path, rounded)["epoch"]) == 3
+    other_seed = sc.resolve_config("cifar10-split-tiny", {"arch": "tiny"}, "smoke", 1)
+    other_lr = sc.resolve_config(
+        "cifar10-split-tiny", {"arch": "tiny", "profile_overrides": {"lr": 0.01}}, "smoke", 0
+    )
+    for other in (other_seed, other_lr):
+        with pytest.raises(BuildError, match="another configuration"):
+            load_checkpoint(path, other)

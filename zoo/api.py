@@ -170,6 +170,24 @@ def publish(
     return reg.resolve(registry, f"{variant_name}@{revision}", check_runtime=False)
 
 
+def record_metrics(
+    ref: str, metrics: dict[str, Any], registry_path: Path | None = None
+) -> reg.Build:
+    """Merge measured ``metrics`` into the registry entry of the pinned build ``ref``."""
+    from filelock import FileLock
+
+    registry_path = Path(registry_path) if registry_path else config.registry_path()
+    with FileLock(str(registry_path) + ".lock"):
+        registry = reg.load(registry_path)
+        build = reg.resolve(registry, ref, check_runtime=False)
+        fresh = registry.raw
+        for entry in fresh["variants"][build.variant]["builds"]:
+            if entry["revision"] == build.revision:
+                entry["metrics"] = {**entry["metrics"], **metrics}
+        registry = reg.save(fresh, registry_path)  # validated: a bad metric changes nothing
+    return reg.resolve(registry, build.ref, check_runtime=False)
+
+
 def verify(ref: str, registry_path: Path | None = None, cache_root: Path | None = None) -> dict:
     """Rehash the cached files of every cached build of ``ref`` (or the one it names)."""
     registry = reg.load(registry_path)

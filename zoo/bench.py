@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zoo import cost, versions
+from zoo import cost, sigpipe, versions
 
 BUILD_P_ERROR = 2**-40  # recipes/split_cnv.py ARCHS[*]["p_error"]
 MIN_BITS, MAX_BITS = 2, 8
@@ -134,6 +134,7 @@ def _prepare(spec: PointSpec) -> _Prepared:
     keygen = time.perf_counter() - start
     encrypted = circuit.encrypt(sample)
     circuit.run(encrypted)
+    sigpipe.restore()
     return _Prepared(spec, circuit, sample, encrypted, compiled, keygen, [])
 
 

@@ -29,7 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -55,6 +55,20 @@ class BuildContext:
     device: str
     resume: bool
     log: logging.Logger
+
+
+@dataclass
+class RecipeResult:
+    """What a recipe's ``build(ctx)`` returns: everything the packaging step needs."""
+
+    head: dict[str, Any]  # tensors of head.safetensors
+    head_config: dict[str, Any]  # its metadata: how the client runs it (zoo.head)
+    weights: dict[str, Any]  # tensors of weights.safetensors
+    quantized_module: Any  # the compiled concrete-ml model
+    metrics: dict[str, Any]
+    config: dict[str, Any]  # the recipe's full resolved config
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # device, wall seconds
+    data: dict[str, Any] = field(default_factory=dict)  # dataset, fingerprints, sizes
 
 
 def load_recipe(module: str) -> ModuleType:

@@ -379,12 +379,15 @@ def serve_cmd(ref: str, host: str, port: int, key_store: Path | None, max_key_by
               help="where the encrypted circuit runs (--fhe execute)")
 @click.option("--address", default=None, help="Ray cluster address (default: start a local one)")
 @click.option("--workers", type=int, default=None, help="Ray workers (default: one per CPU)")
+@click.option("--record", is_flag=True,
+              help="write the real-FHE results into the build's registry metrics (--fhe execute)")
 @REGISTRY
 @JSON
 @handles_errors
 def eval_cmd(ref: str, fhe: str, n_images: int, seed: int | None, data_dir: Path | None,
              results: Path | None, resume: bool, backend: str, address: str | None,
-             workers: int | None, registry_path: Path | None, as_json: bool) -> None:  # fmt: skip
+             workers: int | None, record: bool, registry_path: Path | None,
+             as_json: bool) -> None:  # fmt: skip
     """Top-1/2/3 on CIFAR-10 test images; real FHE also reports agreement with simulation,
     image by image. Every image is appended to the results file as it finishes."""
     from zoo import evaluate
@@ -392,7 +395,7 @@ def eval_cmd(ref: str, fhe: str, n_images: int, seed: int | None, data_dir: Path
     result = evaluate.evaluate(
         ref, fhe=fhe, n_images=n_images, seed=seed, data_dir=data_dir, registry_path=registry_path,
         results=results, resume=resume, backend=backend, address=address, workers=workers,
-        progress=not as_json,
+        progress=not as_json, record=record,
     )  # fmt: skip
     _emit(as_json, result, lambda: json.dumps(result, indent=2, sort_keys=True))
 

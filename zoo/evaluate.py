@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from zoo import config, cost, runtime
+from zoo import api, config, cost, runtime, sigpipe
 from zoo.data import fingerprint, load_cifar10
 from zoo.errors import ZooError
 
@@ -146,11 +146,14 @@ def evaluate(
     address: str | None = None,
     workers: int | None = None,
     progress: bool = False,
+    record: bool = False,
 ) -> dict[str, Any]:
     """Top-1/2/3 of ``ref`` on CIFAR-10 test images (the first ``n_images``, or a seeded sample).
 
     Results go to ``results`` (default :func:`default_results_path`); with ``resume`` the images
     already there are not run again. Returns the summary, also appended to the results file.
+    With ``record`` (real FHE only), the summary also goes into the build's registry metrics
+    (``fhe_execute_*``), where `zoo list` and `zoo info` show it.
     """
     from tqdm.auto import tqdm
 
@@ -158,6 +161,8 @@ def evaluate(
         raise ZooError(f"unknown fhe mode {fhe!r}", hint="use 'simulate' or 'execute'")
     if backend not in ("local", "ray"):
         raise ZooError(f"unknown backend {backend!r}", hint="use 'local' or 'ray'")
+    if record and fhe != "execute":
+        raise ZooError("--record keeps real-FHE results", hint="add --fhe execute")
     model = runtime.load(ref, registry_path=registry_path)
     images, labels = load_cifar10(Path(data_dir or config.data_dir()), "test")
     indices = sample_indices(len(labels), n_images, seed)
@@ -209,7 +214,22 @@ def evaluate(
     out.append({"summary": summary})
     out.close()
     summary["results"] = str(path)
+    if record:
+        api.record_metrics(build.ref, registry_metrics(summary), registry_path=registry_path)
     return summary
+
+
+def registry_metrics(summary: dict[str, Any]) -> dict[str, Any]:
+    """The registry's ``fhe_execute_*`` metrics from a real-FHE evaluation summary."""
+    return {
+        "fhe_execute_top1": summary["execute_top1"],
+        "fhe_execute_top2": summary["execute_top2"],
+        "fhe_execute_top3": summary["execute_top3"],
+        "fhe_execute_agreement": summary["agreement_with_simulation"],
+        "fhe_execute_n_images": summary["n_images"],
+        "fhe_execute_seconds_per_image": summary["execute_seconds_per_image"],
+        "fhe_execute_sample": summary["sample"],
+    }
 
 
 def _simulated(
@@ -259,4 +279,5 @@ def _executed(
     for index, ciphertext in ciphertexts:
         start = time.perf_counter()
         result = model.server.run(ciphertext, keys)
+        sigpipe.restore()
         yield record(index, result, time.perf_counter() - start)

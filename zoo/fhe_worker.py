@@ -23,6 +23,7 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import IO, Any
 
+from zoo import sigpipe
 from zoo.errors import ZooError
 
 FRAME = struct.Struct(">IQ")  # header length, payload length
@@ -209,6 +210,7 @@ def _serve(model: Any, keys: _Keys, header: dict[str, Any], payload: bytes) -> t
     started = time.perf_counter()
     try:
         result = model.server.run(payload, evaluation_keys)
+        sigpipe.restore()
     except (RuntimeError, AssertionError, ValueError) as exc:
         raise _Refused(
             "bad_input", f"not an encrypted input of this build ({_first(exc)})"

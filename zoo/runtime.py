@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from zoo import api, config, head, versions
+from zoo import api, config, head, sigpipe, versions
 from zoo.errors import RuntimeMismatchError, ZooError
 from zoo.registry import Build
 from zoo.safezip import extract_zip
@@ -130,6 +130,7 @@ class Model:
             result = self.server.run(encrypted, keys)
             rows.append(self.client.deserialize_decrypt_dequantize(result)[0])
             self.timings.setdefault("fhe_seconds", []).append(time.perf_counter() - start)
+        sigpipe.restore()
         return np.stack(rows)
 
     def _simulate(self, x: np.ndarray) -> np.ndarray:
@@ -140,6 +141,7 @@ class Model:
         processing = self.client.model
         q = processing.quantize_input(x)
         rows = [client.simulate_decrypt(server.run(q[i : i + 1])) for i in range(len(q))]
+        sigpipe.restore()
         return processing.post_processing(processing.dequantize_output(np.concatenate(rows)))
 
     def predict(self, images: Any, fhe: str = "execute", top_k: int = 3) -> list[Prediction]:

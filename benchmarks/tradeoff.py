@@ -1,0 +1,134 @@
+"""The accuracy–latency picture of every pinned build, from registry.json (measured by
+`zoo build` and `zoo eval`) and the cost model (`zoo.cost`, calibrated by `zoo bench pbs`).
+
+Writes benchmarks/results/tradeoff.json (one row per variant: profile, top-1 clear / FHE
+simulation / real FHE, PBS count, estimated real-FHE seconds per image here, eval-key size,
+build and compile wall times) and benchmarks/results/tradeoff.png (top-1 against estimated
+seconds per image, log scale, with the published reference points).
+
+    .venv/bin/python benchmarks/tradeoff.py
+
+Reference points were measured on 128-vCPU machines; they are drawn at their core-seconds
+divided by this machine's core count (perfect scaling, the most favourable reading for them).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from zoo import cost  # noqa: E402
+from zoo import registry as reg  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+REFERENCE_CPUS = 128
+
+
+def rows(registry: reg.Registry) -> list[dict[str, Any]]:
+    """One row per variant with a pinned build (its latest)."""
+    out = []
+    for variant in registry.variants.values():
+        if not variant.builds:
+            continue
+        build = variant.builds[-1]
+        metrics, circuit, timings = build.metrics, build.circuit, build.raw.get("timings", {})
+        out.append(
+            {
+                "variant": variant.name,
+                "revision": build.revision[:12],
+                "profile": build.profile,
+                "n_test_images": metrics.get("n_test_images"),
+                "clear_top1": metrics.get("clear_top1"),
+                "fhe_simulation_top1": metrics.get("fhe_simulation_top1"),
+                "fhe_execute_top1": metrics.get("fhe_execute_top1"),
+                "fhe_execute_n_images": metrics.get("fhe_execute_n_images"),
+                "max_bit_width": circuit.get("max_bit_width"),
+                "pbs_count": circuit.get("pbs_count"),
+                "pbs_count_by_bit_width": circuit.get("pbs_count_by_bit_width"),
+                "estimated_fhe_seconds_per_image": cost.estimate_seconds(circuit),
+                "eval_key_bytes": circuit.get("eval_key_bytes"),
+                "build_seconds": timings.get("build_seconds"),
+                "compile_seconds": timings.get("compile_seconds"),
+            }
+        )
+    return out
+
+
+def references(registry: reg.Registry, cpus: int) -> list[dict[str, Any]]:
+    """Published points with a real-FHE time and an accuracy, scaled to ``cpus`` cores."""
+    out = []
+    for variant in registry.variants.values():
+        metrics = variant.reference["metrics"]
+        seconds = metrics.get("fhe_execute_seconds_per_image")
+        top1 = metrics.get("fhe_execute_top1") or metrics.get("fhe_simulation_top1")
+        if seconds and top1:
+            out.append(
+                {
+                    "variant": variant.name,
+                    "top1": top1,
+                    "seconds_on_reference": seconds,
+                    "core_seconds": seconds * REFERENCE_CPUS,
+                    "seconds_here_if_scaled": seconds * REFERENCE_CPUS / cpus,
+                    "source": variant.reference["source"],
+                }
+            )
+    return out
+
+
+def plot(table: list[dict[str, Any]], refs: list[dict[str, Any]], path: Path) -> None:
+    """Top-1 (real FHE if measured, else FHE simulation) against estimated seconds per image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    for row in table:
+        top1 = row["fhe_execute_top1"] or row["fhe_simulation_top1"]
+        seconds = row["estimated_fhe_seconds_per_image"]
+        if top1 is None or not seconds:
+            continue
+        ax.scatter(seconds, top1, color="tab:blue")
+        ax.annotate(f"{row['variant']} ({row['profile']})", (seconds, top1), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")  # fmt: skip
+    for ref in refs:
+        ax.scatter(ref["seconds_here_if_scaled"], ref["top1"], color="tab:red", marker="x")
+        point = (ref["seconds_here_if_scaled"], ref["top1"])
+        ax.annotate(f"reference: {ref['variant']}", point, fontsize=7, color="tab:red",
+                    xytext=(4, -9), textcoords="offset points")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel(
+        f"real-FHE seconds per image on this {os.cpu_count()}-core machine\n"
+        "(zoo builds: cost-model estimate; references: core-seconds / cores)"
+    )
+    ax.set_ylabel("top-1 (real FHE where measured, else FHE simulation)")
+    ax.set_title("zoo variants: accuracy against FHE cost (CIFAR-10 JPEG q75 copy)")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    """Render the table and the plot from registry.json."""
+    registry = reg.load(ROOT / "registry.json")
+    cpus = os.cpu_count() or 1
+    table, refs = rows(registry), references(registry, cpus)
+    calibration = cost.calibration_summary(cost.current_calibration())
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    document = {"cpus": cpus, "calibration": calibration, "variants": table, "references": refs}
+    (RESULTS / "tradeoff.json").write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    plot(table, refs, RESULTS / "tradeoff.png")
+    for row in table:
+        print(f"{row['variant']:24s} {row['profile']:6s} sim {row['fhe_simulation_top1']} "
+              f"est {row['estimated_fhe_seconds_per_image']:.0f} s/img")  # fmt: skip
+    print(f"wrote {RESULTS / 'tradeoff.json'} and {RESULTS / 'tradeoff.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,541 @@
+"""VGG11 for 32x32 CIFAR images, trained in float, then fine-tuned with 5-bit QAT for FHE.
+
+Method
+------
+The network is torchvision's VGG11 (configuration "A", no BatchNorm) adapted to 32x32 inputs as
+in Concrete ML's ``use_case_examples/cifar/cifar_brevitas_finetuning``: every MaxPool2d becomes
+an AvgPool2d (FHE has no cheap max), the pooling kernels/strides become (2,1), (2,2), (2,2),
+(1,1), (7,1) so that the 32x32 image ends as a 1x1 map, the AdaptiveAvgPool2d has output size 1
+(an identity on that 1x1 map, so it is left out) and the ImageNet classifier is replaced by one
+Linear(512, classes).
+
+1. **Float stage.** The reference fine-tuned ImageNet weights, which cannot be downloaded here,
+   so the float network is trained from scratch: Adam with a cosine learning rate, random crop
+   (32, padding 4) + horizontal flip, normalisation with the dataset's mean and std. (Without
+   BatchNorm, SGD at lr 0.02 left the loss near ln 10 for the first hundreds of steps here;
+   Adam at 1e-3 started learning at once.)
+2. **QAT stage.** A Brevitas copy with ``bits``-bit (5 in the reference) weights, activations
+   and input on every layer, the first conv and the final linear included
+   (``QuantIdentity`` before each conv block, ``QuantConv2d`` + ``QuantReLU``, AvgPool, and a
+   ``QuantLinear``), initialised from the float weights and fine-tuned with Adam at a small
+   constant learning rate (reference: lr 1e-5 to 6e-5, about 10 epochs, batch 128).
+3. **Compile** the whole network with ``compile_brevitas_qat_model`` (calibrated on normalised
+   training images), optionally with rounded PBS (``rounding_threshold_bits``), and check the
+   circuit's max bit width against the variant's bound.
+4. **Evaluate** float, Brevitas (clear) and FHE simulation top-1/2/3 on the test set; the FHE
+   input comes from the exported head (normalise + quantize), as a client computes it.
+
+Profiles: ``full`` is the reference network at full width (train it on a GPU with
+``--device cuda`` and ``--resume`` in pieces; compile and simulation run on the CPU). ``quick``
+and ``smoke`` divide every channel count by ``width_divisor`` so that they fit a 2-core CPU in
+30 and 3 minutes; the manifest records it, and their accuracies are those of the narrow network.
+
+CIFAR-100 needs the complete official archive for ``full`` and ``quick``; given only a partial
+copy (such as ``../shared/data``'s), the build stops and says what is missing. ``smoke`` runs
+on whatever is there and records ``"partial": true`` in the manifest's data block.
+
+Determinism as in ``split_cnv``: every draw comes from the seed, the data order and
+augmentation of epoch ``e`` of stage ``s`` from ``numpy.random.default_rng([seed, s, e])``, and
+each epoch ends with a checkpoint (model, optimizer, torch RNG) that ``--resume`` continues.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from zoo import head as zoo_head
+from zoo.build import BuildContext, RecipeResult
+from zoo.data import (
+    CIFAR10_DIRNAME,
+    PartialDatasetError,
+    fingerprint,
+    load_cifar10,
+    load_cifar100_split,
+    require_complete,
+)
+from zoo.errors import BuildError
+from zoo.qat import (
+    TORCH_THREADS,
+    augment,
+    check_bit_width,
+    fhe_logits,
+    head_input_config,
+    jsonable,
+    load_checkpoint,
+    merge_params,
+    normalize_images,
+    quantizer_tensors_and_op,
+    save_checkpoint,
+    seed_everything,
+    subset,
+    topk_accuracy,
+)
+
+# --------------------------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------------------------
+
+#: VGG11 for 32x32: "I" a QuantIdentity (Brevitas only), ("C", out) a 3x3 conv with padding 1
+#: followed by ReLU, ("P", kernel, stride) an average pool.
+FEATURES: list[Any] = [
+    "I", ("C", 64), ("P", 2, 1),
+    "I", ("C", 128), ("P", 2, 2),
+    "I", ("C", 256), ("C", 256), ("P", 2, 2),
+    "I", ("C", 512), ("C", 512), ("P", 1, 1),
+    "I", ("C", 512), ("C", 512), ("P", 7, 1),
+    "I",
+]  # fmt: skip
+
+#: Architectures (``params["arch"]``); registry params may override any key.
+ARCHS: dict[str, dict[str, Any]] = {
+    "vgg11-5bit": {
+        "dataset": "cifar10",
+        "bits": 5,  # weights, activations and input, every layer
+        "max_bit_width": 16,  # unrounded, the reference circuits need 14 (CIFAR-10) / 13 bits
+        "p_error": 2**-40,  # no simulated PBS error is ever drawn: metrics repeat
+        "rounding_threshold_bits": None,
+    },
+}
+
+#: Profiles. ``n_*`` of ``None`` mean the whole split.
+PROFILES: dict[str, dict[str, Any]] = {
+    "full": {
+        "width_divisor": 1,
+        "n_train": None,
+        "n_test": None,
+        "n_calib": 1000,
+        "batch_size": 128,
+        "float_epochs": 60,
+        "float_lr": 1e-3,
+        "qat_epochs": 10,
+        "qat_lr": 5e-5,
+        "eval_batch_size": 500,
+    },
+    "quick": {
+        "width_divisor": 4,
+        "n_train": 10000,
+        "n_test": 500,
+        "n_calib": 500,
+        "batch_size": 128,
+        "float_epochs": 4,
+        "float_lr": 1e-3,
+        "qat_epochs": 1,
+        "qat_lr": 1e-4,
+        "eval_batch_size": 500,
+    },
+    "smoke": {
+        "width_divisor": 8,
+        "n_train": 1000,
+        "n_test": 100,
+        "n_calib": 100,
+        "batch_size": 100,
+        "float_epochs": 1,
+        "float_lr": 1e-3,
+        "qat_epochs": 1,
+        "qat_lr": 1e-4,
+        "eval_batch_size": 100,
+    },
+}
+PROFILE_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {}
+
+#: Normalisation and augmentation per dataset (the usual CIFAR channel statistics).
+DATASETS: dict[str, dict[str, Any]] = {
+    "cifar10": {
+        "name": "CIFAR-10 (JPEG q75 copy)",
+        "num_classes": 10,
+        "mean": [0.4914, 0.4822, 0.4465],
+        "std": [0.2470, 0.2435, 0.2616],
+    },
+    "cifar100": {
+        "name": "CIFAR-100",
+        "num_classes": 100,
+        "mean": [0.5071, 0.4865, 0.4409],
+        "std": [0.2673, 0.2564, 0.2762],
+    },
+}
+AUGMENT = {"crop_padding": 4, "hflip": True}
+
+
+def resolve_config(variant: str, params: dict[str, Any], profile: str, seed: int) -> dict:
+    """Architecture, registry params and profile merged into one JSON-able config."""
+    arch_name, arch, prof = merge_params(
+        "VGG11", ARCHS, PROFILES, PROFILE_OVERRIDES, variant, params, profile
+    )
+    if arch["dataset"] not in DATASETS:
+        raise ValueError(f"unknown dataset {arch['dataset']!r}; choose from {sorted(DATASETS)}")
+    return {
+        "recipe": "vgg11_qat",
+        "arch_name": arch_name,
+        "arch": jsonable(arch),
+        "features": jsonable(FEATURES),
+        "profile_name": profile,
+        "profile": prof,
+        "data": dict(DATASETS[arch["dataset"]], **AUGMENT),
+        "seed": seed,
+        "torch_threads": TORCH_THREADS,
+        "deterministic_algorithms": True,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------
+
+
+def load_data(data_dir: Path, dataset: str, profile_name: str, prof: dict[str, Any]):
+    """(train_x, train_y, test_x, test_y, data record) of the first n images of each split.
+
+    CIFAR-100 ``full`` and ``quick`` need the complete official archive.
+    """
+    if dataset == "cifar10":
+        train, test = load_cifar10(data_dir, "train"), load_cifar10(data_dir, "test")
+        partial = False
+        name = DATASETS["cifar10"]["name"]
+        if not (Path(data_dir) / CIFAR10_DIRNAME / "PROVENANCE.txt").exists():
+            name = "CIFAR-10"
+    else:
+        train_split = load_cifar100_split(data_dir, "train")
+        test_split = load_cifar100_split(data_dir, "test")
+        partial = not (train_split.is_complete and test_split.is_complete)
+        if partial and profile_name != "smoke":
+            try:
+                require_complete(train_split, "CIFAR-100 train")
+                require_complete(test_split, "CIFAR-100 test")
+            except PartialDatasetError as exc:
+                raise BuildError(
+                    f"the {profile_name} profile trains on the whole CIFAR-100 training set, "
+                    f"but {data_dir} holds a partial copy: {exc}",
+                    hint="unpack the official cifar-100-python archive into --data-dir; only "
+                    "--profile smoke runs on a partial copy",
+                ) from None
+        train = train_split.images, train_split.labels
+        test = test_split.images, test_split.labels
+        name = DATASETS["cifar100"]["name"] + (" (partial copy)" if partial else "")
+    train_x, train_y = subset(*train, prof["n_train"])
+    test_x, test_y = subset(*test, prof["n_test"])
+    record = {
+        "dataset": name,
+        "partial": partial,
+        "train_fingerprint": fingerprint(train_x, train_y),
+        "test_fingerprint": fingerprint(test_x, test_y),
+        "n_train": len(train_y),
+        "n_test": len(test_y),
+        "subset": "first n images of each split, official order",
+    }
+    return train_x, train_y, test_x, test_y, record
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------------------------
+
+
+def _channels(out: int, divisor: int) -> int:
+    return max(1, out // divisor)
+
+
+class FloatVGG11(nn.Module):
+    """The float network. "I" entries are ``nn.Identity`` so that parameter names match the
+    Brevitas copy's (``features.<i>.weight``) and the weights carry over one to one."""
+
+    def __init__(self, num_classes: int, width_divisor: int = 1) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        ch = 3
+        for item in FEATURES:
+            if item == "I":
+                layers.append(nn.Identity())
+            elif item[0] == "C":
+                out = _channels(item[1], width_divisor)
+                layers += [nn.Conv2d(ch, out, 3, padding=1), nn.ReLU()]
+                ch = out
+            else:
+                layers.append(nn.AvgPool2d(item[1], item[2]))
+        self.features = nn.Sequential(*layers)
+        self.final = nn.Linear(ch, num_classes)
+        for m in self.modules():  # torchvision's VGG initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits from normalised NCHW images."""
+        return self.final(torch.flatten(self.features(x), 1))
+
+
+class QuantVGG11(nn.Module):
+    """The Brevitas network compiled to FHE: the same layers, ``bits`` bits everywhere."""
+
+    def __init__(self, num_classes: int, bits: int, width_divisor: int = 1) -> None:
+        super().__init__()
+        from brevitas.nn import QuantConv2d, QuantIdentity, QuantLinear, QuantReLU
+        from brevitas.quant import Int8ActPerTensorFloat, Int8WeightPerTensorFloat
+
+        layers: list[nn.Module] = []
+        ch = 3
+        for item in FEATURES:
+            if item == "I":
+                layers.append(QuantIdentity(bit_width=bits, act_quant=Int8ActPerTensorFloat))
+            elif item[0] == "C":
+                out = _channels(item[1], width_divisor)
+                layers.append(
+                    QuantConv2d(ch, out, 3, padding=1, weight_bit_width=bits,
+                                weight_quant=Int8WeightPerTensorFloat)
+                )  # fmt: skip
+                layers.append(QuantReLU(bit_width=bits, act_quant=Int8ActPerTensorFloat))
+                ch = out
+            else:
+                layers.append(nn.AvgPool2d(item[1], item[2]))
+        self.features = nn.Sequential(*layers)
+        self.final = QuantLinear(
+            ch, num_classes, bias=True, weight_bit_width=bits, weight_quant=Int8WeightPerTensorFloat
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits from normalised NCHW images (the first QuantIdentity quantizes them)."""
+        return self.final(torch.flatten(self.features(x), 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Training (one loop for both stages)
+# --------------------------------------------------------------------------------------------
+
+
+def _float_lr(prof: dict[str, Any], epoch: int) -> float:
+    """Cosine schedule over the float stage, one value per epoch (stateless: resume-safe)."""
+    return prof["float_lr"] * 0.5 * (1 + math.cos(math.pi * epoch / prof["float_epochs"]))
+
+
+def train_stage(
+    stage: str,
+    model: nn.Module,
+    images: np.ndarray,
+    labels: np.ndarray,
+    cfg: dict[str, Any],
+    ctx: BuildContext,
+) -> list[dict[str, Any]]:
+    """Train ``model`` for the stage's epochs; checkpoint (and resume) every epoch."""
+    from tqdm import tqdm
+
+    prof, data, seed = cfg["profile"], cfg["data"], cfg["seed"]
+    epochs = prof[f"{stage}_epochs"]
+    device = torch.device(ctx.device)
+    mean = torch.tensor(data["mean"], dtype=torch.float32)
+    std = torch.tensor(data["std"], dtype=torch.float32)
+    ckpt = Path(ctx.work_dir) / f"{stage}.pt"
+    model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=prof[f"{stage}_lr"])
+    start, history = 0, []
+    if ctx.resume and ckpt.exists():
+        state = load_checkpoint(ckpt, cfg)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        start, history = int(state["epoch"]) + 1, list(state["history"])
+        ctx.log.info("%s stage: resumed from %s after epoch %d", stage, ckpt, start)
+    criterion = nn.CrossEntropyLoss()
+    bs = prof["batch_size"]
+    n_batches = max(1, len(labels) // bs)
+    stage_id = 0 if stage == "float" else 1
+    for epoch in range(start, epochs):
+        lr = _float_lr(prof, epoch) if stage == "float" else prof["qat_lr"]
+        for group in opt.param_groups:
+            group["lr"] = lr
+        rng = np.random.default_rng([seed, stage_id, epoch])
+        order = rng.permutation(len(labels))
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum, correct, seen = 0.0, 0, 0
+        bar = tqdm(range(n_batches), desc=f"{stage} {epoch + 1}/{epochs}", leave=False,
+                   disable=not ctx.log.isEnabledFor(logging.INFO))  # fmt: skip
+        for b in bar:
+            idx = order[b * bs : (b + 1) * bs]
+            x = augment(images[idx], rng, data["crop_padding"], data["hflip"])
+            x = normalize_images(x, mean, std).to(device)
+            y = torch.from_numpy(labels[idx]).to(device)
+            out = model(x)
+            loss = criterion(out, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += float(loss.detach()) * len(idx)
+            correct += int((out.detach().argmax(1) == y).sum())
+            seen += len(idx)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        rec = {"stage": stage, "epoch": epoch + 1, "lr": lr, "loss": loss_sum / max(seen, 1),
+               "train_top1": correct / max(seen, 1)}  # fmt: skip
+        history.append(rec)
+        ctx.log.info("%s epoch %d/%d lr %.6f loss %.4f train acc %.4f (%.1f s)", stage,
+                     epoch + 1, epochs, lr, rec["loss"], rec["train_top1"],
+                     time.perf_counter() - t0)  # fmt: skip
+        save_checkpoint(ckpt, {
+            "epoch": torch.tensor(epoch),
+            "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "optimizer": opt.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "history": history,
+        }, cfg)  # fmt: skip
+    model.cpu()
+    return history
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation, head, compilation
+# --------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, images: np.ndarray, cfg: dict[str, Any], batch: int):
+    """Clear logits of a float or Brevitas model on uint8 NHWC images (CPU, eval mode)."""
+    model.eval()
+    mean = torch.tensor(cfg["data"]["mean"], dtype=torch.float32)
+    std = torch.tensor(cfg["data"]["std"], dtype=torch.float32)
+    outs = [
+        model(normalize_images(images[i : i + batch], mean, std))
+        for i in range(0, len(images), batch)
+    ]
+    return torch.cat(outs).numpy()
+
+
+def export_head(model: QuantVGG11, cfg: dict[str, Any]) -> tuple[dict, dict]:
+    """The client's part: normalise, then the first QuantIdentity's quantization."""
+    data = cfg["data"]
+    tensors, op = quantizer_tensors_and_op(model.features[0])
+    tensors["input.mean"] = torch.tensor(data["mean"], dtype=torch.float32)
+    tensors["input.std"] = torch.tensor(data["std"], dtype=torch.float32)
+    config = {
+        "format": "split-cnv-head/1",  # the op-list format zoo.head runs, whatever the family
+        "input": head_input_config(data["mean"], data["std"]),
+        "ops": [op],
+        "output": {
+            "layout": "NCHW",
+            "dtype": "float32",
+            "shape": [None, 3, 32, 32],
+            "meaning": "the dequantized quantized image: the FHE circuit's input",
+        },
+    }
+    return tensors, config
+
+
+def compile_model(model: QuantVGG11, calib: np.ndarray, cfg: dict[str, Any], onnx_path: Path):
+    """``compile_brevitas_qat_model`` on the whole network."""
+    from concrete.ml.torch.compile import compile_brevitas_qat_model
+
+    arch = cfg["arch"]
+    model.eval()
+    return compile_brevitas_qat_model(
+        model,
+        calib,
+        p_error=arch["p_error"],
+        rounding_threshold_bits=arch["rounding_threshold_bits"],
+        output_onnx_file=onnx_path,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# The build
+# --------------------------------------------------------------------------------------------
+
+
+def build(ctx: BuildContext) -> RecipeResult:
+    """Data -> float training -> QAT -> evaluate clear -> compile -> FHE simulation."""
+    cfg = resolve_config(ctx.variant, ctx.params, ctx.profile, ctx.seed)
+    arch, prof = cfg["arch"], cfg["profile"]
+    n_classes = cfg["data"]["num_classes"]
+    Path(ctx.work_dir).mkdir(parents=True, exist_ok=True)
+    stages: dict[str, dict[str, Any]] = {}
+    seed_everything(ctx.seed, ctx.device)
+
+    # 1. Data.
+    t0 = time.perf_counter()
+    train_x, train_y, test_x, test_y, data = load_data(
+        ctx.data_dir, arch["dataset"], ctx.profile, prof
+    )
+    stages["data"] = {"device": "cpu", "wall_seconds": time.perf_counter() - t0}
+    ctx.log.info("data: %s, %d train, %d test images", data["dataset"], len(train_y),
+                 len(test_y))  # fmt: skip
+
+    # 2. Float stage.
+    t0 = time.perf_counter()
+    float_model = FloatVGG11(n_classes, prof["width_divisor"])
+    float_history = train_stage("float", float_model, train_x, train_y, cfg, ctx)
+    stages["train_float"] = {"device": ctx.device, "wall_seconds": time.perf_counter() - t0}
+
+    # 3. QAT stage, initialised from the float weights.
+    t0 = time.perf_counter()
+    torch.manual_seed(ctx.seed)
+    qmodel = QuantVGG11(n_classes, arch["bits"], prof["width_divisor"])
+    missing, unexpected = qmodel.load_state_dict(float_model.state_dict(), strict=False)
+    if unexpected or any(k.endswith(("weight", "bias")) for k in missing):
+        raise BuildError(f"float -> QAT weight transfer failed: {missing=} {unexpected=}")
+    qat_history = train_stage("qat", qmodel, train_x, train_y, cfg, ctx)
+    stages["train_qat"] = {"device": ctx.device, "wall_seconds": time.perf_counter() - t0}
+    n_params = sum(p.numel() for p in float_model.parameters())
+
+    # 4. Evaluate in the clear: float and Brevitas.
+    t0 = time.perf_counter()
+    bs = prof["eval_batch_size"]
+    float_acc = topk_accuracy(logits_of(float_model, test_x, cfg, bs), test_y)
+    clear = logits_of(qmodel, test_x, cfg, bs)
+    clear_acc = topk_accuracy(clear, test_y)
+    stages["evaluate_clear"] = {"device": "cpu", "wall_seconds": time.perf_counter() - t0}
+    ctx.log.info("float top-1 %.4f; Brevitas top-1/2/3: %.4f %.4f %.4f", float_acc[1],
+                 clear_acc[1], clear_acc[2], clear_acc[3])  # fmt: skip
+
+    # 5. Compile, calibrated on normalised training images.
+    t0 = time.perf_counter()
+    mean = torch.tensor(cfg["data"]["mean"], dtype=torch.float32)
+    std = torch.tensor(cfg["data"]["std"], dtype=torch.float32)
+    calib = normalize_images(train_x[: prof["n_calib"]], mean, std).numpy()
+    qmodule = compile_model(qmodel, calib, cfg, Path(ctx.work_dir) / "model.onnx")
+    compile_seconds = time.perf_counter() - t0
+    stages["compile"] = {"device": "cpu", "wall_seconds": compile_seconds}
+    width = check_bit_width(qmodule, arch["max_bit_width"])
+    ctx.log.info("compiled: max bit width %d (bound %d)", width, arch["max_bit_width"])
+
+    # 6. FHE simulation, from the exported head (what a client computes).
+    t0 = time.perf_counter()
+    head, head_config = export_head(qmodel, cfg)
+    sim = fhe_logits(qmodule, zoo_head.forward(head, head_config, test_x), "simulate")
+    sim_acc = topk_accuracy(sim, test_y)
+    stages["evaluate_fhe_simulation"] = {"device": "cpu", "wall_seconds": time.perf_counter() - t0}
+    ctx.log.info("FHE-sim top-1/2/3: %.4f %.4f %.4f", sim_acc[1], sim_acc[2], sim_acc[3])
+
+    metrics = {
+        "float_top1": float_acc[1],
+        "clear_top1": clear_acc[1],
+        "clear_top2": clear_acc[2],
+        "clear_top3": clear_acc[3],
+        "fhe_simulation_top1": sim_acc[1],
+        "fhe_simulation_top2": sim_acc[2],
+        "fhe_simulation_top3": sim_acc[3],
+        "clear_vs_simulation_argmax_agreement": float((clear.argmax(1) == sim.argmax(1)).mean()),
+        "n_test_images": len(test_y),
+        "max_bit_width": width,
+        "max_bit_width_bound": arch["max_bit_width"],
+        "n_parameters": n_params,
+        "train_history": float_history + qat_history,
+        "compile_seconds": compile_seconds,
+    }
+    weights = {k: v.detach().cpu().contiguous() for k, v in qmodel.state_dict().items()}
+    return RecipeResult(
+        head=head,
+        head_config=head_config,
+        weights=weights,
+        quantized_module=qmodule,
+        metrics=metrics,
+        config=cfg,
+        stages=stages,
+        data=data,
+    )

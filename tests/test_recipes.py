@@ -1,0 +1,91 @@
+"""Smoke builds of the other variant families on real CIFAR: the full-FHE CNV (rounded to 6
+bits), VGG11 QAT, and the rounded split variant. Each compiles within its bound, gives the same
+bytes twice, and round-trips through publish/pull; CIFAR-100 refuses to train on a partial copy;
+the rounded tiny variant runs in real FHE and agrees with simulation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import zoo
+from zoo import build as builder
+from zoo import manifest, runtime
+from zoo import registry as reg
+from zoo.data import load_cifar10
+from zoo.errors import BuildError
+from zoo.hashing import sha256_file
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _hashes(build_dir: Path) -> dict[str, str]:
+    return {
+        p.name: sha256_file(p)
+        for p in build_dir.iterdir()
+        if p.is_file() and p.name != manifest.REPORT
+    }
+
+
+@pytest.mark.parametrize("variant", ["cifar10-cnv-2w2a-r6", "cifar10-vgg11-qat"])
+def test_smoke_build_is_bounded_deterministic_and_round_trips(
+    variant: str, cifar_dir: Path, zoo_home: Path, registry_file: Path, tmp_path: Path
+) -> None:
+    first = builder.build(variant, profile="smoke", data_dir=cifar_dir, out_dir=tmp_path / "a")
+    second = builder.build(variant, profile="smoke", data_dir=cifar_dir, out_dir=tmp_path / "b")
+    assert _hashes(first) == _hashes(second)
+
+    document = manifest.read(first)
+    entry = reg.load(ROOT / "registry.json").variant(variant)
+    params = entry.recipe["params"]
+    assert document["circuit"]["max_bit_width"] <= params["max_bit_width"]
+    rounding = params.get("rounding_threshold_bits")
+    expected_rounding = [rounding["n_bits"]] if rounding else []
+    assert document["circuit"]["rounding_threshold_n_bits"] == expected_rounding
+    assert document["head"]["ops"][-1]["op"] == "quantize_dequantize"  # the client quantizes
+
+    published = zoo.publish(first)
+    pulled = zoo.pull(variant)
+    assert _hashes(pulled.path) == _hashes(first)
+    assert {e.path: e.sha256 for e in published.files} == _hashes(first)
+
+
+@pytest.mark.parametrize("profile", ["full", "quick"])
+def test_cifar100_refuses_to_train_on_a_partial_copy(
+    profile: str, cifar_dir: Path, registry_file: Path, tmp_path: Path
+) -> None:
+    with pytest.raises(BuildError, match="partial copy") as info:
+        builder.build("cifar100-vgg11-qat", profile=profile, data_dir=cifar_dir,
+                      out_dir=tmp_path / "out")  # fmt: skip
+    assert "of 50000 images" in str(info.value)
+    assert "cifar-100-python" in info.value.hint and "--profile smoke" in info.value.hint
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_cifar100_smoke_runs_on_the_partial_copy_and_says_so(
+    cifar_dir: Path, registry_file: Path, tmp_path: Path
+) -> None:
+    out = builder.build("cifar100-vgg11-qat", profile="smoke", data_dir=cifar_dir,
+                        out_dir=tmp_path / "c100")  # fmt: skip
+    document = manifest.read(out)
+    assert document["data"]["partial"] is True
+    assert "partial copy" in document["data"]["dataset"]
+    assert document["recipe"]["config"]["data"]["num_classes"] == 100
+    assert "partial copy" in (out / "README.md").read_text()
+
+
+def test_rounded_tiny_runs_in_real_fhe_and_agrees_with_simulation(
+    cifar_dir: Path, zoo_home: Path, registry_file: Path, tmp_path: Path
+) -> None:
+    variant = "cifar10-split-tiny-r4"
+    out = builder.build(variant, profile="smoke", data_dir=cifar_dir, out_dir=tmp_path / "r4")
+    circuit = manifest.read(out)["circuit"]
+    assert max(int(bits) for bits in circuit["pbs_count_by_bit_width"]) <= 4  # rounded PBS
+    zoo.publish(out)
+    model = runtime.load(variant)
+    images, _ = load_cifar10(cifar_dir, "test")
+    executed = model.logits(images[:1], "execute")
+    simulated = model.logits(images[:1], "simulate")
+    assert executed.shape == (1, 10)
+    assert (executed.argmax(1) == simulated.argmax(1)).all()

@@ -1,0 +1,252 @@
+"""Steps shared by the recipes (quantization-aware training for concrete-ml).
+
+Data (subsets, normalisation, augmentation), seeding for bit-for-bit reproducible training,
+atomic checkpoints, top-k accuracy, the circuit's input quantizer as a client-side head op, the
+accumulator bound, and the FHE-simulation pass. Each recipe in ``recipes/`` composes these with
+its own model and schedule. Imports torch: only recipes and tests import this module.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from zoo import sigpipe
+from zoo.errors import BuildError
+
+#: Torch intra-op threads; fixed so that float reductions happen in the same order.
+TORCH_THREADS = 2
+#: Images per call of the compiled circuit in simulation / execution.
+SIM_EVAL_BATCH = 500
+
+
+class BitWidthBoundError(BuildError):
+    """The compiled circuit needs wider integers than the variant's accumulator bound."""
+
+
+# --- config ---------------------------------------------------------------------------------
+
+
+def merge_params(
+    family: str,
+    archs: dict[str, dict[str, Any]],
+    profiles: dict[str, dict[str, Any]],
+    profile_overrides: dict[tuple[str, str], dict[str, Any]],
+    variant: str,
+    params: dict[str, Any],
+    profile: str,
+) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """(arch name, arch, profile) of a variant: the registry's ``params`` name an ``arch`` and
+    may override any of its keys; ``params["profile_overrides"]`` may override profile keys
+    (tests shrink a profile so). Unknown names and keys raise ``ValueError``."""
+    params = dict(params)
+    arch_name = params.pop("arch", None) or variant
+    overrides = dict(params.pop("profile_overrides", None) or {})
+    if arch_name not in archs:
+        raise ValueError(f"unknown {family} arch {arch_name!r}; choose from {sorted(archs)}")
+    if profile not in profiles:
+        raise ValueError(f"unknown profile {profile!r}; choose from {sorted(profiles)}")
+    arch = copy.deepcopy(archs[arch_name])
+    for key, value in params.items():
+        if key not in arch:
+            raise ValueError(f"unknown {family} parameter {key!r}")
+        arch[key] = value
+    prof = dict(profiles[profile])
+    prof.update(profile_overrides.get((arch_name, profile), {}))
+    unknown = set(overrides) - set(prof)
+    if unknown:
+        raise ValueError(f"unknown profile keys in profile_overrides: {sorted(unknown)}")
+    prof.update(overrides)
+    return arch_name, arch, prof
+
+
+def jsonable(obj: Any) -> Any:
+    """Tuples to lists, recursively: the config as JSON will read it back."""
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(o) for o in obj]
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    return obj
+
+
+# --- data -----------------------------------------------------------------------------------
+
+
+def subset(images: np.ndarray, labels: np.ndarray, n: int | None):
+    """The first ``n`` images (official order), or all of them."""
+    if n is None or n >= len(labels):
+        return images, labels
+    return images[:n], labels[:n]
+
+
+def normalize_images(images_uint8_nhwc: np.ndarray, mean: torch.Tensor, std: torch.Tensor):
+    """uint8 NHWC -> float32 NCHW tensor ``(x / 255 - mean) / std``."""
+    x = torch.from_numpy(np.ascontiguousarray(images_uint8_nhwc)).permute(0, 3, 1, 2)
+    x = x.to(torch.float32) / 255.0
+    return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
+
+
+def augment(images: np.ndarray, rng: np.random.Generator, padding: int, hflip: bool):
+    """Random crop (32, zero padding ``padding``) and horizontal flip, on uint8 NHWC.
+
+    The zero padding is black pixels, as torchvision pads the PIL image before ``ToTensor``.
+    """
+    n, h, w, _ = images.shape
+    padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    dy = rng.integers(0, 2 * padding + 1, size=n)
+    dx = rng.integers(0, 2 * padding + 1, size=n)
+    flip = rng.random(n) < 0.5 if hflip else np.zeros(n, dtype=bool)
+    out = np.empty_like(images)
+    for i in range(n):
+        crop = padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
+        out[i] = crop[:, ::-1] if flip[i] else crop
+    return out
+
+
+# --- training -------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int, device: str) -> None:
+    """Seed python, numpy and torch, and force deterministic torch kernels."""
+    if device.startswith("cuda"):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.set_num_threads(TORCH_THREADS)
+    torch.use_deterministic_algorithms(True)
+
+
+#: Keys that do not change what training computes: compile settings (so the ``-r<bits>``
+#: variants can start from their base's checkpoint), evaluation sizes, and the epoch counts
+#: (a longer schedule continues a shorter one; the learning rate depends on the epoch only).
+NOT_TRAINING = frozenset(
+    {"p_error", "rounding_threshold_bits", "max_bit_width", "output_bits", "n_test", "n_calib",
+     "eval_batch_size", "monitor_every", "epochs", "float_epochs", "qat_epochs"}
+)  # fmt: skip
+
+
+def training_fingerprint(cfg: dict[str, Any]) -> str:
+    """sha256 of the config keys that training depends on (see :data:`NOT_TRAINING`)."""
+    import hashlib
+    import json
+
+    def keep(d: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in d.items() if k not in NOT_TRAINING}
+
+    relevant = {k: v for k, v in cfg.items() if k not in ("arch", "profile", "profile_name")}
+    relevant.update(arch=keep(cfg["arch"]), profile=keep(cfg["profile"]))
+    blob = json.dumps(jsonable(relevant), sort_keys=True).encode()
+    return "sha256:" + hashlib.sha256(blob).hexdigest()
+
+
+def save_checkpoint(path: Path, state: dict[str, Any], cfg: dict[str, Any]) -> None:
+    """``torch.save`` to a temporary file, then rename: a kill never leaves half a checkpoint.
+    The training fingerprint of ``cfg`` goes with it."""
+    tmp = path.with_suffix(".tmp")
+    torch.save({**state, "fingerprint": training_fingerprint(cfg)}, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
+    """Load a checkpoint (tensors only: ``weights_only``, no pickle code) and refuse one
+    trained under another config."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("fingerprint", training_fingerprint(cfg)) != training_fingerprint(cfg):
+        raise BuildError(
+            f"{path} was trained with another configuration (recipe, arch, profile, seed or "
+            "data settings differ), so --resume cannot continue it",
+            hint="remove the build's work/ folder, or build into another --out",
+        )
+    return state
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks=(1, 2, 3)) -> dict[int, float]:
+    """Top-k accuracies; ties broken by a stable sort (lowest class index first)."""
+    order = np.argsort(-logits, axis=1, kind="stable")
+    return {k: float((order[:, :k] == labels[:, None]).any(1).mean()) for k in ks}
+
+
+# --- the client's input conversion ----------------------------------------------------------
+
+
+def head_input_config(mean: list[float], std: list[float]) -> dict[str, Any]:
+    """The ``input`` block of a head config: uint8 NHWC -> normalised float NCHW."""
+    return {
+        "layout": "NHWC",
+        "dtype": "uint8",
+        "to_float": "x / 255",
+        "normalize": "(x - input.mean) / input.std",
+        "mean": list(mean),
+        "std": list(std),
+        "to_layout": "NCHW",
+    }
+
+
+def quantizer_tensors_and_op(quant_identity: Any) -> tuple[dict[str, torch.Tensor], dict]:
+    """A Brevitas ``QuantIdentity``'s numbers as head tensors and a ``quantize_dequantize`` op.
+
+    The op reproduces, on the client, the quantization the circuit's input expects.
+    """
+    qi = quant_identity
+    scale = qi.quant_act_scale().detach().reshape(()).to(torch.float32)
+    zero_point = qi.quant_act_zero_point().detach().reshape(()).to(torch.float32)
+    bits = int(qi.quant_act_bit_width())
+    narrow = bool(qi.act_quant.is_narrow_range)
+    signed = bool(qi.is_quant_act_signed)
+    tensors = {
+        "quant.scale": scale.clone(),
+        "quant.zero_point": zero_point.clone(),
+        "quant.bit_width": torch.tensor(bits, dtype=torch.int64),
+        "quant.signed": torch.tensor(int(signed), dtype=torch.int64),
+        "quant.narrow_range": torch.tensor(int(narrow), dtype=torch.int64),
+    }
+    op = {
+        "op": "quantize_dequantize",
+        "scale": "quant.scale",
+        "zero_point": "quant.zero_point",
+        "bit_width": bits,
+        "signed": signed,
+        "narrow_range": narrow,
+        "rounding": "half_to_even",
+        "formula": "clamp(round(x / scale + zero_point), qmin, qmax) - zero_point) * scale",
+    }
+    return tensors, op
+
+
+# --- compile and simulate -------------------------------------------------------------------
+
+
+def check_bit_width(quantized_module: Any, bound: int) -> int:
+    """Return the circuit's max integer bit width; raise :class:`BitWidthBoundError` above
+    ``bound``."""
+    width = int(quantized_module.fhe_circuit.graph.maximum_integer_bit_width())
+    if width > bound:
+        raise BitWidthBoundError(
+            f"compiled circuit needs {width}-bit integers, above this variant's bound of "
+            f"{bound} bits: tighten the fan-in pruning ('fanin') or lower the bit widths"
+        )
+    return width
+
+
+def fhe_logits(quantized_module: Any, x: np.ndarray, fhe: str = "simulate") -> np.ndarray:
+    """The compiled circuit under ``fhe`` ("simulate" or "execute") on its float inputs.
+
+    Simulation draws PBS errors at rate ``p_error`` from concrete's own generator, which cannot
+    be seeded: simulated metrics repeat only when ``p_error`` is small enough that no error is
+    ever drawn, so builds put them in report.json, not in the pinned manifest.
+    """
+    outs = [
+        quantized_module.forward(np.ascontiguousarray(x[i : i + SIM_EVAL_BATCH]), fhe=fhe)
+        for i in range(0, len(x), SIM_EVAL_BATCH)
+    ]
+    sigpipe.restore()
+    return np.concatenate(outs).astype(np.float32)
