@@ -67,6 +67,7 @@ from zoo.build import BuildContext, RecipeResult
 from zoo.data import CIFAR10_DIRNAME, fingerprint, load_cifar10
 from zoo.qat import (
     TORCH_THREADS,
+    accuracy_metrics,
     augment,
     check_bit_width,
     fhe_logits,
@@ -828,19 +829,11 @@ def build(ctx: BuildContext) -> RecipeResult:
     head, head_config = export_head(model, arch)
     fhe_in = head_forward(head, head_config, test_x)
     sim = fhe_logits(qmodule, fhe_in, "simulate")
-    sim_acc = topk_accuracy(sim, test_y)
+    metrics = accuracy_metrics(clear, sim, test_y)
     stages["evaluate_fhe_simulation"] = {"device": "cpu", "wall_seconds": time.perf_counter() - t0}
-    ctx.log.info("FHE-sim top-1/2/3: %.4f %.4f %.4f", sim_acc[1], sim_acc[2], sim_acc[3])
-
-    metrics = {
-        "clear_top1": clear_acc[1],
-        "clear_top2": clear_acc[2],
-        "clear_top3": clear_acc[3],
-        "fhe_simulation_top1": sim_acc[1],
-        "fhe_simulation_top2": sim_acc[2],
-        "fhe_simulation_top3": sim_acc[3],
-        "clear_vs_simulation_argmax_agreement": float((clear.argmax(1) == sim.argmax(1)).mean()),
-        "n_test_images": len(test_y),
+    ctx.log.info("FHE-sim top-1/2/3: %.4f %.4f %.4f", *(metrics[f"fhe_simulation_top{k}"]
+                                                       for k in (1, 2, 3)))  # fmt: skip
+    metrics.update({
         "max_bit_width": width,
         "max_bit_width_bound": arch["max_bit_width"],
         "max_nonzero_fanin": max_fanin(model),
@@ -848,7 +841,7 @@ def build(ctx: BuildContext) -> RecipeResult:
         "train_history": history,
         "train_seconds": train_seconds,
         "compile_seconds": compile_seconds,
-    }
+    })  # fmt: skip
     weights = {k: v.detach().cpu().contiguous() for k, v in model.encrypted.state_dict().items()}
     return RecipeResult(
         head=head,

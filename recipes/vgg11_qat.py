@@ -64,6 +64,7 @@ from zoo.data import (
 from zoo.errors import BuildError
 from zoo.qat import (
     TORCH_THREADS,
+    accuracy_metrics,
     augment,
     check_bit_width,
     fhe_logits,
@@ -508,26 +509,18 @@ def build(ctx: BuildContext) -> RecipeResult:
     t0 = time.perf_counter()
     head, head_config = export_head(qmodel, cfg)
     sim = fhe_logits(qmodule, zoo_head.forward(head, head_config, test_x), "simulate")
-    sim_acc = topk_accuracy(sim, test_y)
+    metrics = accuracy_metrics(clear, sim, test_y)
     stages["evaluate_fhe_simulation"] = {"device": "cpu", "wall_seconds": time.perf_counter() - t0}
-    ctx.log.info("FHE-sim top-1/2/3: %.4f %.4f %.4f", sim_acc[1], sim_acc[2], sim_acc[3])
-
-    metrics = {
+    ctx.log.info("FHE-sim top-1/2/3: %.4f %.4f %.4f", *(metrics[f"fhe_simulation_top{k}"]
+                                                       for k in (1, 2, 3)))  # fmt: skip
+    metrics.update({
         "float_top1": float_acc[1],
-        "clear_top1": clear_acc[1],
-        "clear_top2": clear_acc[2],
-        "clear_top3": clear_acc[3],
-        "fhe_simulation_top1": sim_acc[1],
-        "fhe_simulation_top2": sim_acc[2],
-        "fhe_simulation_top3": sim_acc[3],
-        "clear_vs_simulation_argmax_agreement": float((clear.argmax(1) == sim.argmax(1)).mean()),
-        "n_test_images": len(test_y),
         "max_bit_width": width,
         "max_bit_width_bound": arch["max_bit_width"],
         "n_parameters": n_params,
         "train_history": float_history + qat_history,
         "compile_seconds": compile_seconds,
-    }
+    })  # fmt: skip
     weights = {k: v.detach().cpu().contiguous() for k, v in qmodel.state_dict().items()}
     return RecipeResult(
         head=head,

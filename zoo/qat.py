@@ -175,6 +175,19 @@ def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks=(1, 2, 3)) -> dict[
     return {k: float((order[:, :k] == labels[:, None]).any(1).mean()) for k in ks}
 
 
+def accuracy_metrics(clear: np.ndarray, simulated: np.ndarray, labels: np.ndarray) -> dict:
+    """Top-1/2/3 of the clear model and of FHE simulation, and their argmax agreement."""
+    clear_acc, sim_acc = topk_accuracy(clear, labels), topk_accuracy(simulated, labels)
+    return {
+        **{f"clear_top{k}": clear_acc[k] for k in (1, 2, 3)},
+        **{f"fhe_simulation_top{k}": sim_acc[k] for k in (1, 2, 3)},
+        "clear_vs_simulation_argmax_agreement": float(
+            (clear.argmax(1) == simulated.argmax(1)).mean()
+        ),
+        "n_test_images": len(labels),
+    }
+
+
 # --- the client's input conversion ----------------------------------------------------------
 
 
