@@ -125,8 +125,9 @@ def main() -> None:
     (RESULTS / "tradeoff.json").write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
     plot(table, refs, RESULTS / "tradeoff.png")
     for row in table:
+        seconds = row["estimated_fhe_seconds_per_image"]
         print(f"{row['variant']:24s} {row['profile']:6s} sim {row['fhe_simulation_top1']} "
-              f"est {row['estimated_fhe_seconds_per_image']:.0f} s/img")  # fmt: skip
+              f"est {'?' if seconds is None else f'{seconds:.0f}'} s/img")  # fmt: skip
     print(f"wrote {RESULTS / 'tradeoff.json'} and {RESULTS / 'tradeoff.png'}")
 
 

@@ -53,20 +53,15 @@ from torch import nn
 
 from zoo import head as zoo_head
 from zoo.build import BuildContext, RecipeResult
-from zoo.data import (
-    CIFAR10_DIRNAME,
-    PartialDatasetError,
-    fingerprint,
-    load_cifar10,
-    load_cifar100_split,
-    require_complete,
-)
+from zoo.data import PartialDatasetError, load_cifar10, load_cifar100_split, require_complete
 from zoo.errors import BuildError
 from zoo.qat import (
     TORCH_THREADS,
     accuracy_metrics,
     augment,
     check_bit_width,
+    cifar10_name,
+    data_record,
     fhe_logits,
     head_input_config,
     jsonable,
@@ -150,7 +145,7 @@ PROFILE_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {}
 #: Normalisation and augmentation per dataset (the usual CIFAR channel statistics).
 DATASETS: dict[str, dict[str, Any]] = {
     "cifar10": {
-        "name": "CIFAR-10 (JPEG q75 copy)",
+        "name": "CIFAR-10",
         "num_classes": 10,
         "mean": [0.4914, 0.4822, 0.4465],
         "std": [0.2470, 0.2435, 0.2616],
@@ -198,10 +193,7 @@ def load_data(data_dir: Path, dataset: str, profile_name: str, prof: dict[str, A
     """
     if dataset == "cifar10":
         train, test = load_cifar10(data_dir, "train"), load_cifar10(data_dir, "test")
-        partial = False
-        name = DATASETS["cifar10"]["name"]
-        if not (Path(data_dir) / CIFAR10_DIRNAME / "PROVENANCE.txt").exists():
-            name = "CIFAR-10"
+        partial, name = False, cifar10_name(data_dir)
     else:
         train_split = load_cifar100_split(data_dir, "train")
         test_split = load_cifar100_split(data_dir, "test")
@@ -222,15 +214,7 @@ def load_data(data_dir: Path, dataset: str, profile_name: str, prof: dict[str, A
         name = DATASETS["cifar100"]["name"] + (" (partial copy)" if partial else "")
     train_x, train_y = subset(*train, prof["n_train"])
     test_x, test_y = subset(*test, prof["n_test"])
-    record = {
-        "dataset": name,
-        "partial": partial,
-        "train_fingerprint": fingerprint(train_x, train_y),
-        "test_fingerprint": fingerprint(test_x, test_y),
-        "n_train": len(train_y),
-        "n_test": len(test_y),
-        "subset": "first n images of each split, official order",
-    }
+    record = {**data_record(name, (train_x, train_y), (test_x, test_y)), "partial": partial}
     return train_x, train_y, test_x, test_y, record
 
 
@@ -339,7 +323,7 @@ def train_stage(
     opt = torch.optim.Adam(model.parameters(), lr=prof[f"{stage}_lr"])
     start, history = 0, []
     if ctx.resume and ckpt.exists():
-        state = load_checkpoint(ckpt, cfg)
+        state = load_checkpoint(ckpt, cfg, epochs)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])

@@ -66,10 +66,15 @@ def test_keygen_once_then_reuse(published: Path, zoo_home: Path) -> None:
 
 
 def test_simulated_eval_writes_results_and_resumes(
-    published: Path, cifar_dir: Path, tmp_path: Path
+    published: Path, cifar_dir: Path, tmp_path: Path, registry_file: Path
 ) -> None:
     results = tmp_path / "run.jsonl"
+    pins = registry_file.read_bytes()
     full = evaluate.evaluate(TINY, n_images=120, seed=3, data_dir=cifar_dir, results=results)
+    assert registry_file.read_bytes() == pins  # only --record writes measured metrics
+    with pytest.raises(ZooError, match="real-FHE"):
+        evaluate.evaluate(TINY, n_images=1, data_dir=cifar_dir, results=tmp_path / "r.jsonl",
+                          record=True)  # fmt: skip
     lines = _lines(results)
     header = lines[0]["run"]
     assert header["variant"] == TINY and header["fhe"] == "simulate"

@@ -30,8 +30,9 @@ def _variant_problems(variant: reg.Variant, registry: reg.Registry) -> list[str]
     rounded = re.fullmatch(r"(.+)-r(\d+)", name)
     if rounded:
         base, bits = rounded.group(1), int(rounded.group(2))
-        rounding = variant.recipe["params"].get("rounding_threshold_bits") or {}
-        if rounding.get("n_bits") != bits:
+        rounding = variant.recipe["params"].get("rounding_threshold_bits")
+        n_bits = rounding.get("n_bits") if isinstance(rounding, dict) else rounding
+        if n_bits != bits:
             problems.append(f"{name}: rounding_threshold_bits.n_bits is not {bits}")
         if base not in registry.variants:
             problems.append(f"{name}: its unrounded base {base} is not catalogued")

@@ -238,11 +238,13 @@ def test_resume_refuses_a_checkpoint_of_another_training(tmp_path: Path) -> None
                                 "smoke", 0)  # fmt: skip
     path = tmp_path / "checkpoint.pt"
     save_checkpoint(path, {"epoch": torch.tensor(3)}, base)
-    assert int(load_checkpoint(path, rounded)["epoch"]) == 3
+    assert int(load_checkpoint(path, rounded, 4)["epoch"]) == 3
+    with pytest.raises(BuildError, match="more than the 3 of this profile"):
+        load_checkpoint(path, base, 3)
     other_seed = sc.resolve_config("cifar10-split-tiny", {"arch": "tiny"}, "smoke", 1)
     other_lr = sc.resolve_config(
         "cifar10-split-tiny", {"arch": "tiny", "profile_overrides": {"lr": 0.01}}, "smoke", 0
     )
     for other in (other_seed, other_lr):
         with pytest.raises(BuildError, match="another configuration"):
-            load_checkpoint(path, other)
+            load_checkpoint(path, other, 4)

@@ -21,6 +21,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from zoo import sigpipe
 from zoo.errors import IntegrityError, ZooError
 
 #: How often Ray may restart a crashed worker, and retry the task it was running.
@@ -55,7 +56,10 @@ def _worker_class() -> Any:
 
         def run(self, ciphertext: bytes) -> tuple[bytes, float]:
             start = time.perf_counter()
-            result = self.server.run(ciphertext, self.keys)
+            try:
+                result = self.server.run(ciphertext, self.keys)
+            finally:
+                sigpipe.restore()  # a no-op unless Ray runs this on the main thread
             return result, time.perf_counter() - start
 
     return CircuitWorker

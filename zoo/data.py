@@ -256,6 +256,15 @@ def require_complete(split_data: CifarSplit, what: str = "CIFAR-100") -> CifarSp
     return split_data
 
 
+def load_split(data_dir: Path, dataset: Dataset, split: Split) -> tuple[np.ndarray, np.ndarray]:
+    """``(images, labels)`` of ``dataset`` ("cifar10" or "cifar100", fine labels)."""
+    if dataset == "cifar10":
+        return load_cifar10(data_dir, split)
+    if dataset == "cifar100":
+        return load_cifar100(data_dir, split)
+    raise ValueError(f"unknown dataset {dataset!r}; use 'cifar10' or 'cifar100'")
+
+
 def cifar_class_names(data_dir: Path, dataset: Dataset, label: str = "fine") -> list[str]:
     """Class names from ``batches.meta`` (CIFAR-10) or ``meta`` (CIFAR-100, fine or coarse)."""
     if dataset == "cifar10":

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from zoo import api, config, cost, runtime, sigpipe
-from zoo.data import fingerprint, load_cifar10
+from zoo import registry as reg
+from zoo.data import fingerprint, load_split
 from zoo.errors import ZooError
 
 KEY_TIMINGS = ("keygen_seconds", "keys_load_seconds")
@@ -148,7 +149,8 @@ def evaluate(
     progress: bool = False,
     record: bool = False,
 ) -> dict[str, Any]:
-    """Top-1/2/3 of ``ref`` on CIFAR-10 test images (the first ``n_images``, or a seeded sample).
+    """Top-1/2/3 of ``ref`` on its dataset's test images (the first ``n_images``, or a seeded
+    sample).
 
     Results go to ``results`` (default :func:`default_results_path`); with ``resume`` the images
     already there are not run again. Returns the summary, also appended to the results file.
@@ -164,7 +166,8 @@ def evaluate(
     if record and fhe != "execute":
         raise ZooError("--record keeps real-FHE results", hint="add --fhe execute")
     model = runtime.load(ref, registry_path=registry_path)
-    images, labels = load_cifar10(Path(data_dir or config.data_dir()), "test")
+    dataset = reg.load(registry_path).variant(model.build.variant).dataset
+    images, labels = load_split(Path(data_dir or config.data_dir()), dataset, "test")
     indices = sample_indices(len(labels), n_images, seed)
     build = model.build
     header = {
@@ -194,9 +197,9 @@ def evaluate(
             if fhe == "simulate"
             else _executed(model, images, labels, pending, backend, address, workers)
         )
-        for record in records:
-            out.append(record)
-            out.done[record["index"]] = record
+        for item in records:
+            out.append(item)
+            out.done[item["index"]] = item
             bar.update(1)
     finally:
         bar.close()
@@ -278,6 +281,8 @@ def _executed(
         return
     for index, ciphertext in ciphertexts:
         start = time.perf_counter()
-        result = model.server.run(ciphertext, keys)
-        sigpipe.restore()
+        try:
+            result = model.server.run(ciphertext, keys)
+        finally:
+            sigpipe.restore()
         yield record(index, result, time.perf_counter() - start)

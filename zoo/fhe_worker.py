@@ -210,11 +210,12 @@ def _serve(model: Any, keys: _Keys, header: dict[str, Any], payload: bytes) -> t
     started = time.perf_counter()
     try:
         result = model.server.run(payload, evaluation_keys)
-        sigpipe.restore()
     except (RuntimeError, AssertionError, ValueError) as exc:
         raise _Refused(
             "bad_input", f"not an encrypted input of this build ({_first(exc)})"
         ) from None
+    finally:
+        sigpipe.restore()
     seconds = time.perf_counter() - started
     print(f"zoo.fhe_worker: ran the circuit for key {header['key_id'][:12]} in {seconds:.1f} s",
           file=sys.stderr, flush=True)  # fmt: skip

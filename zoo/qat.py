@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from zoo import sigpipe
+from zoo.data import CIFAR10_DIRNAME, fingerprint
 from zoo.errors import BuildError
 
 #: Torch intra-op threads; fixed so that float reductions happen in the same order.
@@ -85,6 +86,26 @@ def subset(images: np.ndarray, labels: np.ndarray, n: int | None):
     return images[:n], labels[:n]
 
 
+def data_record(
+    dataset: str, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray]
+) -> dict[str, Any]:
+    """The manifest's ``data`` block: what was trained and tested on, with fingerprints."""
+    return {
+        "dataset": dataset,
+        "train_fingerprint": fingerprint(*train),
+        "test_fingerprint": fingerprint(*test),
+        "n_train": len(train[1]),
+        "n_test": len(test[1]),
+        "subset": "first n images of each split, official order",
+    }
+
+
+def cifar10_name(data_dir: Path) -> str:
+    """How a build names its CIFAR-10: this workspace's copy says so in a PROVENANCE.txt."""
+    provenance = Path(data_dir) / CIFAR10_DIRNAME / "PROVENANCE.txt"
+    return "CIFAR-10 (JPEG q75 copy)" if provenance.exists() else "CIFAR-10"
+
+
 def normalize_images(images_uint8_nhwc: np.ndarray, mean: torch.Tensor, std: torch.Tensor):
     """uint8 NHWC -> float32 NCHW tensor ``(x / 255 - mean) / std``."""
     x = torch.from_numpy(np.ascontiguousarray(images_uint8_nhwc)).permute(0, 3, 1, 2)
@@ -122,15 +143,19 @@ def seed_everything(seed: int, device: str) -> None:
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
     torch.set_num_threads(TORCH_THREADS)
-    torch.use_deterministic_algorithms(True)
+    # On CUDA, Brevitas' statistics-based activation scales (kthvalue) have no deterministic
+    # kernel, only a warning: their values are reproducible, the rest stays deterministic.
+    torch.use_deterministic_algorithms(True, warn_only=device.startswith("cuda"))
 
 
-#: Keys that do not change what training computes: compile settings (so the ``-r<bits>``
-#: variants can start from their base's checkpoint), evaluation sizes, and the epoch counts
-#: (a longer schedule continues a shorter one; the learning rate depends on the epoch only).
+#: Keys that do not change what training computes (or records in its history): compile
+#: settings, so that a ``-r<bits>`` variant resumes from a copy of its base's ``work/`` folder
+#: instead of training again; calibration and evaluation batch sizes; and the epoch counts
+#: whose learning rate depends on the epoch index alone (a longer schedule continues a
+#: shorter one). ``float_epochs`` is not among them: the float stage's cosine spans it.
 NOT_TRAINING = frozenset(
-    {"p_error", "rounding_threshold_bits", "max_bit_width", "output_bits", "n_test", "n_calib",
-     "eval_batch_size", "monitor_every", "epochs", "float_epochs", "qat_epochs"}
+    {"p_error", "rounding_threshold_bits", "max_bit_width", "output_bits", "n_calib",
+     "eval_batch_size", "epochs", "qat_epochs"}
 )  # fmt: skip
 
 
@@ -156,15 +181,23 @@ def save_checkpoint(path: Path, state: dict[str, Any], cfg: dict[str, Any]) -> N
     tmp.replace(path)
 
 
-def load_checkpoint(path: Path, cfg: dict[str, Any]) -> dict[str, Any]:
-    """Load a checkpoint (tensors only: ``weights_only``, no pickle code) and refuse one
-    trained under another config."""
+def load_checkpoint(path: Path, cfg: dict[str, Any], epochs: int) -> dict[str, Any]:
+    """Load a checkpoint (tensors only: ``weights_only``, no pickle code); refuse one trained
+    under another config, or for more than the ``epochs`` this config trains."""
     state = torch.load(path, map_location="cpu", weights_only=True)
-    if state.get("fingerprint", training_fingerprint(cfg)) != training_fingerprint(cfg):
+    hint = "remove the build's work/ folder, or build into another --out"
+    if state.get("fingerprint") != training_fingerprint(cfg):
         raise BuildError(
             f"{path} was trained with another configuration (recipe, arch, profile, seed or "
-            "data settings differ), so --resume cannot continue it",
-            hint="remove the build's work/ folder, or build into another --out",
+            "data settings differ, or it predates training fingerprints), so --resume cannot "
+            "continue it",
+            hint=hint,
+        )
+    if int(state["epoch"]) + 1 > epochs:
+        raise BuildError(
+            f"{path} holds {int(state['epoch']) + 1} epochs, more than the {epochs} of this "
+            "profile: the build would ship a model its config does not describe",
+            hint=hint,
         )
     return state
 
@@ -257,9 +290,11 @@ def fhe_logits(quantized_module: Any, x: np.ndarray, fhe: str = "simulate") -> n
     be seeded: simulated metrics repeat only when ``p_error`` is small enough that no error is
     ever drawn, so builds put them in report.json, not in the pinned manifest.
     """
-    outs = [
-        quantized_module.forward(np.ascontiguousarray(x[i : i + SIM_EVAL_BATCH]), fhe=fhe)
-        for i in range(0, len(x), SIM_EVAL_BATCH)
-    ]
-    sigpipe.restore()
+    try:
+        outs = [
+            quantized_module.forward(np.ascontiguousarray(x[i : i + SIM_EVAL_BATCH]), fhe=fhe)
+            for i in range(0, len(x), SIM_EVAL_BATCH)
+        ]
+    finally:
+        sigpipe.restore()
     return np.concatenate(outs).astype(np.float32)

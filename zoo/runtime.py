@@ -124,13 +124,15 @@ class Model:
         self.ensure_keys()
         keys = self.client.get_serialized_evaluation_keys()
         rows = []
-        for i in range(len(x)):
-            start = time.perf_counter()
-            encrypted = self.client.quantize_encrypt_serialize(x[i : i + 1])
-            result = self.server.run(encrypted, keys)
-            rows.append(self.client.deserialize_decrypt_dequantize(result)[0])
-            self.timings.setdefault("fhe_seconds", []).append(time.perf_counter() - start)
-        sigpipe.restore()
+        try:
+            for i in range(len(x)):
+                start = time.perf_counter()
+                encrypted = self.client.quantize_encrypt_serialize(x[i : i + 1])
+                result = self.server.run(encrypted, keys)
+                rows.append(self.client.deserialize_decrypt_dequantize(result)[0])
+                self.timings.setdefault("fhe_seconds", []).append(time.perf_counter() - start)
+        finally:
+            sigpipe.restore()
         return np.stack(rows)
 
     def _simulate(self, x: np.ndarray) -> np.ndarray:
@@ -140,8 +142,10 @@ class Model:
         server, client = self._simulator
         processing = self.client.model
         q = processing.quantize_input(x)
-        rows = [client.simulate_decrypt(server.run(q[i : i + 1])) for i in range(len(q))]
-        sigpipe.restore()
+        try:
+            rows = [client.simulate_decrypt(server.run(q[i : i + 1])) for i in range(len(q))]
+        finally:
+            sigpipe.restore()
         return processing.post_processing(processing.dequantize_output(np.concatenate(rows)))
 
     def predict(self, images: Any, fhe: str = "execute", top_k: int = 3) -> list[Prediction]:
