@@ -71,6 +71,7 @@ from zoo.qat import (
     augment,
     check_bit_width,
     cifar10_name,
+    compile_qat,
     data_record,
     fhe_logits,
     head_input_config,
@@ -748,27 +749,6 @@ head_forward = zoo_head.forward  # the client's head: one implementation, in zoo
 
 
 # --------------------------------------------------------------------------------------------
-# Compilation
-# --------------------------------------------------------------------------------------------
-
-
-def compile_encrypted(model: SplitCNV, calib: np.ndarray, cfg: dict[str, Any], onnx_path: Path):
-    """``compile_brevitas_qat_model`` on the encrypted part, calibrated on head outputs."""
-    from concrete.ml.torch.compile import compile_brevitas_qat_model
-
-    arch = cfg["arch"]
-    model.eval()
-    return compile_brevitas_qat_model(
-        model.encrypted,
-        calib,
-        n_bits={"model_inputs": arch["output_bits"], "model_outputs": arch["output_bits"]},
-        p_error=arch["p_error"],
-        rounding_threshold_bits=arch["rounding_threshold_bits"],
-        output_onnx_file=onnx_path,
-    )
-
-
-# --------------------------------------------------------------------------------------------
 # The build
 # --------------------------------------------------------------------------------------------
 
@@ -812,8 +792,10 @@ def build(ctx: BuildContext) -> RecipeResult:
     # 5. Compile the encrypted part, calibrated on head outputs of training images.
     t0 = time.perf_counter()
     calib = head_outputs(model, train_x[: prof["n_calib"]], bs)
-    onnx_path = Path(ctx.work_dir) / "encrypted.onnx"
-    qmodule = compile_encrypted(model, calib, cfg, onnx_path)
+    out_bits = {"model_inputs": arch["output_bits"], "model_outputs": arch["output_bits"]}
+    qmodule = compile_qat(
+        model.encrypted, calib, arch, Path(ctx.work_dir) / "encrypted.onnx", n_bits=out_bits
+    )
     compile_seconds = time.perf_counter() - t0
     stages["compile"] = {"device": "cpu", "wall_seconds": compile_seconds}
     width = check_bit_width(qmodule, arch["max_bit_width"])

@@ -61,6 +61,7 @@ from zoo.qat import (
     augment,
     check_bit_width,
     cifar10_name,
+    compile_qat,
     data_record,
     fhe_logits,
     head_input_config,
@@ -413,21 +414,6 @@ def export_head(model: QuantVGG11, cfg: dict[str, Any]) -> tuple[dict, dict]:
     return tensors, config
 
 
-def compile_model(model: QuantVGG11, calib: np.ndarray, cfg: dict[str, Any], onnx_path: Path):
-    """``compile_brevitas_qat_model`` on the whole network."""
-    from concrete.ml.torch.compile import compile_brevitas_qat_model
-
-    arch = cfg["arch"]
-    model.eval()
-    return compile_brevitas_qat_model(
-        model,
-        calib,
-        p_error=arch["p_error"],
-        rounding_threshold_bits=arch["rounding_threshold_bits"],
-        output_onnx_file=onnx_path,
-    )
-
-
 # --------------------------------------------------------------------------------------------
 # The build
 # --------------------------------------------------------------------------------------------
@@ -483,7 +469,7 @@ def build(ctx: BuildContext) -> RecipeResult:
     mean = torch.tensor(cfg["data"]["mean"], dtype=torch.float32)
     std = torch.tensor(cfg["data"]["std"], dtype=torch.float32)
     calib = normalize_images(train_x[: prof["n_calib"]], mean, std).numpy()
-    qmodule = compile_model(qmodel, calib, cfg, Path(ctx.work_dir) / "model.onnx")
+    qmodule = compile_qat(qmodel, calib, arch, Path(ctx.work_dir) / "model.onnx")
     compile_seconds = time.perf_counter() - t0
     stages["compile"] = {"device": "cpu", "wall_seconds": compile_seconds}
     width = check_bit_width(qmodule, arch["max_bit_width"])

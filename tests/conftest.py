@@ -94,6 +94,17 @@ def cifar_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return target
 
 
+def build_hashes(build_dir: Path) -> dict[str, str]:
+    """sha256 of every file of a build directory (report.json is not part of the build)."""
+    from zoo.hashing import sha256_file
+
+    return {
+        p.name: sha256_file(p)
+        for p in Path(build_dir).iterdir()
+        if p.is_file() and p.name != manifest.REPORT
+    }
+
+
 def read_json(path: Path) -> dict:
     """Parse a JSON file."""
     return json.loads(Path(path).read_text())

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import build_hashes
 
 import zoo
 from zoo import build as builder
@@ -16,18 +17,8 @@ from zoo import head, manifest, runtime, sigpipe
 from zoo import registry as reg
 from zoo.data import load_cifar10
 from zoo.errors import BuildError, IntegrityError
-from zoo.hashing import sha256_file
 
 TINY = "cifar10-split-tiny"
-
-
-def _hashes(build_dir: Path) -> dict[str, str]:
-    """sha256 of every file of a build directory (report.json is not part of the build)."""
-    return {
-        p.name: sha256_file(p)
-        for p in build_dir.iterdir()
-        if p.is_file() and p.name != manifest.REPORT
-    }
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +60,7 @@ def test_head_file_loads_without_the_recipe(tiny_build: Path, cifar_dir: Path) -
 
 def test_same_inputs_give_the_same_bytes(tiny_build: Path, cifar_dir: Path, tmp_path: Path) -> None:
     again = builder.build(TINY, profile="smoke", data_dir=cifar_dir, out_dir=tmp_path / "again")
-    assert _hashes(again) == _hashes(tiny_build)
+    assert build_hashes(again) == build_hashes(tiny_build)
 
 
 def test_refuses_to_overwrite_a_build(tiny_build: Path, cifar_dir: Path) -> None:
@@ -162,5 +153,5 @@ def test_split_8bit_smoke_build_round_trips(
     assert document["circuit"]["max_bit_width"] <= 8  # the variant's accumulator bound
     published = zoo.publish(out)
     pulled = zoo.pull("cifar10-split-8bit")
-    assert _hashes(pulled.path) == _hashes(out)
-    assert {e.path: e.sha256 for e in published.files} == _hashes(out)
+    assert build_hashes(pulled.path) == build_hashes(out)
+    assert {e.path: e.sha256 for e in published.files} == build_hashes(out)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import build_hashes
 
 import zoo
 from zoo import build as builder
@@ -15,17 +16,8 @@ from zoo import manifest, runtime
 from zoo import registry as reg
 from zoo.data import load_cifar10, load_cifar100_split
 from zoo.errors import BuildError
-from zoo.hashing import sha256_file
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _hashes(build_dir: Path) -> dict[str, str]:
-    return {
-        p.name: sha256_file(p)
-        for p in build_dir.iterdir()
-        if p.is_file() and p.name != manifest.REPORT
-    }
 
 
 @pytest.mark.parametrize("variant", ["cifar10-cnv-2w2a-r6", "cifar10-vgg11-qat"])
@@ -34,7 +26,7 @@ def test_smoke_build_is_bounded_deterministic_and_round_trips(
 ) -> None:
     first = builder.build(variant, profile="smoke", data_dir=cifar_dir, out_dir=tmp_path / "a")
     second = builder.build(variant, profile="smoke", data_dir=cifar_dir, out_dir=tmp_path / "b")
-    assert _hashes(first) == _hashes(second)
+    assert build_hashes(first) == build_hashes(second)
 
     document = manifest.read(first)
     entry = reg.load(ROOT / "registry.json").variant(variant)
@@ -47,8 +39,8 @@ def test_smoke_build_is_bounded_deterministic_and_round_trips(
 
     published = zoo.publish(first)
     pulled = zoo.pull(variant)
-    assert _hashes(pulled.path) == _hashes(first)
-    assert {e.path: e.sha256 for e in published.files} == _hashes(first)
+    assert build_hashes(pulled.path) == build_hashes(first)
+    assert {e.path: e.sha256 for e in published.files} == build_hashes(first)
 
 
 @pytest.fixture

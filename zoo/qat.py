@@ -271,6 +271,29 @@ def quantizer_tensors_and_op(quant_identity: Any) -> tuple[dict[str, torch.Tenso
 # --- compile and simulate -------------------------------------------------------------------
 
 
+def compile_qat(
+    module: torch.nn.Module,
+    calib: np.ndarray,
+    arch: dict[str, Any],
+    onnx_path: Path,
+    n_bits: dict[str, int] | None = None,
+) -> Any:
+    """``compile_brevitas_qat_model`` on ``module`` (in eval mode) with the arch's ``p_error``
+    and ``rounding_threshold_bits``, calibrated on ``calib``; the ONNX export goes to
+    ``onnx_path``. ``n_bits`` ``None`` is concrete-ml's default."""
+    from concrete.ml.torch.compile import compile_brevitas_qat_model
+
+    module.eval()
+    return compile_brevitas_qat_model(
+        module,
+        calib,
+        n_bits=n_bits,
+        p_error=arch["p_error"],
+        rounding_threshold_bits=arch["rounding_threshold_bits"],
+        output_onnx_file=onnx_path,
+    )
+
+
 def check_bit_width(quantized_module: Any, bound: int) -> int:
     """Return the circuit's max integer bit width; raise :class:`BitWidthBoundError` above
     ``bound``."""
