@@ -2,9 +2,10 @@
 `zoo build` and `zoo eval`) and the cost model (`zoo.cost`, calibrated by `zoo bench pbs`).
 
 Writes benchmarks/results/tradeoff.json (one row per variant: profile, top-1 clear / FHE
-simulation / real FHE, PBS count, estimated real-FHE seconds per image here, eval-key size,
-build and compile wall times) and benchmarks/results/tradeoff.png (top-1 against estimated
-seconds per image, log scale, with the published reference points).
+simulation / real FHE, PBS count, estimated and measured real-FHE seconds per image here with
+the estimate's relative error, eval-key size, build and compile wall times) and
+benchmarks/results/tradeoff.png (top-1 against seconds per image, measured where `zoo eval
+--record` ran real FHE, else estimated; log scale, with the published reference points).
 
     .venv/bin/python benchmarks/tradeoff.py
 
@@ -38,6 +39,8 @@ def rows(registry: reg.Registry) -> list[dict[str, Any]]:
             continue
         build = variant.builds[-1]
         metrics, circuit, timings = build.metrics, build.circuit, build.raw.get("timings", {})
+        estimate = cost.estimate_seconds(circuit)
+        measured = metrics.get("fhe_execute_seconds_per_image")
         out.append(
             {
                 "variant": variant.name,
@@ -51,7 +54,11 @@ def rows(registry: reg.Registry) -> list[dict[str, Any]]:
                 "max_bit_width": circuit.get("max_bit_width"),
                 "pbs_count": circuit.get("pbs_count"),
                 "pbs_count_by_bit_width": circuit.get("pbs_count_by_bit_width"),
-                "estimated_fhe_seconds_per_image": cost.estimate_seconds(circuit),
+                "estimated_fhe_seconds_per_image": estimate,
+                "fhe_execute_seconds_per_image": measured,
+                # the cost model's error against the real-FHE run (zoo eval --record)
+                "estimate_relative_error": (estimate / measured - 1) if estimate and measured
+                else None,
                 "eval_key_bytes": circuit.get("eval_key_bytes"),
                 "build_seconds": timings.get("build_seconds"),
                 "compile_seconds": timings.get("compile_seconds"),
@@ -91,10 +98,11 @@ def plot(table: list[dict[str, Any]], refs: list[dict[str, Any]], path: Path) ->
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     for row in table:
         top1 = row["fhe_execute_top1"] or row["fhe_simulation_top1"]
-        seconds = row["estimated_fhe_seconds_per_image"]
+        seconds = row["fhe_execute_seconds_per_image"] or row["estimated_fhe_seconds_per_image"]
         if top1 is None or not seconds:
             continue
-        ax.scatter(seconds, top1, color="tab:blue")
+        measured = bool(row["fhe_execute_seconds_per_image"])
+        ax.scatter(seconds, top1, color="tab:green" if measured else "tab:blue")
         ax.annotate(f"{row['variant']} ({row['profile']})", (seconds, top1), fontsize=7,
                     xytext=(4, 3), textcoords="offset points")  # fmt: skip
     for ref in refs:
@@ -105,7 +113,7 @@ def plot(table: list[dict[str, Any]], refs: list[dict[str, Any]], path: Path) ->
     ax.set_xscale("log")
     ax.set_xlabel(
         f"real-FHE seconds per image on this {os.cpu_count()}-core machine\n"
-        "(zoo builds: cost-model estimate; references: core-seconds / cores)"
+        "(zoo builds: green measured, blue cost-model estimate; references: core-seconds / cores)"
     )
     ax.set_ylabel("top-1 (real FHE where measured, else FHE simulation)")
     ax.set_title("zoo variants: accuracy against FHE cost (CIFAR-10 JPEG q75 copy)")
@@ -126,8 +134,11 @@ def main() -> None:
     plot(table, refs, RESULTS / "tradeoff.png")
     for row in table:
         seconds = row["estimated_fhe_seconds_per_image"]
+        measured = row["fhe_execute_seconds_per_image"]
         print(f"{row['variant']:24s} {row['profile']:6s} sim {row['fhe_simulation_top1']} "
-              f"est {'?' if seconds is None else f'{seconds:.0f}'} s/img")  # fmt: skip
+              f"est {'?' if seconds is None else f'{seconds:.0f}'} s/img"
+              + (f", measured {measured:.0f} s/img ({row['estimate_relative_error']:+.0%})"
+                 if measured and seconds else ""))  # fmt: skip
     print(f"wrote {RESULTS / 'tradeoff.json'} and {RESULTS / 'tradeoff.png'}")
 
 

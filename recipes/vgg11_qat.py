@@ -10,7 +10,9 @@ an AvgPool2d (FHE has no cheap max), the pooling kernels/strides become (2,1), (
 Linear(512, classes).
 
 1. **Float stage.** The reference fine-tuned ImageNet weights, which cannot be downloaded here,
-   so the float network is trained from scratch: Adam with a cosine learning rate, random crop
+   so the float network is trained from scratch, or from the weights passed with ``zoo build
+   --init FILE.safetensors`` (ours, or torchvision's ``vgg11`` state dict: its eight convs in
+   order; its ImageNet classifier is dropped): Adam with a cosine learning rate, random crop
    (32, padding 4) + horizontal flip, normalisation with the dataset's mean and std. (Without
    BatchNorm, SGD at lr 0.02 left the loss near ln 10 for the first hundreds of steps here;
    Adam at 1e-3 started learning at once.)
@@ -79,6 +81,9 @@ from zoo.qat import (
 # --------------------------------------------------------------------------------------------
 # Configuration
 # --------------------------------------------------------------------------------------------
+
+#: ``zoo build --init``: float weights to start the float stage from (see :func:`load_init`).
+ACCEPTS_INIT = True
 
 #: VGG11 for 32x32: "I" a QuantIdentity (Brevitas only), ("C", out) a 3x3 conv with padding 1
 #: followed by ReLU, ("P", kernel, stride) an average pool.
@@ -293,6 +298,58 @@ class QuantVGG11(nn.Module):
         return self.final(torch.flatten(self.features(x), 1))
 
 
+def load_init(model: FloatVGG11, path: Path) -> dict[str, Any]:
+    """Load float weights from a safetensors file into ``model``; return the config record.
+
+    Accepts our own names (``features.<i>.weight``, ``final.weight``: a float stage saved by
+    this recipe) or torchvision's ``vgg11`` (``features.<i>`` convs, matched to ours in order;
+    its ImageNet ``classifier.*`` is dropped and ``final`` keeps its fresh initialisation, as in
+    the reference, which replaces the classifier). Shapes must match the profile's width.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from zoo.hashing import sha256_file
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise BuildError(f"--init {path} is not a readable safetensors file: {exc}") from exc
+    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
+    ours = {k: v for k, v in model.state_dict().items()}
+    if set(tensors) == set(ours):
+        source = "zoo"
+        mapped = tensors
+    else:
+        source = "torchvision"
+        weights = sorted(
+            (k for k in tensors if k.startswith("features.") and k.endswith(".weight")),
+            key=lambda k: int(k.split(".")[1]),
+        )
+        if len(weights) != len(convs):
+            raise BuildError(
+                f"--init {path} has {len(weights)} conv weights (features.<i>.weight), VGG11 "
+                f"has {len(convs)}",
+                hint="pass a torchvision vgg11 state dict or a float stage saved by this recipe",
+            )
+        names = {id(m): f"features.{i}" for i, m in enumerate(model.features)}
+        mapped = {}
+        for key, conv in zip(weights, convs):
+            theirs = key.rsplit(".", 1)[0]
+            mapped[f"{names[id(conv)]}.weight"] = tensors[key]
+            mapped[f"{names[id(conv)]}.bias"] = tensors[f"{theirs}.bias"]
+        mapped.update({k: v for k, v in ours.items() if k.startswith("final.")})
+    for key, value in mapped.items():
+        if tuple(value.shape) != tuple(ours[key].shape):
+            raise BuildError(
+                f"--init {path}: {key} has shape {tuple(value.shape)}, this profile's network "
+                f"needs {tuple(ours[key].shape)}",
+                hint="--init weights fit the full-width network (profile full) only",
+            )
+    model.load_state_dict({k: v.to(torch.float32) for k, v in mapped.items()})
+    return {"file": path.name, "sha256": sha256_file(path), "format": source}
+
+
 # --------------------------------------------------------------------------------------------
 # Training (one loop for both stages)
 # --------------------------------------------------------------------------------------------
@@ -437,9 +494,13 @@ def build(ctx: BuildContext) -> RecipeResult:
     ctx.log.info("data: %s, %d train, %d test images", data["dataset"], len(train_y),
                  len(test_y))  # fmt: skip
 
-    # 2. Float stage.
+    # 2. Float stage, from scratch or from --init (whose hash then enters the config, and with
+    # it the training fingerprint and the manifest).
     t0 = time.perf_counter()
     float_model = FloatVGG11(n_classes, prof["width_divisor"])
+    if ctx.init is not None:
+        cfg["init"] = load_init(float_model, ctx.init)
+        ctx.log.info("float stage starts from %s (%s)", ctx.init, cfg["init"]["sha256"])
     float_history = train_stage("float", float_model, train_x, train_y, cfg, ctx)
     stages["train_float"] = {"device": ctx.device, "wall_seconds": time.perf_counter() - t0}
 

@@ -56,9 +56,9 @@ def _write_user(calibration: dict) -> Path:
 
 def test_estimate_is_the_hand_computed_sum_over_parameter_sets() -> None:
     c, overhead = 2e-10, 0.05
-    by_hand = (
-        1408 * c * 896 * 2 * 2**2 * 8192 * 13  # log2(8192) = 13
-        + 256 * c * 965 * 1 * 2**2 * 2048 * 11  # log2(2048) = 11
+    by_hand = (  # c × n × (level + 1) × (k + 1)² × N × log2(N) per PBS
+        1408 * c * 896 * 3 * 2**2 * 8192 * 13  # log2(8192) = 13
+        + 256 * c * 965 * 2 * 2**2 * 2048 * 11  # log2(2048) = 11
         + overhead
     )
     calibration = _calibration(c, overhead)
@@ -68,7 +68,7 @@ def test_estimate_is_the_hand_computed_sum_over_parameter_sets() -> None:
     assert [row["count"] for row in result["rows"]] == [1408, 256]  # most expensive first
     first = result["rows"][0]
     assert first["parameter"] == PARAM_A
-    assert first["seconds_each"] == pytest.approx(c * 896 * 2 * 4 * 8192 * 13)
+    assert first["seconds_each"] == pytest.approx(c * 896 * 3 * 4 * 8192 * 13)
     assert first["seconds"] == pytest.approx(1408 * first["seconds_each"])
     assert result["calibration"]["cpu_model"] == "test CPU"
 
@@ -109,6 +109,18 @@ def test_fallback_order_user_then_default_then_bit_width_table(
     assert cost.current_calibration() is None
     assert cost.breakdown(CIRCUIT)["method"] == "bit-width-table"
     assert cost.estimate_seconds({}) is None
+
+
+def test_a_calibration_fitted_with_another_formula_is_refitted_from_its_points(
+    zoo_home: Path,
+) -> None:
+    shipped = json.loads(cost.DEFAULT_CALIBRATION.read_text())
+    old = {**shipped, "fit": {**shipped["fit"], "formula": "c * n * level * N", "coefficient": 1.0}}
+    _write_user(old)
+    calibration = cost.current_calibration()
+    assert calibration["source"]["kind"] == "user"
+    assert calibration["fit"]["formula"] == cost.FORMULA
+    assert calibration["fit"]["coefficient"] == pytest.approx(shipped["fit"]["coefficient"])
 
 
 def test_shipped_default_describes_its_machine() -> None:

@@ -96,6 +96,16 @@ def test_simulated_eval_writes_results_and_resumes(
     }
     assert results.read_text().splitlines()[:41] == kept
 
+    # In pieces: at most 30 new images, then the rest; the partial summary says what it covers.
+    pieces = tmp_path / "pieces.jsonl"
+    first = evaluate.evaluate(TINY, n_images=120, seed=3, data_dir=cifar_dir, results=pieces,
+                              stop_after=30)  # fmt: skip
+    assert first["n_images"] == 30 and first["sample"] == "seed 3 (30 of 120 done)"
+    rest = evaluate.evaluate(TINY, n_images=120, seed=3, data_dir=cifar_dir, results=pieces,
+                             resume=True)  # fmt: skip
+    assert rest["this_run_images"] == 90 and rest["sample"] == "seed 3"
+    assert rest["simulate_top1"] == full["simulate_top1"]
+
     with pytest.raises(ZooError, match="exists") as refused:
         evaluate.evaluate(TINY, n_images=120, seed=3, data_dir=cifar_dir, results=results)
     assert "--resume" in refused.value.hint
@@ -154,3 +164,4 @@ def test_ray_backend_real_fhe_survives_a_killed_worker(
     recorded = reg.load(registry_file).variant(TINY).builds[-1].metrics  # --record
     assert recorded["fhe_execute_n_images"] == 2 and recorded["fhe_execute_agreement"] == 1.0
     assert recorded["fhe_execute_top1"] == summary["execute_top1"]
+    assert recorded.get("keygen_seconds") == summary.get("keygen_seconds")  # when generated here

@@ -90,3 +90,27 @@ def test_rounded_tiny_runs_in_real_fhe_and_agrees_with_simulation(
     simulated = model.logits(images[:1], "simulate")
     assert executed.shape == (1, 10)
     assert (executed.argmax(1) == simulated.argmax(1)).all()
+
+
+def test_vgg11_smoke_build_from_init_records_it_and_trains_from_it(
+    cifar_dir: Path, zoo_home: Path, registry_file: Path, tmp_path: Path
+) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    from zoo.hashing import sha256_file
+
+    vgg = builder.load_recipe("recipes/vgg11_qat.py")
+    torch.manual_seed(7)  # another starting point than the recipe's own (seed 0)
+    init = tmp_path / "float.safetensors"
+    weights = vgg.FloatVGG11(10, width_divisor=8).state_dict()
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(init))
+
+    out = builder.build("cifar10-vgg11-qat", profile="smoke", data_dir=cifar_dir,
+                        out_dir=tmp_path / "init", init=init)  # fmt: skip
+
+    config = manifest.read(out)["recipe"]["config"]
+    assert config["init"] == {"file": init.name, "sha256": sha256_file(init), "format": "zoo"}
+    pinned = reg.load(ROOT / "registry.json").variant("cifar10-vgg11-qat").builds[-1]
+    pinned_weights = {e.path: e.sha256 for e in pinned.files}["weights.safetensors"]
+    assert build_hashes(out)["weights.safetensors"] != pinned_weights

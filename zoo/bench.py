@@ -2,7 +2,7 @@
 
 Small concrete-python circuits are compiled with the ``p_error`` our builds use (``2**-40``, see
 ``recipes/split_cnv.py``); each gets its keys once and one encrypted input, then ``circuit.run``
-is timed (median of a few rounds; the circuits take turns, see :func:`measure`). Timing ``run``
+is timed (median of a few runs, one circuit at a time, see :func:`measure`). Timing ``run``
 on an input encrypted once isolates the server's work; one ``encrypt_run_decrypt`` round trip per
 circuit is recorded as well. Two kinds of circuit, together covering the crypto parameter sets
 of our builds:
@@ -55,10 +55,13 @@ class PointSpec:
         return f"{self.kind}-{self.bits}bit-{'x'.join(str(d) for d in self.shape)}"
 
 
-# Elements per circuit: enough PBS that one run lasts well above the fixed per-run cost, few
-# enough that the slow widths stay quick (an even count keeps both cores of a 2-core box busy).
-TLU_ELEMENTS = {2: 64, 3: 64, 4: 32, 5: 16, 6: 16, 7: 8, 8: 4}
-CHAIN_ROWS = {5: 8, 6: 2, 7: 1}  # x is (rows, k) with k = (2**bits - 1) // CHAIN_WEIGHT
+# Elements per circuit: enough PBS per lookup that the cores work in the throughput regime of
+# a real network layer (hundreds of independent PBS), few enough that the slow widths stay
+# quick. Small circuits cost more per PBS: on the quiet 2-core machine the (896, level 2,
+# N=8192) bootstrap took 77 ms in a 12-PBS chain but 60 ms in a 96-PBS one, and
+# cifar10-split-tiny's 1,408 of them ran at ~63 ms each.
+TLU_ELEMENTS = {2: 256, 3: 256, 4: 128, 5: 128, 6: 128, 7: 32, 8: 8}
+CHAIN_ROWS = {5: 64, 6: 16, 7: 4}  # x is (rows, k) with k = (2**bits - 1) // CHAIN_WEIGHT
 # One 2-bit lookup on one element: its run is almost only the fixed cost of a run with PBS
 # (~30-60 ms here, against ~1 ms for a run without PBS), which the fit needs to separate.
 OVERHEAD_SPEC = PointSpec("tlu", 2, (1,))
@@ -176,25 +179,32 @@ def measure(
     repetitions: int = 5,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Prepare every circuit, then time ``circuit.run`` round-robin, ``repetitions`` rounds.
+    """Time each circuit on its own: compile, keygen, a warm-up run, ``repetitions`` timed runs
+    of ``circuit.run``, then drop its keys before the next one.
 
-    Interleaving matters on a shared machine: the load changes over the minutes keygen takes,
-    and timing each circuit right after its own keygen made level-2 bootstraps look from 1x to
-    2.5x a level-1 one depending on when they ran; round-robin rounds expose every circuit to
-    the same load. All keys stay in memory meanwhile: 5.1 GiB of evaluation keys up to 7 bits,
-    8.4 GiB with 8 (as concrete reports their sizes).
+    That is how an inference runs (one circuit, its keys, run after run). Keeping every
+    circuit's keys in memory and timing them round-robin (8.4 GiB of evaluation keys up to 8
+    bits) made the same circuits 20-40% slower on the quiet 2-core machine (a 96-PBS chain at
+    N=8192: 8.2 s against 6.0 s alone), while alternating two circuits cost only ~5%: the
+    calibration needs a quiet machine either way, and one circuit at a time measures what a
+    user will see.
     """
+    import gc
+
     say = progress or (lambda line: None)
-    prepared = []
+    points = []
     for spec in specs:
-        prepared.append(_prepare(spec))
-        say(f"{spec.name}: compiled and keys generated ({prepared[-1].keygen_seconds:.1f} s)")
-    for _ in range(repetitions):
-        for item in prepared:
+        item = _prepare(spec)
+        say(f"{spec.name}: compiled and keys generated ({item.keygen_seconds:.1f} s)")
+        for _ in range(repetitions):
             start = time.perf_counter()
             item.circuit.run(item.encrypted)
             item.runs.append(time.perf_counter() - start)
-    return [_point(item) for item in prepared]
+        sigpipe.restore()
+        points.append(_point(item))
+        del item
+        gc.collect()
+    return points
 
 
 def machine() -> dict[str, Any]:

@@ -55,6 +55,7 @@ class BuildContext:
     device: str
     resume: bool
     log: logging.Logger
+    init: Path | None = None  # --init: weights to start training from (recipes with ACCEPTS_INIT)
 
 
 @dataclass
@@ -130,8 +131,13 @@ def build(
     resume: bool = False,
     device: str = "cpu",
     registry_path: Path | None = None,
+    init: Path | None = None,
 ) -> Path:
-    """Build ``variant`` with its recipe and write the build directory; return its path."""
+    """Build ``variant`` with its recipe and write the build directory; return its path.
+
+    ``init`` is a safetensors file of weights to start training from, for recipes that accept
+    one (``ACCEPTS_INIT``); its sha256 enters the recipe's config, hence the manifest.
+    """
     from zoo.package import circuit_statistics, write_fhe_zips
 
     entry = reg.load(registry_path).variant(variant)
@@ -147,16 +153,25 @@ def build(
         raise BuildError(
             f"{out_dir} already holds a build", hint="pass --resume, or another --out, or remove it"
         )
+    recipe = load_recipe(entry.recipe["module"])
+    if init is not None:
+        if not getattr(recipe, "ACCEPTS_INIT", False):
+            raise BuildError(
+                f"the recipe of {variant} ({entry.recipe['module']}) takes no --init",
+                hint="leave out --init: this recipe trains from its own initialisation",
+            )
+        if not Path(init).is_file():
+            raise BuildError(f"--init file {init} not found", hint="pass a .safetensors file")
     work_dir = out_dir / "work"
     work_dir.mkdir(parents=True, exist_ok=True)
     for stale in [*manifest.ROLE_OF, manifest.MANIFEST, manifest.REPORT]:
         (out_dir / stale).unlink(missing_ok=True)
     logger = _logger(work_dir)
     started = time.time()
-    recipe = load_recipe(entry.recipe["module"])
     ctx = BuildContext(
         variant=variant, params=dict(entry.recipe["params"]), profile=profile, seed=seed,
         data_dir=data_dir, work_dir=work_dir, device=device, resume=resume, log=logger,
+        init=Path(init) if init is not None else None,
     )  # fmt: skip
     logger.info("building %s (profile %s, seed %d, device %s)", variant, profile, seed, device)
     result = recipe.build(ctx)

@@ -236,14 +236,17 @@ def pull(
 @click.option("--seed", type=int, default=None, help="default: the registry's seed")
 @click.option("--resume", is_flag=True, help="continue from the last epoch checkpoint")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
+@click.option("--init", "init", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              default=None, help="safetensors weights to start training from (VGG11: float "
+              "weights, ours or torchvision's vgg11)")
 @click.option("--check", "check_rev", default=None, metavar="REV",
               help="rebuild the published build REV and compare file by file")
 @REGISTRY
 @JSON
 @handles_errors
 def build_cmd(variant: str, profile: str, data_dir: Path | None, out_dir: Path | None,
-              seed: int | None, resume: bool, device: str, check_rev: str | None,
-              registry_path: Path | None, as_json: bool) -> None:
+              seed: int | None, resume: bool, device: str, init: Path | None,
+              check_rev: str | None, registry_path: Path | None, as_json: bool) -> None:
     """Build a variant from its recipe into a build directory that `zoo publish` accepts."""
     from zoo import build as builder
 
@@ -257,7 +260,7 @@ def build_cmd(variant: str, profile: str, data_dir: Path | None, out_dir: Path |
             sys.exit(4)
         return
     out = builder.build(variant, profile=profile, data_dir=data_dir, out_dir=out_dir, seed=seed,
-                        resume=resume, device=device, registry_path=registry_path)
+                        resume=resume, device=device, registry_path=registry_path, init=init)
     _emit(as_json, {"build_dir": str(out)}, lambda: f"built {variant} ({profile}) in {out}")
 # fmt: on
 
@@ -375,6 +378,9 @@ def serve_cmd(ref: str, host: str, port: int, key_store: Path | None, max_key_by
 @click.option("--results", type=click.Path(path_type=Path), default=None,
               help="results file (JSON lines; default under $ZOO_HOME/results)")
 @click.option("--resume", is_flag=True, help="continue the results file, skipping finished images")
+@click.option("--stop-after", type=int, default=None, metavar="K",
+              help="run at most K more images, then summarize what is done (with --resume: "
+              "a long evaluation in pieces)")
 @click.option("--backend", type=click.Choice(["local", "ray"]), default="local",
               help="where the encrypted circuit runs (--fhe execute)")
 @click.option("--address", default=None, help="Ray cluster address (default: start a local one)")
@@ -385,9 +391,9 @@ def serve_cmd(ref: str, host: str, port: int, key_store: Path | None, max_key_by
 @JSON
 @handles_errors
 def eval_cmd(ref: str, fhe: str, n_images: int, seed: int | None, data_dir: Path | None,
-             results: Path | None, resume: bool, backend: str, address: str | None,
-             workers: int | None, record: bool, registry_path: Path | None,
-             as_json: bool) -> None:  # fmt: skip
+             results: Path | None, resume: bool, stop_after: int | None, backend: str,
+             address: str | None, workers: int | None, record: bool,
+             registry_path: Path | None, as_json: bool) -> None:  # fmt: skip
     """Top-1/2/3 on CIFAR-10 test images; real FHE also reports agreement with simulation,
     image by image. Every image is appended to the results file as it finishes."""
     from zoo import evaluate
@@ -395,7 +401,7 @@ def eval_cmd(ref: str, fhe: str, n_images: int, seed: int | None, data_dir: Path
     result = evaluate.evaluate(
         ref, fhe=fhe, n_images=n_images, seed=seed, data_dir=data_dir, registry_path=registry_path,
         results=results, resume=resume, backend=backend, address=address, workers=workers,
-        progress=not as_json, record=record,
+        progress=not as_json, record=record, stop_after=stop_after,
     )  # fmt: skip
     _emit(as_json, result, lambda: json.dumps(result, indent=2, sort_keys=True))
 

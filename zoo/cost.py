@@ -3,37 +3,34 @@
 Model (per crypto parameter set, not per bit width)::
 
     seconds per image = Σ_p count_p × seconds_per_pbs(p) + overhead
-    seconds_per_pbs(p) = c × n × level × (k + 1)² × N × log2(N)
+    seconds_per_pbs(p) = c × n × (level + 1) × (k + 1)² × N × log2(N)
 
 summed over the parameter sets ``p`` of the programmable bootstraps (PBS) concrete reports
 (``circuit.statistics["programmable_bootstrap_count_per_parameter"]``, stored in every build's
 ``circuit.pbs_count_per_parameter``), with ``n`` = ``input_lwe_dimension``, ``k`` =
 ``glwe_dimension``, ``N`` = ``polynomial_size``. A bootstrap is ``n`` external products; each
 decomposes the ``k + 1`` accumulator polynomials into ``level`` pieces and multiplies them, in
-the Fourier domain, with a ``(k + 1) × level × (k + 1)`` block of the bootstrap key: ``n × level
-× (k+1)²`` products of length-``N`` polynomials at ``O(N log N)``. The bit width only matters
-through the parameters the optimizer picks for it, so rounding (more, cheaper PBS) is priced
-right, which a per-width table cannot do. ``overhead`` is the fixed cost of one run with PBS
-(~30-60 ms here; a run without PBS costs ~1 ms).
+the Fourier domain, with a ``(k + 1) × level × (k + 1)`` block of the bootstrap key, then goes
+back from the Fourier domain: ``level`` is counted as ``level + 1`` for that fixed part of each
+step. The bit width only matters through the parameters the optimizer picks for it, so rounding
+(more, cheaper PBS) is priced right, which a per-width table cannot do. ``overhead`` is the
+fixed cost of one run with PBS (~60 ms here; a run without PBS costs ~1 ms).
 
 Why this formula: `zoo bench pbs` (:mod:`zoo.bench`) times level-1 and level-2 bootstraps at
 polynomial sizes 512..32768 with our builds' ``p_error``, including exactly the parameter sets
-our convolutions use. On those points (``zoo/calibration/default.json``) it is the simplest
-formula that fits: 14% rms relative error, 30% at worst, over the 10 points up to N = 16384
-(25% rms with the N = 32768 point, which the stored fit includes; see the misses below).
-Dropping ``log2 N`` (key bytes streamed: 25% rms) or ``level`` (level-2 points 37-47% too low:
-28% rms) fits clearly worse. Counting FFTs instead, ``n × (k+1) × (level+1) × N log2 N``, fits
-about as well (12%), and so does adding a key-switch term (``k·N × level_ks × n`` per PBS; 12%:
-it counts 5-11% of the bootstrap's operations and grows with the same ``N`` and ``n``):
-neither gain is above the run-to-run noise of that (loaded) machine, so one constant stays.
-Known misses: above N = 8192 a PBS costs more per unit of the formula, probably as its
-polynomials outgrow the CPU caches. At N = 16384 the fit is 4-40% low over three bench runs
-(level 1 worst; level 2, which dominates ``cifar10-split-8bit``, 4-24%), at N = 32768 (8-bit
-lookups only) ~3x low (-66%, -70%); our 8-bit build has 10 such PBS out of 100,746. Linear
-layers (clear multiplications and additions on ciphertexts) are not modelled: counting their
-operations, they are a few per cent of the PBS time in our builds (not measured). Check on a
-whole circuit: one ``cifar10-split-tiny`` image took 130 s of ``server.run`` under the same load
-as the shipped calibration, which estimates 149 s (+14%); it took 77 s on a quiet machine.
+of our convolutions, one circuit at a time with layer-sized circuits (hundreds of PBS). On the
+11 points of the quiet 2-core machine (``zoo/calibration/default.json``) it fits with 12% rms
+relative error, 23% at worst; counting ``level`` instead of ``level + 1`` fits worse (13% rms,
+level-2 chains +21%, level-1 lookups -20%), and so do FFT counts alone (``n × (k+1) ×
+(level+1) × N log2 N``: 15% rms, 35% worst). On whole circuits (measured with ``zoo eval
+--fhe execute --record``): ``cifar10-split-tiny``, 1,408 level-2 PBS at N=8192, estimated
+94 s, measured 91 s per image (10 images) — the ``level + 1`` form was chosen among five
+candidates partly because it fits that run best, so the runs of the larger variants below are
+the real test (see README, "Cost model against real runs"). Earlier calibrations kept every
+circuit's keys in memory and timed them in turns, which made the same circuits 20-40% slower
+(and 8-bit ones 3x), and used 4-16-element circuits, which cost up to 25% more per PBS than a
+layer: both are gone. Linear layers (clear multiplications and additions on ciphertexts) are
+not modelled.
 
 Where the calibration (``c``, ``overhead``) comes from, first that applies:
 
@@ -61,7 +58,7 @@ from zoo import config, versions
 
 DEFAULT_SECONDS_PER_PBS = {4: 0.019, 6: 0.070, 8: 0.530}
 DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "calibration" / "default.json"
-FORMULA = "c * n * level * (k + 1)**2 * N * log2(N)"
+FORMULA = "c * n * (level + 1) * (k + 1)**2 * N * log2(N)"
 CALIBRATION_SCHEMA = 1
 
 
@@ -73,12 +70,12 @@ class StaleCalibrationWarning(UserWarning):
 
 
 def pbs_work(parameter: dict[str, Any]) -> float:
-    """Relative cost of one PBS: ``n × level × (k + 1)² × N × log2(N)`` (FFT external products)."""
+    """Relative cost of one PBS: ``n × (level + 1) × (k + 1)² × N × log2(N)``."""
     n = int(parameter["input_lwe_dimension"])
     level = int(parameter["level"])
     k = int(parameter["glwe_dimension"])
     size = int(parameter["polynomial_size"])
-    return float(n * level * (k + 1) ** 2 * size * math.log2(size))
+    return float(n * (level + 1) * (k + 1) ** 2 * size * math.log2(size))
 
 
 def describe(parameter: dict[str, Any]) -> str:
@@ -125,12 +122,19 @@ def user_calibration_path() -> Path:
 
 
 def _read(path: Path) -> dict[str, Any] | None:
+    """A calibration document, refitted from its measured points if it was fitted with another
+    formula (the points are the measurement; the fit is derived); None if unreadable."""
     try:
         document = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(document, dict) or not isinstance(document.get("fit"), dict):
         return None
+    if document["fit"].get("formula") != FORMULA:
+        try:
+            document = {**document, **make_calibration(document["points"])}
+        except (KeyError, TypeError, ValueError):
+            return None
     return document
 
 

@@ -49,6 +49,12 @@ def sample_indices(n_total: int, n: int, seed: int | None) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n_total, size=n, replace=False))
 
 
+def sample_name(seed: int | None, done: int, drawn: int) -> str:
+    """``first`` / ``seed S``, plus ``(D of N done)`` while a sample is evaluated in pieces."""
+    name = "first" if seed is None else f"seed {seed}"
+    return name if done == drawn else f"{name} ({done} of {drawn} done)"
+
+
 def default_results_path(variant: str, revision: str, fhe: str, n: int, seed: int | None) -> Path:
     """``$ZOO_HOME/results/VARIANT@REV12/FHE-nN-(first|seedS).jsonl``."""
     sample = "first" if seed is None else f"seed{seed}"
@@ -148,6 +154,7 @@ def evaluate(
     workers: int | None = None,
     progress: bool = False,
     record: bool = False,
+    stop_after: int | None = None,
 ) -> dict[str, Any]:
     """Top-1/2/3 of ``ref`` on its dataset's test images (the first ``n_images``, or a seeded
     sample).
@@ -155,7 +162,9 @@ def evaluate(
     Results go to ``results`` (default :func:`default_results_path`); with ``resume`` the images
     already there are not run again. Returns the summary, also appended to the results file.
     With ``record`` (real FHE only), the summary also goes into the build's registry metrics
-    (``fhe_execute_*``), where `zoo list` and `zoo info` show it.
+    (``fhe_execute_*``), where `zoo list` and `zoo info` show it. ``stop_after`` runs at most
+    that many new images (a long evaluation in pieces, with ``resume``); the summary then
+    covers the images done so far and says so in ``sample``.
     """
     from tqdm.auto import tqdm
 
@@ -182,6 +191,10 @@ def evaluate(
     )
     out = _ResultsFile(path, header, resume)
     pending = [int(i) for i in indices if int(i) not in out.done]
+    if stop_after is not None:
+        if stop_after < 0:
+            raise ZooError(f"--stop-after must be >= 0, got {stop_after}")
+        pending = pending[:stop_after]
     estimate = cost.estimate_seconds(model.meta.get("circuit", {}))
     if progress and fhe == "execute" and estimate and pending:
         parallel = max(1, workers or 1) if backend == "ray" else 1
@@ -208,7 +221,7 @@ def evaluate(
         "revision": build.revision,
         "fhe": fhe,
         "backend": backend,
-        "sample": "first" if seed is None else f"seed {seed}",
+        "sample": sample_name(seed, len(out.done), len(indices)),
         **summarize(list(out.done.values()), fhe),
         **{k: round(model.timings[k], 3) for k in KEY_TIMINGS if k in model.timings},
         "this_run_images": len(pending),
@@ -223,8 +236,11 @@ def evaluate(
 
 
 def registry_metrics(summary: dict[str, Any]) -> dict[str, Any]:
-    """The registry's ``fhe_execute_*`` metrics from a real-FHE evaluation summary."""
+    """The registry's ``fhe_execute_*`` metrics from a real-FHE evaluation summary (plus the
+    keygen time, when this run generated the keys)."""
+    keygen = {"keygen_seconds": summary["keygen_seconds"]} if "keygen_seconds" in summary else {}
     return {
+        **keygen,
         "fhe_execute_top1": summary["execute_top1"],
         "fhe_execute_top2": summary["execute_top2"],
         "fhe_execute_top3": summary["execute_top3"],

@@ -1,0 +1,155 @@
+"""Search the cheap end of a trained split-CNV build: recompile its weights with rounded PBS
+(``rounding_threshold_bits``) and other ``p_error`` values, price each circuit with the cost model
+(`zoo.cost`, calibrated by `zoo bench pbs`) and measure its FHE-simulated accuracy.
+
+No retraining: the encrypted part is loaded from the build's ``weights.safetensors`` and its
+inputs come from the build's own clear head (``head.safetensors``), exactly what a client sends.
+Each setting writes one JSON line to ``--out`` as soon as it is done; a rerun skips the settings
+already there (``--resume`` semantics by default), so the search survives a kill.
+
+    .venv/bin/python benchmarks/rounding_search.py cifar10-split-8bit \\
+        --build-dir build-out/cifar10-split-8bit-full -n 500 \\
+        --setting none --setting approximate:6 --setting approximate:5 --setting exact:5
+
+A setting is ``none`` (no rounding) or ``METHOD:BITS`` with METHOD ``exact`` or ``approximate``,
+optionally ``@P_ERROR`` (e.g. ``approximate:6@0.01``); the default p_error is the variant's.
+Accuracy is measured on the first ``-n`` CIFAR test images (the official order). Simulated PBS
+errors are not seeded by concrete: settings with a large ``p_error`` vary from run to run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from zoo import config, cost, head  # noqa: E402
+from zoo import registry as reg  # noqa: E402
+from zoo.build import load_recipe  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+
+
+def parse_setting(text: str, default_p_error: float) -> dict[str, Any]:
+    """``none`` | ``METHOD:BITS[@P_ERROR]`` → ``{"name", "rounding_threshold_bits", "p_error"}``."""
+    body, _, p_error = text.partition("@")
+    p = float(p_error) if p_error else default_p_error
+    if body == "none":
+        rounding = None
+    else:
+        method, _, bits = body.partition(":")
+        if method not in ("exact", "approximate") or not bits.isdigit():
+            raise SystemExit(f"bad setting {text!r}: use none or exact:BITS / approximate:BITS")
+        rounding = {"method": method.upper(), "n_bits": int(bits)}
+    return {"name": text, "rounding_threshold_bits": rounding, "p_error": p}
+
+
+def load_encrypted_part(recipe: Any, arch: dict[str, Any], weights: Path) -> Any:
+    """The recipe's encrypted module with the build's (pruned, final) weights."""
+    from safetensors.torch import load_file
+
+    model = recipe.SplitCNV(arch)
+    model.encrypted.load_state_dict(load_file(str(weights)))
+    return model.encrypted.eval()
+
+
+def evaluate_setting(
+    encrypted: Any,
+    arch: dict[str, Any],
+    setting: dict[str, Any],
+    calib: Any,
+    test: tuple[Any, Any],
+    work: Path,
+) -> dict[str, Any]:
+    """Compile one setting, price it, simulate it on the test images."""
+    from zoo.package import circuit_statistics
+    from zoo.qat import compile_qat, fhe_logits, topk_accuracy
+
+    arch = {**arch, **{k: setting[k] for k in ("rounding_threshold_bits", "p_error")}}
+    out_bits = {"model_inputs": arch["output_bits"], "model_outputs": arch["output_bits"]}
+    t0 = time.perf_counter()
+    qmodule = compile_qat(encrypted, calib, arch, work / "search.onnx", n_bits=out_bits)
+    compile_seconds = time.perf_counter() - t0
+    stats = circuit_statistics(qmodule)
+    t0 = time.perf_counter()
+    sim = fhe_logits(qmodule, test[0], "simulate")
+    simulate_seconds = time.perf_counter() - t0
+    accuracy = topk_accuracy(sim, test[1])
+    return {
+        **setting,
+        "max_bit_width": stats["max_bit_width"],
+        "pbs_count": stats["pbs_count"],
+        "pbs_count_by_bit_width": stats["pbs_count_by_bit_width"],
+        "pbs_count_per_parameter": stats["pbs_count_per_parameter"],
+        "eval_key_bytes": stats["eval_key_bytes"],
+        "estimated_fhe_seconds_per_image": cost.estimate_seconds(stats),
+        "fhe_simulation_top1": accuracy[1],
+        "fhe_simulation_top2": accuracy[2],
+        "fhe_simulation_top3": accuracy[3],
+        "n_test_images": len(test[1]),
+        "compile_seconds": round(compile_seconds, 1),
+        "simulate_seconds_per_image": round(simulate_seconds / len(test[1]), 4),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the search; print one line per setting."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("variant", help="registry variant whose recipe is split_cnv")
+    parser.add_argument("--build-dir", type=Path, required=True, help="a build of that variant")
+    parser.add_argument("--setting", action="append", required=True)
+    parser.add_argument("-n", type=int, default=500, help="test images simulated per setting")
+    parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=None, help="JSON lines (appended)")
+    args = parser.parse_args(argv)
+
+    from zoo.data import load_cifar10
+
+    variant = reg.load().variant(args.variant)
+    recipe = load_recipe(variant.recipe["module"])
+    manifest = json.loads((args.build_dir / "manifest.json").read_text())
+    arch = manifest["recipe"]["config"]["arch"]
+    data_dir = args.data_dir or config.data_dir()
+    head_tensors, head_config = head.load(args.build_dir / "head.safetensors")
+    n_calib = manifest["recipe"]["config"]["profile"]["n_calib"]
+    calib = head.forward(head_tensors, head_config, load_cifar10(data_dir, "train")[0][:n_calib])
+    images, labels = load_cifar10(data_dir, "test")
+    test = (head.forward(head_tensors, head_config, images[: args.n]), labels[: args.n])
+    encrypted = load_encrypted_part(recipe, arch, args.build_dir / "weights.safetensors")
+
+    out = args.out or RESULTS / f"rounding_search-{args.variant}.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if out.exists():
+        done = {json.loads(line)["name"] for line in out.read_text().splitlines() if line}
+    work = args.build_dir / "work"
+    work.mkdir(exist_ok=True)
+    for text in args.setting:
+        setting = parse_setting(text, arch["p_error"])
+        if setting["name"] in done:
+            print(f"{text}: already in {out}")
+            continue
+        row = {
+            "variant": args.variant,
+            "build_dir": str(args.build_dir),
+            **evaluate_setting(encrypted, arch, setting, calib, test, work),
+        }
+        with out.open("a") as handle:
+            handle.write(json.dumps(row, sort_keys=True) + "\n")
+        print(
+            f"{text}: {row['max_bit_width']} bits, {row['pbs_count']} PBS, "
+            f"est {row['estimated_fhe_seconds_per_image']:.0f} s/img, "
+            f"sim top-1 {row['fhe_simulation_top1']:.4f} on {row['n_test_images']}",
+            flush=True,
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
