@@ -5,7 +5,8 @@ Writes benchmarks/results/tradeoff.json (one row per variant: profile, top-1 cle
 simulation / real FHE, PBS count, estimated and measured real-FHE seconds per image here with
 the estimate's relative error, eval-key size, build and compile wall times) and
 benchmarks/results/tradeoff.png (top-1 against seconds per image, measured where `zoo eval
---record` ran real FHE, else estimated; log scale, with the published reference points).
+--record` ran real FHE, else estimated; log scale, with the published reference points), and
+benchmarks/results/tradeoff.md (the README's table of pinned builds).
 
     .venv/bin/python benchmarks/tradeoff.py
 
@@ -122,6 +123,45 @@ def plot(table: list[dict[str, Any]], refs: list[dict[str, Any]], path: Path) ->
     fig.savefig(path)
 
 
+def _num(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "–"
+    return f"{value:,.{digits}f}"
+
+
+def markdown(table: list[dict[str, Any]], registry: reg.Registry) -> str:
+    """The README's table of pinned builds (variants without a build get a "no build" row)."""
+    lines = [
+        "| variant | profile | test images | top-1 clear | top-1 FHE sim. | top-1 real FHE "
+        "(images) | max bits | PBS (by width) | est. FHE s/img | measured FHE s/img (error) "
+        "| eval keys | build s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = {row["variant"]: row for row in table}
+    for name in registry.variants:
+        row = rows.get(name)
+        if row is None:
+            lines.append(f"| `{name}` | no build |" + " |" * 10)
+            continue
+        widths = sorted((row["pbs_count_by_bit_width"] or {}).items(), key=lambda i: int(i[0]))
+        by_width = ", ".join(f"{int(n):,} × {w}-bit" for w, n in widths)
+        real = "–"
+        if row["fhe_execute_top1"] is not None:
+            real = f"{row['fhe_execute_top1']:.4f} ({row['fhe_execute_n_images']})"
+        measured = _num(row["fhe_execute_seconds_per_image"])
+        if row["estimate_relative_error"] is not None:
+            measured += f" ({row['estimate_relative_error']:+.0%})"
+        keys = row["eval_key_bytes"]
+        lines.append(
+            f"| `{name}` | {row['profile']} | {row['n_test_images']} | "
+            f"{_num(row['clear_top1'], 4)} | {_num(row['fhe_simulation_top1'], 4)} | {real} | "
+            f"{row['max_bit_width']} | {row['pbs_count']:,} ({by_width}) | "
+            f"{_num(row['estimated_fhe_seconds_per_image'])} | {measured} | "
+            f"{'–' if keys is None else f'{keys / 2**30:.2f} GiB'} | {_num(row['build_seconds'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     """Render the table and the plot from registry.json."""
     registry = reg.load(ROOT / "registry.json")
@@ -132,6 +172,7 @@ def main() -> None:
     document = {"cpus": cpus, "calibration": calibration, "variants": table, "references": refs}
     (RESULTS / "tradeoff.json").write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
     plot(table, refs, RESULTS / "tradeoff.png")
+    (RESULTS / "tradeoff.md").write_text(markdown(table, registry))
     for row in table:
         seconds = row["estimated_fhe_seconds_per_image"]
         measured = row["fhe_execute_seconds_per_image"]
@@ -139,7 +180,7 @@ def main() -> None:
               f"est {'?' if seconds is None else f'{seconds:.0f}'} s/img"
               + (f", measured {measured:.0f} s/img ({row['estimate_relative_error']:+.0%})"
                  if measured and seconds else ""))  # fmt: skip
-    print(f"wrote {RESULTS / 'tradeoff.json'} and {RESULTS / 'tradeoff.png'}")
+    print(f"wrote {RESULTS / 'tradeoff.json'}, tradeoff.png and tradeoff.md (the README's table)")
 
 
 if __name__ == "__main__":

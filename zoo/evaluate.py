@@ -216,6 +216,9 @@ def evaluate(
             bar.update(1)
     finally:
         bar.close()
+    if not out.done:
+        raise ZooError(f"no image of this sample is evaluated yet ({path})",
+                       hint="run without --stop-after 0")  # fmt: skip
     summary = {
         "variant": build.variant,
         "revision": build.revision,
