@@ -1,10 +1,11 @@
 """`zoo bench pbs`: measure what one programmable bootstrap (PBS) costs on this machine.
 
-Small concrete-python circuits are compiled with the ``p_error`` our builds use (``2**-40``, see
-``recipes/split_cnv.py``); each gets its keys once and one encrypted input, then ``circuit.run``
-is timed (median of a few runs, one circuit at a time, see :func:`measure`). Timing ``run``
-on an input encrypted once isolates the server's work; one ``encrypt_run_decrypt`` round trip per
-circuit is recorded as well. Two kinds of circuit, together covering the crypto parameter sets
+Layer-sized concrete-python circuits are compiled with the ``p_error`` our builds use
+(``2**-40``, see ``recipes/split_cnv.py``); each gets its keys once and one encrypted input,
+then ``circuit.run`` is timed (median of a few runs, one circuit at a time, see
+:func:`measure`). Timing ``run`` on an input encrypted once isolates the server's work; one
+``encrypt_run_decrypt`` round trip per circuit is recorded as well. Two kinds of circuit,
+together covering the crypto parameter sets
 of our builds:
 
 * ``tlu``: one table lookup over a vector of ``m`` elements of ``bits`` bits (level-1 bootstraps
