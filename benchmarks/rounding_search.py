@@ -72,9 +72,8 @@ def evaluate_setting(
     from zoo.qat import compile_qat, fhe_logits, topk_accuracy
 
     arch = {**arch, **{k: setting[k] for k in ("rounding_threshold_bits", "p_error")}}
-    out_bits = {"model_inputs": arch["output_bits"], "model_outputs": arch["output_bits"]}
     t0 = time.perf_counter()
-    qmodule = compile_qat(encrypted, calib, arch, work / "search.onnx", n_bits=out_bits)
+    qmodule = compile_qat(encrypted, calib, arch, work / "search.onnx")
     compile_seconds = time.perf_counter() - t0
     stats = circuit_statistics(qmodule)
     t0 = time.perf_counter()

@@ -792,10 +792,7 @@ def build(ctx: BuildContext) -> RecipeResult:
     # 5. Compile the encrypted part, calibrated on head outputs of training images.
     t0 = time.perf_counter()
     calib = head_outputs(model, train_x[: prof["n_calib"]], bs)
-    out_bits = {"model_inputs": arch["output_bits"], "model_outputs": arch["output_bits"]}
-    qmodule = compile_qat(
-        model.encrypted, calib, arch, Path(ctx.work_dir) / "encrypted.onnx", n_bits=out_bits
-    )
+    qmodule = compile_qat(model.encrypted, calib, arch, Path(ctx.work_dir) / "encrypted.onnx")
     compile_seconds = time.perf_counter() - t0
     stages["compile"] = {"device": "cpu", "wall_seconds": compile_seconds}
     width = check_bit_width(qmodule, arch["max_bit_width"])

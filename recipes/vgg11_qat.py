@@ -315,8 +315,8 @@ def load_init(model: FloatVGG11, path: Path) -> dict[str, Any]:
         tensors = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise BuildError(f"--init {path} is not a readable safetensors file: {exc}") from exc
-    convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
-    ours = {k: v for k, v in model.state_dict().items()}
+    convs = [f"features.{i}" for i, m in enumerate(model.features) if isinstance(m, nn.Conv2d)]
+    ours = dict(model.state_dict())
     if set(tensors) == set(ours):
         source = "zoo"
         mapped = tensors
@@ -332,12 +332,11 @@ def load_init(model: FloatVGG11, path: Path) -> dict[str, Any]:
                 f"has {len(convs)}",
                 hint="pass a torchvision vgg11 state dict or a float stage saved by this recipe",
             )
-        names = {id(m): f"features.{i}" for i, m in enumerate(model.features)}
         mapped = {}
         for key, conv in zip(weights, convs):
             theirs = key.rsplit(".", 1)[0]
-            mapped[f"{names[id(conv)]}.weight"] = tensors[key]
-            mapped[f"{names[id(conv)]}.bias"] = tensors[f"{theirs}.bias"]
+            mapped[f"{conv}.weight"] = tensors[key]
+            mapped[f"{conv}.bias"] = tensors[f"{theirs}.bias"]
         mapped.update({k: v for k, v in ours.items() if k.startswith("final.")})
     for key, value in mapped.items():
         if tuple(value.shape) != tuple(ours[key].shape):

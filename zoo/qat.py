@@ -272,22 +272,20 @@ def quantizer_tensors_and_op(quant_identity: Any) -> tuple[dict[str, torch.Tenso
 
 
 def compile_qat(
-    module: torch.nn.Module,
-    calib: np.ndarray,
-    arch: dict[str, Any],
-    onnx_path: Path,
-    n_bits: dict[str, int] | None = None,
+    module: torch.nn.Module, calib: np.ndarray, arch: dict[str, Any], onnx_path: Path
 ) -> Any:
     """``compile_brevitas_qat_model`` on ``module`` (in eval mode) with the arch's ``p_error``
     and ``rounding_threshold_bits``, calibrated on ``calib``; the ONNX export goes to
-    ``onnx_path``. ``n_bits`` ``None`` is concrete-ml's default."""
+    ``onnx_path``. An arch with ``output_bits`` quantizes the circuit's inputs and outputs to
+    that many bits; without it, concrete-ml's default applies."""
     from concrete.ml.torch.compile import compile_brevitas_qat_model
 
+    bits = arch.get("output_bits")
     module.eval()
     return compile_brevitas_qat_model(
         module,
         calib,
-        n_bits=n_bits,
+        n_bits={"model_inputs": bits, "model_outputs": bits} if bits is not None else None,
         p_error=arch["p_error"],
         rounding_threshold_bits=arch["rounding_threshold_bits"],
         output_onnx_file=onnx_path,
