@@ -51,12 +51,13 @@ def parse_setting(text: str, default_p_error: float) -> dict[str, Any]:
 
 
 def load_encrypted_part(recipe: Any, arch: dict[str, Any], weights: Path) -> Any:
-    """The recipe's encrypted module with the build's (pruned, final) weights."""
+    """The circuit's module (less any blocks the client runs) with the build's (pruned, final)
+    weights."""
     from safetensors.torch import load_file
 
     model = recipe.SplitCNV(arch)
     model.encrypted.load_state_dict(load_file(str(weights)))
-    return model.encrypted.eval()
+    return recipe.encrypted_part(model.eval(), arch)
 
 
 def evaluate_setting(

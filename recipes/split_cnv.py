@@ -68,7 +68,6 @@ from zoo.data import load_cifar10
 from zoo.qat import (
     TORCH_THREADS,
     accuracy_metrics,
-    augment,
     check_bit_width,
     cifar10_name,
     compile_qat,
@@ -84,6 +83,7 @@ from zoo.qat import (
     seed_everything,
     subset,
     topk_accuracy,
+    train_epoch,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -227,9 +227,15 @@ def resolve_config(variant: str, params: dict[str, Any], profile: str, seed: int
     ``params`` holds ``arch`` plus optional overrides of any architecture key (such as
     ``max_bit_width`` or ``fanin``) and an optional ``profile_overrides`` dict.
     """
+    params = dict(params)
+    clear_blocks = params.pop("clear_blocks", 0)
     arch_name, arch, prof = merge_params(
         "split-CNV", ARCHS, PROFILES, PROFILE_OVERRIDES, variant, params, profile
     )
+    if clear_blocks:  # absent when 0, so that older builds keep their bytes
+        if not 0 < clear_blocks < len(arch["plan"]):
+            raise ValueError(f"clear_blocks must be between 1 and {len(arch['plan']) - 1}")
+        arch["clear_blocks"] = clear_blocks
     n_layers = len(arch["plan"]) + len(arch["fc"]) + 1
     if arch["fanin"] is not None and len(arch["fanin"]) != n_layers:
         raise ValueError(f"fanin needs {n_layers} entries (one per encrypted layer)")
@@ -468,6 +474,31 @@ class SplitCNV(nn.Module):
             w.clamp_(-limit, limit)
 
 
+class EncryptedTail(nn.Module):
+    """The encrypted part without its first blocks (run by the client instead): the
+    QuantIdentity that ends the last clear block becomes the circuit's input quantizer."""
+
+    def __init__(self, encrypted: EncryptedCNV, start: int) -> None:
+        super().__init__()
+        self.input_quant = encrypted.features[start]
+        self.features = encrypted.features[start + 1 :]
+        self.linear = encrypted.linear
+
+    forward = EncryptedCNV.forward
+
+
+def _clear_end(arch: dict[str, Any]) -> int:
+    """Index in ``features`` of the QuantIdentity that ends the clear blocks (-1: none).
+    A block is conv, BatchNorm, QuantIdentity, plus AvgPool and QuantIdentity when it pools."""
+    return sum(5 if pool else 3 for _, pool in arch["plan"][: arch.get("clear_blocks", 0)]) - 1
+
+
+def encrypted_part(model: SplitCNV, arch: dict[str, Any]) -> nn.Module:
+    """What the circuit computes: the encrypted part, less the blocks the client runs."""
+    start = _clear_end(arch)
+    return model.encrypted if start < 0 else EncryptedTail(model.encrypted, start)
+
+
 def fanin_mask(weight: torch.Tensor, k: int) -> torch.Tensor:
     """Mask keeping the ``k`` largest-magnitude weights of each output neuron (row).
 
@@ -561,12 +592,8 @@ def train(
     With the profile's ``monitor_every`` = k, the clear top-1 on ``monitor`` (images, labels)
     is logged and kept in the history every k epochs; it never steers training.
     """
-    from tqdm import tqdm
-
     prof, arch, seed = cfg["profile"], cfg["arch"], cfg["seed"]
     device = torch.device(ctx.device)
-    mean = torch.tensor(DATA["mean"], dtype=torch.float32)
-    std = torch.tensor(DATA["std"], dtype=torch.float32)
     ckpt_path = Path(ctx.work_dir) / "checkpoint.pt"
     start_epoch, history = 0, []
 
@@ -588,9 +615,6 @@ def train(
         start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
         ctx.log.info("resumed from %s after epoch %d", ckpt_path, start_epoch)
 
-    criterion = nn.CrossEntropyLoss()
-    bs = prof["batch_size"]
-    n_batches = len(labels) // bs  # drop the last partial batch (BatchNorm needs > 1 sample)
     for epoch in range(start_epoch, prof["epochs"]):
         if epoch == prof["prune_epoch"] and arch["fanin"] is not None and not is_pruned(model):
             # Masks from the current magnitudes; the optimizer keeps its state because the
@@ -599,38 +623,14 @@ def train(
             opt = _rebind_optimizer(opt, model)
         for group in opt.param_groups:
             group["lr"] = _lr_at(cfg, epoch)
-        rng = np.random.default_rng([seed, epoch])
-        order = rng.permutation(len(labels))
-        model.train()
         t0 = time.perf_counter()
-        loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(
-            range(n_batches),
-            desc=f"epoch {epoch + 1}/{prof['epochs']}",
-            leave=False,
-            disable=not ctx.log.isEnabledFor(logging.INFO),
-        )
-        for b in bar:
-            idx = order[b * bs : (b + 1) * bs]
-            x = augment(images[idx], rng, DATA["crop_padding"], DATA["hflip"])
-            x = normalize_images(x, mean, std).to(device)
-            y = torch.from_numpy(labels[idx]).to(device)
-            out = model(x)
-            loss = criterion(out, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            model.clip_weights(WEIGHT_CLIP)
-            loss_sum += float(loss.detach()) * len(idx)
-            correct += int((out.detach().argmax(1) == y).sum())
-            seen += len(idx)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        rec = {
-            "epoch": epoch + 1,
-            "lr": _lr_at(cfg, epoch),
-            "loss": loss_sum / max(seen, 1),
-            "train_top1": correct / max(seen, 1),
-        }
+        rec = train_epoch(
+            model, opt, images, labels, np.random.default_rng([seed, epoch]), DATA,
+            prof["batch_size"], device, f"epoch {epoch + 1}/{prof['epochs']}",
+            after_step=lambda m: m.clip_weights(WEIGHT_CLIP),
+            progress=ctx.log.isEnabledFor(logging.INFO),
+        )  # fmt: skip
+        rec = {"epoch": epoch + 1, "lr": _lr_at(cfg, epoch), **rec}
         every = prof.get("monitor_every")
         if monitor is not None and every and (epoch + 1) % every == 0:
             logits = clear_logits(model.cpu(), monitor[0], prof["eval_batch_size"])
@@ -670,13 +670,23 @@ def _rebind_optimizer(opt: torch.optim.Optimizer, model: SplitCNV) -> torch.opti
 
 
 @torch.no_grad()
-def head_outputs(model: SplitCNV, images: np.ndarray, batch: int) -> np.ndarray:
-    """Float output of the clear head (the calibration / FHE-input pre-quantization)."""
+def head_outputs(model: SplitCNV, images: np.ndarray, batch: int, clear_end: int = -1):
+    """Float output of the clear head (the calibration / FHE-input pre-quantization); with
+    ``clear_end`` >= 0, through the encrypted part's ``features[: clear_end + 1]`` too."""
     model.eval()
     mean = torch.tensor(DATA["mean"], dtype=torch.float32)
     std = torch.tensor(DATA["std"], dtype=torch.float32)
+
+    def client(x: torch.Tensor) -> torch.Tensor:
+        x = model.head(x)
+        if clear_end >= 0:
+            x = model.encrypted.input_quant(x)
+            for mod in model.encrypted.features[: clear_end + 1]:
+                x = mod(x)
+        return x
+
     outs = [
-        model.head(normalize_images(images[i : i + batch], mean, std))
+        client(normalize_images(images[i : i + batch], mean, std))
         for i in range(0, len(images), batch)
     ]
     # Contiguous on purpose: concrete's simulation misreads strided arrays (pooling can return
@@ -721,6 +731,23 @@ def export_head(model: SplitCNV, arch: dict[str, Any]) -> tuple[dict, dict]:
     quant_tensors, quant_op = quantizer_tensors_and_op(model.encrypted.input_quant)
     tensors.update(quant_tensors)
     ops.append(quant_op)
+    features, i = model.encrypted.features, 0
+    for _, pool in arch["plan"][: arch.get("clear_blocks", 0)]:
+        # A clear block: ternary conv with its BatchNorm folded in, then its quantizers.
+        conv, bn = features[i], features[i + 1]
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        weight = conv.quant_weight().value * scale.view(-1, 1, 1, 1)
+        tensors[f"features.{i}.weight"] = weight.detach().contiguous()
+        tensors[f"features.{i}.bias"] = (bn.bias - bn.running_mean * scale).detach()
+        ops.append({"op": "conv2d", "weight": f"features.{i}.weight",
+                    "bias": f"features.{i}.bias", "stride": 1, "padding": 0})  # fmt: skip
+        for j in [i + 2, i + 4] if pool else [i + 2]:
+            if j == i + 4:
+                ops.append({"op": "avg_pool2d", "kernel_size": 2, "stride": 2})
+            quant_tensors, quant_op = quantizer_tensors_and_op(features[j], f"features.{j}")
+            tensors.update(quant_tensors)
+            ops.append(quant_op)
+        i += 5 if pool else 3
     config = {
         "format": "split-cnv-head/1",
         "input": head_input_config(DATA["mean"], DATA["std"]),
@@ -728,7 +755,7 @@ def export_head(model: SplitCNV, arch: dict[str, Any]) -> tuple[dict, dict]:
         "output": {
             "layout": "NCHW",
             "dtype": "float32",
-            "shape": [None, *_head_out_shape(arch)],
+            "shape": [None, *_head_out_shape(arch, arch.get("clear_blocks", 0))],
             "meaning": "dequantized input of the encrypted part: pass it to the FHE circuit "
             "(quantized_module.quantize_input re-quantizes it exactly)",
         },
@@ -736,13 +763,17 @@ def export_head(model: SplitCNV, arch: dict[str, Any]) -> tuple[dict, dict]:
     return tensors, config
 
 
-def _head_out_shape(arch: dict[str, Any]) -> list[int]:
-    """(C, H, W) of the circuit's input: the image itself when the head has no conv."""
+def _head_out_shape(arch: dict[str, Any], blocks: int = 0) -> list[int]:
+    """(C, H, W) of the head's output (the image itself when the head has no conv), after
+    ``blocks`` more conv blocks of the plan (the circuit's input when they run in the clear)."""
     head = arch["head"]
     if head["out_channels"] is None:
-        return [3, 32, 32]
-    size = 30 // head["pool"] if head["pool"] else 30
-    return [head["out_channels"], size, size]
+        channels, size = 3, 32
+    else:
+        channels, size = head["out_channels"], 30 // head["pool"] if head["pool"] else 30
+    for out_channels, pool in arch["plan"][:blocks]:
+        channels, size = out_channels, (size - 2) // 2 if pool else size - 2
+    return [channels, size, size]
 
 
 head_forward = zoo_head.forward  # the client's head: one implementation, in zoo
@@ -791,8 +822,9 @@ def build(ctx: BuildContext) -> RecipeResult:
 
     # 5. Compile the encrypted part, calibrated on head outputs of training images.
     t0 = time.perf_counter()
-    calib = head_outputs(model, train_x[: prof["n_calib"]], bs)
-    qmodule = compile_qat(model.encrypted, calib, arch, Path(ctx.work_dir) / "encrypted.onnx")
+    calib = head_outputs(model, train_x[: prof["n_calib"]], bs, _clear_end(arch))
+    encrypted = encrypted_part(model, arch)
+    qmodule = compile_qat(encrypted, calib, arch, Path(ctx.work_dir) / "encrypted.onnx")
     compile_seconds = time.perf_counter() - t0
     stages["compile"] = {"device": "cpu", "wall_seconds": compile_seconds}
     width = check_bit_width(qmodule, arch["max_bit_width"])

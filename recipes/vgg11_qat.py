@@ -60,7 +60,6 @@ from zoo.errors import BuildError
 from zoo.qat import (
     TORCH_THREADS,
     accuracy_metrics,
-    augment,
     check_bit_width,
     cifar10_name,
     compile_qat,
@@ -76,6 +75,7 @@ from zoo.qat import (
     seed_everything,
     subset,
     topk_accuracy,
+    train_epoch,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -368,13 +368,9 @@ def train_stage(
     ctx: BuildContext,
 ) -> list[dict[str, Any]]:
     """Train ``model`` for the stage's epochs; checkpoint (and resume) every epoch."""
-    from tqdm import tqdm
-
     prof, data, seed = cfg["profile"], cfg["data"], cfg["seed"]
     epochs = prof[f"{stage}_epochs"]
     device = torch.device(ctx.device)
-    mean = torch.tensor(data["mean"], dtype=torch.float32)
-    std = torch.tensor(data["std"], dtype=torch.float32)
     ckpt = Path(ctx.work_dir) / f"{stage}.pt"
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=prof[f"{stage}_lr"])
@@ -386,37 +382,18 @@ def train_stage(
         torch.set_rng_state(state["torch_rng"])
         start, history = int(state["epoch"]) + 1, list(state["history"])
         ctx.log.info("%s stage: resumed from %s after epoch %d", stage, ckpt, start)
-    criterion = nn.CrossEntropyLoss()
-    bs = prof["batch_size"]
-    n_batches = max(1, len(labels) // bs)
     stage_id = 0 if stage == "float" else 1
     for epoch in range(start, epochs):
         lr = _float_lr(prof, epoch) if stage == "float" else prof["qat_lr"]
         for group in opt.param_groups:
             group["lr"] = lr
-        rng = np.random.default_rng([seed, stage_id, epoch])
-        order = rng.permutation(len(labels))
-        model.train()
         t0 = time.perf_counter()
-        loss_sum, correct, seen = 0.0, 0, 0
-        bar = tqdm(range(n_batches), desc=f"{stage} {epoch + 1}/{epochs}", leave=False,
-                   disable=not ctx.log.isEnabledFor(logging.INFO))  # fmt: skip
-        for b in bar:
-            idx = order[b * bs : (b + 1) * bs]
-            x = augment(images[idx], rng, data["crop_padding"], data["hflip"])
-            x = normalize_images(x, mean, std).to(device)
-            y = torch.from_numpy(labels[idx]).to(device)
-            out = model(x)
-            loss = criterion(out, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            loss_sum += float(loss.detach()) * len(idx)
-            correct += int((out.detach().argmax(1) == y).sum())
-            seen += len(idx)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        rec = {"stage": stage, "epoch": epoch + 1, "lr": lr, "loss": loss_sum / max(seen, 1),
-               "train_top1": correct / max(seen, 1)}  # fmt: skip
+        rec = train_epoch(
+            model, opt, images, labels, np.random.default_rng([seed, stage_id, epoch]), data,
+            prof["batch_size"], device, f"{stage} {epoch + 1}/{epochs}",
+            progress=ctx.log.isEnabledFor(logging.INFO),
+        )  # fmt: skip
+        rec = {"stage": stage, "epoch": epoch + 1, "lr": lr, **rec}
         history.append(rec)
         ctx.log.info("%s epoch %d/%d lr %.6f loss %.4f train acc %.4f (%.1f s)", stage,
                      epoch + 1, epochs, lr, rec["loss"], rec["train_top1"],

@@ -27,9 +27,14 @@ def _variant_problems(variant: reg.Variant, registry: reg.Registry) -> list[str]
         "note", ""
     ):
         problems.append(f"{name}: reference metrics must be labelled 'not measured here'")
-    rounded = re.fullmatch(r"(.+)-r(\d+)", name)
+    # <base>[-head<k>]-r<bits>: the base's trained weights, compiled with rounding; with
+    # -head<k>, the client's head runs k convs (clear_blocks = k - 1 of the base's blocks).
+    rounded = re.fullmatch(r"(.+?)(?:-head(\d+))?-r(\d+)", name)
     if rounded:
-        base, bits = rounded.group(1), int(rounded.group(2))
+        base, bits = rounded.group(1), int(rounded.group(3))
+        head_convs = int(rounded.group(2) or 1)
+        if variant.recipe["params"].get("clear_blocks", 0) != head_convs - 1:
+            problems.append(f"{name}: clear_blocks is not {head_convs - 1}")
         rounding = variant.recipe["params"].get("rounding_threshold_bits")
         n_bits = rounding.get("n_bits") if isinstance(rounding, dict) else rounding
         if n_bits != bits:
@@ -37,9 +42,10 @@ def _variant_problems(variant: reg.Variant, registry: reg.Registry) -> list[str]
         if base not in registry.variants:
             problems.append(f"{name}: its unrounded base {base} is not catalogued")
         else:
-            # Compile settings only: rounding, p_error and the bit-width bound (approximate
-            # rounding keeps one more bit before it rounds: cifar10-split-8bit-r4 needs 9).
-            compile_only = ("rounding_threshold_bits", "p_error", "max_bit_width")
+            # Compile settings only: rounding, p_error, the bit-width bound (approximate
+            # rounding keeps one more bit before it rounds: cifar10-split-8bit-r4 needs 9) and
+            # how many blocks the client runs.
+            compile_only = ("rounding_threshold_bits", "p_error", "max_bit_width", "clear_blocks")
             base_params = {k: v for k, v in registry.variants[base].recipe["params"].items()
                            if k not in compile_only}  # fmt: skip
             own = {k: v for k, v in variant.recipe["params"].items() if k not in compile_only}
@@ -103,5 +109,5 @@ def test_the_required_variants_are_catalogued() -> None:
     assert {
         "cifar10-split-8bit", "cifar10-split-tiny",
         "cifar10-vgg11-qat", "cifar100-vgg11-qat", "cifar10-vgg11-qat-r6", "cifar10-vgg11-qat-r7",
-        "cifar10-cnv-2w2a", "cifar10-cnv-2w2a-r6", "cifar10-split-8bit-r6",
+        "cifar10-cnv-2w2a", "cifar10-cnv-2w2a-r6", "cifar10-split-8bit-r4",
     } <= names  # fmt: skip

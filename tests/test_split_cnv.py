@@ -149,6 +149,38 @@ def test_head_forward_reproduces_model_head(cifar_dir: Path, tmp_path: Path) -> 
     assert config["ops"][-1]["bit_width"] == 2
 
 
+def test_clear_blocks_move_the_first_encrypted_block_to_the_client(
+    cifar_dir: Path, tmp_path: Path
+) -> None:
+    """With ``clear_blocks`` = 1 the exported head also runs the first ternary conv block (its
+    BatchNorm folded in): it reproduces the Brevitas block's quantized output, and the circuit
+    that remains computes the same logits from it."""
+    model, cfg = _train_tiny(cifar_dir, tmp_path / "w", epochs=1)
+    arch = {**cfg["arch"], "clear_blocks": 1}
+    model.eval()
+    tensors, config = sc.export_head(model, arch)
+    assert [op["op"] for op in config["ops"]] == [
+        "conv2d", "hardtanh", "avg_pool2d", "quantize_dequantize",  # the split's head
+        "conv2d", "quantize_dequantize", "avg_pool2d", "quantize_dequantize",  # block 1
+    ]  # fmt: skip
+    images = load_cifar10(cifar_dir, "test")[0][:256]
+    got = sc.head_forward(tensors, config, images)
+    want = sc.head_outputs(model, images, 64, sc._clear_end(arch))
+    assert got.shape == want.shape == (256, *config["output"]["shape"][1:]) == (256, 16, 4, 4)
+    # Folding BatchNorm into the conv changes float rounding: rare flips at level boundaries.
+    assert (got == want).mean() > 0.999
+    tail = sc.encrypted_part(model, arch)
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            tail(torch.from_numpy(want)).numpy(),
+            model(sc.normalize_images(images, torch.tensor(sc.DATA["mean"]),
+                                      torch.tensor(sc.DATA["std"]))).numpy(),
+            rtol=1e-5, atol=1e-5,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="clear_blocks"):
+        sc.resolve_config("x", {"arch": "tiny", "clear_blocks": 2}, "smoke", 0)
+
+
 def test_training_is_deterministic_and_resumable(cifar_dir: Path, tmp_path: Path) -> None:
     """Two runs give byte-identical weights; an interrupted + resumed run gives the same."""
     m1, _ = _train_tiny(cifar_dir, tmp_path / "a", epochs=2)
@@ -205,6 +237,21 @@ def test_small_build_end_to_end(cifar_dir: Path, tmp_path: Path) -> None:
     out = r.quantized_module.forward(inp, fhe="disable")
     assert out.shape == (4, 10)
     assert r.data["n_train"] == 300 and r.data["train_fingerprint"].startswith("sha256:")
+
+
+def test_small_build_with_a_clear_block(cifar_dir: Path, tmp_path: Path) -> None:
+    """``clear_blocks`` = 1: the circuit takes the block's pooled output (16 x 4 x 4), holds
+    fewer PBS than the whole encrypted part, and its simulation agrees with the clear model
+    (float folding aside)."""
+    r = _small_build(cifar_dir, tmp_path, clear_blocks=1)
+    assert r.head_config["output"]["shape"] == [None, 16, 4, 4]
+    x, _ = load_cifar10(cifar_dir, "test")
+    inp = sc.head_forward(r.head, r.head_config, x[:4])
+    assert r.quantized_module.forward(inp, fhe="disable").shape == (4, 10)
+    # Each 2-bit activation of the tail is at most one PBS: conv (64 x 2 x 2) and fc (128).
+    assert r.quantized_module.fhe_circuit.statistics["programmable_bootstrap_count"] <= 384
+    assert r.metrics["clear_vs_simulation_argmax_agreement"] >= 0.95
+    assert r.config["arch"]["clear_blocks"] == 1
 
 
 def test_full_fhe_cnv_has_no_clear_layer(cifar_dir: Path) -> None:

@@ -306,8 +306,13 @@ def verify(ref: str, registry_path: Path | None, as_json: bool) -> None:
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--fhe", type=click.Choice(["simulate", "execute"]), default="execute")
 @click.option("--top-k", type=int, default=3)
-@click.option("--server", "server_url", default=None, metavar="URL",
-              help="run the circuit on a `zoo serve` server (the secret key stays here)")
+@click.option(
+    "--server",
+    "server_url",
+    default=None,
+    metavar="URL",
+    help="run the circuit on a `zoo serve` server (the secret key stays here)",
+)
 @REGISTRY
 @JSON
 @handles_errors
@@ -375,18 +380,34 @@ def serve_cmd(ref: str, host: str, port: int, key_store: Path | None, max_key_by
 @click.option("-n", "n_images", type=int, default=100, help="number of test images")
 @click.option("--seed", type=int, default=None, help="seeded sample (default: first N)")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None)
-@click.option("--results", type=click.Path(path_type=Path), default=None,
-              help="results file (JSON lines; default under $ZOO_HOME/results)")
+@click.option(
+    "--results",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="results file (JSON lines; default under $ZOO_HOME/results)",
+)
 @click.option("--resume", is_flag=True, help="continue the results file, skipping finished images")
-@click.option("--stop-after", type=int, default=None, metavar="K",
-              help="run at most K more images, then summarize what is done (with --resume: "
-              "a long evaluation in pieces)")
-@click.option("--backend", type=click.Choice(["local", "ray"]), default="local",
-              help="where the encrypted circuit runs (--fhe execute)")
+@click.option(
+    "--stop-after",
+    type=int,
+    default=None,
+    metavar="K",
+    help="run at most K more images, then summarize what is done (with --resume: "
+    "a long evaluation in pieces)",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    help="where the encrypted circuit runs (--fhe execute)",
+)
 @click.option("--address", default=None, help="Ray cluster address (default: start a local one)")
 @click.option("--workers", type=int, default=None, help="Ray workers (default: one per CPU)")
-@click.option("--record", is_flag=True,
-              help="write the real-FHE results into the build's registry metrics (--fhe execute)")
+@click.option(
+    "--record",
+    is_flag=True,
+    help="write the real-FHE results into the build's registry metrics (--fhe execute)",
+)
 @REGISTRY
 @JSON
 @handles_errors

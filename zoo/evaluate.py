@@ -186,8 +186,10 @@ def evaluate(
         "test_set": fingerprint(images, labels),
         "indices": [int(i) for i in indices],
     }
-    path = Path(results) if results else default_results_path(
-        build.variant, build.revision, fhe, n_images, seed
+    path = (
+        Path(results)
+        if results
+        else default_results_path(build.variant, build.revision, fhe, n_images, seed)
     )
     out = _ResultsFile(path, header, resume)
     pending = [int(i) for i in indices if int(i) not in out.done]

@@ -148,14 +148,61 @@ def seed_everything(seed: int, device: str) -> None:
     torch.use_deterministic_algorithms(True, warn_only=device.startswith("cuda"))
 
 
+def train_epoch(
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    images: np.ndarray,
+    labels: np.ndarray,
+    rng: np.random.Generator,
+    data: dict[str, Any],
+    batch_size: int,
+    device: torch.device,
+    desc: str,
+    after_step: Any = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """One epoch of cross-entropy training in the order ``rng`` draws, with the recipe's
+    augmentation (``data``: mean, std, crop_padding, hflip); ``after_step(model)`` runs after
+    every optimizer step (weight clipping); ``progress`` shows a bar. Full batches only
+    (BatchNorm needs > 1 sample), at least one. Returns the mean ``loss`` and ``train_top1``."""
+    from tqdm import tqdm
+
+    mean = torch.tensor(data["mean"], dtype=torch.float32)
+    std = torch.tensor(data["std"], dtype=torch.float32)
+    criterion = torch.nn.CrossEntropyLoss()
+    order = rng.permutation(len(labels))
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    n_batches = max(1, len(labels) // batch_size)
+    bar = tqdm(range(n_batches), desc=desc, leave=False, disable=not progress)
+    for b in bar:
+        idx = order[b * batch_size : (b + 1) * batch_size]
+        x = augment(images[idx], rng, data["crop_padding"], data["hflip"])
+        x = normalize_images(x, mean, std).to(device)
+        y = torch.from_numpy(labels[idx]).to(device)
+        out = model(x)
+        loss = criterion(out, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if after_step is not None:
+            after_step(model)
+        loss_sum += float(loss.detach()) * len(idx)
+        correct += int((out.detach().argmax(1) == y).sum())
+        seen += len(idx)
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+    return {"loss": loss_sum / max(seen, 1), "train_top1": correct / max(seen, 1)}
+
+
 #: Keys that do not change what training computes (or records in its history): compile
-#: settings, so that a ``-r<bits>`` variant resumes from a copy of its base's ``work/`` folder
-#: instead of training again; calibration and evaluation batch sizes; and the epoch counts
-#: whose learning rate depends on the epoch index alone (a longer schedule continues a
-#: shorter one). ``float_epochs`` is not among them: the float stage's cosine spans it.
+#: settings and ``clear_blocks`` (how many blocks the client runs), so that a ``-r<bits>``
+#: variant resumes from a copy of its base's ``work/`` folder instead of training again;
+#: calibration and evaluation batch sizes; and the epoch counts whose learning rate depends on
+#: the epoch index alone (a longer schedule continues a shorter one). ``float_epochs`` is not
+#: among them: the float stage's cosine spans it.
 NOT_TRAINING = frozenset(
     {"p_error", "rounding_threshold_bits", "max_bit_width", "output_bits", "n_calib",
-     "eval_batch_size", "epochs", "qat_epochs"}
+     "eval_batch_size", "epochs", "qat_epochs", "clear_blocks"}
 )  # fmt: skip
 
 
@@ -237,8 +284,11 @@ def head_input_config(mean: list[float], std: list[float]) -> dict[str, Any]:
     }
 
 
-def quantizer_tensors_and_op(quant_identity: Any) -> tuple[dict[str, torch.Tensor], dict]:
-    """A Brevitas ``QuantIdentity``'s numbers as head tensors and a ``quantize_dequantize`` op.
+def quantizer_tensors_and_op(
+    quant_identity: Any, prefix: str = "quant"
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """A Brevitas ``QuantIdentity``'s numbers as head tensors (named ``prefix.*``) and a
+    ``quantize_dequantize`` op.
 
     The op reproduces, on the client, the quantization the circuit's input expects.
     """
@@ -249,16 +299,16 @@ def quantizer_tensors_and_op(quant_identity: Any) -> tuple[dict[str, torch.Tenso
     narrow = bool(qi.act_quant.is_narrow_range)
     signed = bool(qi.is_quant_act_signed)
     tensors = {
-        "quant.scale": scale.clone(),
-        "quant.zero_point": zero_point.clone(),
-        "quant.bit_width": torch.tensor(bits, dtype=torch.int64),
-        "quant.signed": torch.tensor(int(signed), dtype=torch.int64),
-        "quant.narrow_range": torch.tensor(int(narrow), dtype=torch.int64),
+        f"{prefix}.scale": scale.clone(),
+        f"{prefix}.zero_point": zero_point.clone(),
+        f"{prefix}.bit_width": torch.tensor(bits, dtype=torch.int64),
+        f"{prefix}.signed": torch.tensor(int(signed), dtype=torch.int64),
+        f"{prefix}.narrow_range": torch.tensor(int(narrow), dtype=torch.int64),
     }
     op = {
         "op": "quantize_dequantize",
-        "scale": "quant.scale",
-        "zero_point": "quant.zero_point",
+        "scale": f"{prefix}.scale",
+        "zero_point": f"{prefix}.zero_point",
         "bit_width": bits,
         "signed": signed,
         "narrow_range": narrow,
