@@ -13,6 +13,11 @@ already there (``--resume`` semantics by default), so the search survives a kill
 
 A setting is ``none`` (no rounding) or ``METHOD:BITS`` with METHOD ``exact`` or ``approximate``,
 optionally ``@P_ERROR`` (e.g. ``approximate:6@0.01``); the default p_error is the variant's.
+
+``--per-layer SETTING`` asks which layer's rounding costs the accuracy: it compiles SETTING once,
+then, for each rounded op in turn, removes that op's rounding (``lsbs_to_remove`` 0) and measures
+the quantized model in the clear (``fhe="disable"``, no PBS noise) on the same images; one JSON
+line per op to ``rounding_layers-VARIANT.jsonl``.
 Accuracy is measured on the first ``-n`` CIFAR test images (the official order). Simulated PBS
 errors are not seeded by concrete: settings with a large ``p_error`` vary from run to run.
 """
@@ -98,16 +103,37 @@ def evaluate_setting(
     }
 
 
+def per_layer(qmodule: Any, test: tuple[Any, Any]) -> list[dict[str, Any]]:
+    """Clear-quantized top-1 with every op rounded, then with one op's rounding removed."""
+    from zoo.qat import topk_accuracy
+
+    def top1() -> float:
+        return topk_accuracy(qmodule.forward(test[0], fhe="disable"), test[1], ks=(1,))[1]
+
+    rows = [{"op": None, "lsbs_to_remove": None, "top1": top1()}]
+    for name, (_, op) in qmodule.quant_layers_dict.items():
+        lsbs = getattr(op, "lsbs_to_remove", None)
+        if not isinstance(lsbs, dict) or not any(lsbs.values()):
+            continue
+        op.lsbs_to_remove = {key: 0 for key in lsbs}
+        rows.append({"op": name, "lsbs_to_remove": lsbs, "top1": top1()})
+        op.lsbs_to_remove = lsbs
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the search; print one line per setting."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("variant", help="registry variant whose recipe is split_cnv")
     parser.add_argument("--build-dir", type=Path, required=True, help="a build of that variant")
-    parser.add_argument("--setting", action="append", required=True)
+    parser.add_argument("--setting", action="append", default=[])
+    parser.add_argument("--per-layer", metavar="SETTING", help="per-op rounding sensitivity")
     parser.add_argument("-n", type=int, default=500, help="test images simulated per setting")
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="JSON lines (appended)")
     args = parser.parse_args(argv)
+    if not args.setting and not args.per_layer:
+        parser.error("give --setting (one or more) or --per-layer")
 
     from zoo.data import load_cifar10
 
@@ -123,13 +149,28 @@ def main(argv: list[str] | None = None) -> int:
     test = (head.forward(head_tensors, head_config, images[: args.n]), labels[: args.n])
     encrypted = load_encrypted_part(recipe, arch, args.build_dir / "weights.safetensors")
 
+    work = args.build_dir / "work"
+    work.mkdir(exist_ok=True)
+    if args.per_layer:
+        from zoo.qat import compile_qat
+
+        setting = parse_setting(args.per_layer, arch["p_error"])
+        compiled = {**arch, **{k: setting[k] for k in ("rounding_threshold_bits", "p_error")}}
+        qmodule = compile_qat(encrypted, calib, compiled, work / "search.onnx")
+        out = args.out or RESULTS / f"rounding_layers-{args.variant}.jsonl"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a") as handle:
+            for row in per_layer(qmodule, test):
+                row = {"variant": args.variant, "build_dir": str(args.build_dir),
+                       "setting": args.per_layer, "n_test_images": len(test[1]), **row}  # fmt: skip
+                handle.write(json.dumps(row, sort_keys=True) + "\n")
+                print(f"{row['op'] or 'all rounded'}: clear-quantized top-1 {row['top1']:.4f}")
+        return 0
     out = args.out or RESULTS / f"rounding_search-{args.variant}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     done = set()
     if out.exists():
         done = {json.loads(line)["name"] for line in out.read_text().splitlines() if line}
-    work = args.build_dir / "work"
-    work.mkdir(exist_ok=True)
     for text in args.setting:
         setting = parse_setting(text, arch["p_error"])
         if setting["name"] in done:
