@@ -65,6 +65,16 @@ def load_encrypted_part(recipe: Any, arch: dict[str, Any], weights: Path) -> Any
     return recipe.encrypted_part(model.eval(), arch)
 
 
+def compile_setting(
+    encrypted: Any, arch: dict[str, Any], setting: dict[str, Any], calib: Any, work: Path
+) -> Any:
+    """The build's circuit recompiled with the setting's rounding and p_error."""
+    from zoo.qat import compile_qat
+
+    arch = {**arch, **{k: setting[k] for k in ("rounding_threshold_bits", "p_error")}}
+    return compile_qat(encrypted, calib, arch, work / "search.onnx")
+
+
 def evaluate_setting(
     encrypted: Any,
     arch: dict[str, Any],
@@ -75,11 +85,10 @@ def evaluate_setting(
 ) -> dict[str, Any]:
     """Compile one setting, price it, simulate it on the test images."""
     from zoo.package import circuit_statistics
-    from zoo.qat import compile_qat, fhe_logits, topk_accuracy
+    from zoo.qat import fhe_logits, topk_accuracy
 
-    arch = {**arch, **{k: setting[k] for k in ("rounding_threshold_bits", "p_error")}}
     t0 = time.perf_counter()
-    qmodule = compile_qat(encrypted, calib, arch, work / "search.onnx")
+    qmodule = compile_setting(encrypted, arch, setting, calib, work)
     compile_seconds = time.perf_counter() - t0
     stats = circuit_statistics(qmodule)
     t0 = time.perf_counter()
@@ -152,11 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     work = args.build_dir / "work"
     work.mkdir(exist_ok=True)
     if args.per_layer:
-        from zoo.qat import compile_qat
-
         setting = parse_setting(args.per_layer, arch["p_error"])
-        compiled = {**arch, **{k: setting[k] for k in ("rounding_threshold_bits", "p_error")}}
-        qmodule = compile_qat(encrypted, calib, compiled, work / "search.onnx")
+        qmodule = compile_setting(encrypted, arch, setting, calib, work)
         out = args.out or RESULTS / f"rounding_layers-{args.variant}.jsonl"
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("a") as handle:

@@ -487,10 +487,15 @@ class EncryptedTail(nn.Module):
     forward = EncryptedCNV.forward
 
 
+def _block_size(pool: bool) -> int:
+    """Modules of a block in ``features``: conv, BatchNorm, QuantIdentity, plus AvgPool and
+    QuantIdentity when it pools."""
+    return 5 if pool else 3
+
+
 def _clear_end(arch: dict[str, Any]) -> int:
-    """Index in ``features`` of the QuantIdentity that ends the clear blocks (-1: none).
-    A block is conv, BatchNorm, QuantIdentity, plus AvgPool and QuantIdentity when it pools."""
-    return sum(5 if pool else 3 for _, pool in arch["plan"][: arch.get("clear_blocks", 0)]) - 1
+    """Index in ``features`` of the QuantIdentity that ends the clear blocks (-1: none)."""
+    return sum(_block_size(pool) for _, pool in arch["plan"][: arch.get("clear_blocks", 0)]) - 1
 
 
 def encrypted_part(model: SplitCNV, arch: dict[str, Any]) -> nn.Module:
@@ -732,6 +737,12 @@ def export_head(model: SplitCNV, arch: dict[str, Any]) -> tuple[dict, dict]:
     tensors.update(quant_tensors)
     ops.append(quant_op)
     features, i = model.encrypted.features, 0
+
+    def add_quant(index: int) -> None:
+        quant_tensors, quant_op = quantizer_tensors_and_op(features[index], f"features.{index}")
+        tensors.update(quant_tensors)
+        ops.append(quant_op)
+
     for _, pool in arch["plan"][: arch.get("clear_blocks", 0)]:
         # A clear block: ternary conv with its BatchNorm folded in, then its quantizers.
         conv, bn = features[i], features[i + 1]
@@ -741,13 +752,11 @@ def export_head(model: SplitCNV, arch: dict[str, Any]) -> tuple[dict, dict]:
         tensors[f"features.{i}.bias"] = (bn.bias - bn.running_mean * scale).detach()
         ops.append({"op": "conv2d", "weight": f"features.{i}.weight",
                     "bias": f"features.{i}.bias", "stride": 1, "padding": 0})  # fmt: skip
-        for j in [i + 2, i + 4] if pool else [i + 2]:
-            if j == i + 4:
-                ops.append({"op": "avg_pool2d", "kernel_size": 2, "stride": 2})
-            quant_tensors, quant_op = quantizer_tensors_and_op(features[j], f"features.{j}")
-            tensors.update(quant_tensors)
-            ops.append(quant_op)
-        i += 5 if pool else 3
+        add_quant(i + 2)
+        if pool:
+            ops.append({"op": "avg_pool2d", "kernel_size": 2, "stride": 2})
+            add_quant(i + 4)
+        i += _block_size(pool)
     config = {
         "format": "split-cnv-head/1",
         "input": head_input_config(DATA["mean"], DATA["std"]),

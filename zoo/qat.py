@@ -12,7 +12,7 @@ import copy
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -158,7 +158,7 @@ def train_epoch(
     batch_size: int,
     device: torch.device,
     desc: str,
-    after_step: Any = None,
+    after_step: Callable[[torch.nn.Module], None] | None = None,
     progress: bool = False,
 ) -> dict[str, float]:
     """One epoch of cross-entropy training in the order ``rng`` draws, with the recipe's
