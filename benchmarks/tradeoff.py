@@ -41,7 +41,7 @@ def rows(registry: reg.Registry) -> list[dict[str, Any]]:
             continue
         build = variant.builds[-1]
         metrics, circuit, timings = build.metrics, build.circuit, build.raw.get("timings", {})
-        estimate = cost.estimate_seconds(circuit)
+        estimate = cost.breakdown(circuit)
         measured = metrics.get("fhe_execute_seconds_per_image")
         out.append(
             {
@@ -56,12 +56,14 @@ def rows(registry: reg.Registry) -> list[dict[str, Any]]:
                 "max_bit_width": circuit.get("max_bit_width"),
                 "pbs_count": circuit.get("pbs_count"),
                 "pbs_count_by_bit_width": circuit.get("pbs_count_by_bit_width"),
-                "estimated_fhe_seconds_per_image": estimate,
+                "estimated_fhe_seconds_per_image": estimate and estimate["total_seconds"],
+                "estimate_method": estimate and estimate["method"],
+                "estimate_is_lower_bound": bool(estimate and estimate["lower_bound"]),
                 "fhe_execute_seconds_per_image": measured,
                 # set when the run was not clean (e.g. cores shared): then no error is computed
                 "fhe_execute_conditions": metrics.get("fhe_execute_conditions"),
                 # the cost model's error against a clean real-FHE run (zoo eval --record)
-                "estimate_relative_error": (estimate / measured - 1)
+                "estimate_relative_error": (estimate["total_seconds"] / measured - 1)
                 if estimate and measured and not metrics.get("fhe_execute_conditions")
                 else None,
                 "eval_key_bytes": circuit.get("eval_key_bytes"),
@@ -167,6 +169,7 @@ def markdown(table: list[dict[str, Any]], registry: reg.Registry) -> str:
             f"| `{name}` | {row['profile']} | {row['n_test_images']} | "
             f"{_num(row['clear_top1'], 4)} | {_num(row['fhe_simulation_top1'], 4)} | {real} | "
             f"{row['max_bit_width']} | {row['pbs_count']:,} ({by_width}) | "
+            f"{'≥ ' if row['estimate_is_lower_bound'] else ''}"
             f"{_num(row['estimated_fhe_seconds_per_image'])} | {measured} | "
             f"{'–' if keys is None else f'{keys / 2**30:.2f} GiB'} | {_num(row['build_seconds'])} |"
         )

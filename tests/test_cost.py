@@ -128,6 +128,11 @@ def test_shipped_default_describes_its_machine() -> None:
     assert default["machine"]["cpu_model"] and default["machine"]["cpu_count"]
     assert default["versions"]["concrete-python"] and default["created"] and default["note"]
     assert default["fit"]["coefficient"] > 0 and default["points"]
+    # and prices WoP circuits from WoP points measured on the same machine
+    assert default["wop_fit"]["formula"] == cost.WOP_FORMULA
+    assert {p["bits"] for p in default["points"] if p.get("kind") == "wop"} == {4, 12, 14}
+    assert default["wop_measured"]["machine"]["cpu_model"] == default["machine"]["cpu_model"]
+    assert cost.breakdown(WOP_CIRCUIT)["method"] == "wop"
 
 
 def test_stale_user_calibration_is_ignored_with_a_warning(zoo_home: Path) -> None:
@@ -247,3 +252,94 @@ def test_bench_pbs_really_runs_and_writes_a_calibration(zoo_home: Path) -> None:
     # the new calibration is the one estimates now use
     assert cost.current_calibration()["source"]["kind"] == "user"
     assert cost.breakdown(CIRCUIT)["calibration"]["source"] == "user"
+
+
+# -- WoP-PBS circuits (lookups of 11+ bits) ---------------------------------------------------
+
+PARAM_WOP = {"polynomial_size": 1024, "glwe_dimension": 2, "input_lwe_dimension": 762,
+             "level": 8, "base_log": 5}  # fmt: skip
+WOP_CIRCUIT = {
+    "max_bit_width": 12,
+    "packing_key_switch_count": 15,
+    "pbs_count_by_bit_width": {"4": 10, "12": 5},
+    "pbs_count_per_parameter": [{"parameter": PARAM_WOP, "count": 15}],
+}
+
+
+def _with_wop(calibration: dict, a: float, b: float) -> dict:
+    return {**calibration, "wop_fit": {"formula": cost.WOP_FORMULA, "a": a, "b": b,
+                                       "max_abs_relative_error": 0.1}}  # fmt: skip
+
+
+def test_wop_lookups_are_priced_by_width_and_parameter_set() -> None:
+    a, b, overhead = 1e-9, 2e-10, 0.05
+    calibration = _with_wop(_calibration(1e-10, overhead), a, b)
+    work = 762 * 9 * 3**2 * 1024 * 10  # n × (level + 1) × (k + 1)² × N × log2(N)
+    by_hand = (10 * (a + 4 * b) + 5 * (a + 12 * b)) * work + overhead
+    result = cost.breakdown(WOP_CIRCUIT, calibration)
+    assert result["method"] == "wop" and result["lower_bound"] is False
+    assert result["total_seconds"] == pytest.approx(by_hand)
+    # most expensive first: 10 × (a + 4b) against 5 × (a + 12b)
+    assert [(r["bit_width"], r["count"]) for r in result["rows"]] == [(4, 10), (12, 5)]
+    assert result["rows"][0]["parameter"] == PARAM_WOP
+    # a classic circuit is priced as before, whatever WoP fit the calibration carries
+    assert cost.estimate_seconds(CIRCUIT, calibration=calibration) == pytest.approx(
+        cost.estimate_seconds(CIRCUIT, calibration=_calibration(1e-10, overhead))
+    )
+
+
+def test_wop_circuit_without_wop_calibration_is_a_lower_bound(
+    zoo_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    result = cost.breakdown(WOP_CIRCUIT, _calibration(1e-10))
+    assert result["method"] == "per-parameter" and result["lower_bound"] is True
+    assert cost.breakdown(CIRCUIT, _calibration(1e-10))["lower_bound"] is False
+    # zoo list marks it, zoo info says why and what to run
+    monkeypatch.delenv("ZOO_REGISTRY", raising=False)
+    _write_user(_calibration(1e-10))
+    runner = CliRunner()
+    rows = {r["variant"]: r for r in json.loads(runner.invoke(main, ["list", "--json"]).output)}
+    assert rows["cifar10-cnv-2w2a"]["est_fhe_lower_bound"] is True
+    assert rows["cifar10-split-tiny"]["est_fhe_lower_bound"] is False
+    assert "≥" in runner.invoke(main, ["list"]).output
+    text = runner.invoke(main, ["info", "cifar10-cnv-2w2a"]).output
+    assert "lower bound" in text and "zoo bench pbs --wop" in text
+
+
+def test_fit_wop_recovers_its_coefficients_apart_from_the_classic_fit() -> None:
+    a, b = 1e-9, 2e-10
+    classic = _synthetic_points(3e-10, 0.04)
+    wop = []
+    for bits, elements in [(4, 8), (8, 4), (12, 2)]:
+        lookups = {str(bits): elements, "12": 1} if bits != 12 else {"12": elements + 1}
+        count = sum(lookups.values())
+        seconds = sum(n * (a + b * int(w)) for w, n in lookups.items()) * cost.pbs_work(PARAM_WOP)
+        wop.append({"circuit": f"wop-{bits}", "kind": "wop", "pbs_count": count,
+                    "lookups_by_bit_width": lookups,
+                    "pbs_count_per_parameter": [{"parameter": PARAM_WOP, "count": count}],
+                    "run_seconds_median": 0.04 + seconds})  # fmt: skip
+    document = cost.make_calibration(classic + wop)
+    assert document["fit"]["coefficient"] == pytest.approx(3e-10)  # WoP points left out
+    assert len(document["fit"]["errors"]) == len(classic)
+    assert document["wop_fit"]["a"] == pytest.approx(a)
+    assert document["wop_fit"]["b"] == pytest.approx(b)
+    assert document["wop_fit"]["max_abs_relative_error"] == pytest.approx(0.0, abs=1e-9)
+    assert all(p["relative_error"] == pytest.approx(0.0, abs=1e-9) for p in document["points"])
+
+
+def test_bench_wop_circuit_is_really_compiled_as_wop_and_timed(zoo_home: Path) -> None:
+    from zoo import bench
+
+    spec = bench.PointSpec("wop", 4, (2,))
+    (point,) = bench.measure([spec], repetitions=1)
+    assert point["kind"] == "wop" and point["lookups_by_bit_width"] == {"4": 2, "12": 1}
+    assert point["pbs_count"] == 3 and point["run_seconds_median"] > 0
+    (row,) = point["pbs_count_per_parameter"]
+    assert row["parameter"]["glwe_dimension"] >= 2  # WoP parameters, not a classic N=2^16 PBS
+
+
+def test_bench_add_wop_needs_a_calibration_to_add_to(zoo_home: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["bench", "pbs", "--add-wop", "--out",
+                                       str(tmp_path / "none.json")])  # fmt: skip
+    assert result.exit_code == 2
+    assert "--add-wop needs a calibration" in result.output

@@ -111,6 +111,7 @@ def test_vgg11_smoke_build_from_init_records_it_and_trains_from_it(
 
     config = manifest.read(out)["recipe"]["config"]
     assert config["init"] == {"file": init.name, "sha256": sha256_file(init), "format": "zoo"}
-    pinned = reg.load(ROOT / "registry.json").variant("cifar10-vgg11-qat").builds[-1]
+    builds = reg.load(ROOT / "registry.json").variant("cifar10-vgg11-qat").builds
+    pinned = next(b for b in builds if b.profile == "smoke")
     pinned_weights = {e.path: e.sha256 for e in pinned.files}["weights.safetensors"]
     assert build_hashes(out)["weights.safetensors"] != pinned_weights

@@ -25,6 +25,7 @@ def list_variants(registry_path: Path | None = None) -> list[dict[str, Any]]:
         build = variant.builds[-1] if variant.builds else None
         metrics = build.metrics if build else {}
         circuit = build.circuit if build else {}
+        estimate = cost.breakdown(circuit, calibration) if build else None
         rows.append(
             {
                 "variant": variant.name,
@@ -34,9 +35,9 @@ def list_variants(registry_path: Path | None = None) -> list[dict[str, Any]]:
                 "fhe_simulation_top1": metrics.get("fhe_simulation_top1"),
                 "fhe_execute_top1": metrics.get("fhe_execute_top1"),
                 "max_bit_width": circuit.get("max_bit_width"),
-                "est_fhe_seconds": (
-                    cost.estimate_seconds(circuit, calibration=calibration) if build else None
-                ),
+                "est_fhe_seconds": estimate["total_seconds"] if estimate else None,
+                # WoP-PBS circuit without WoP calibration: the estimate is a lower bound
+                "est_fhe_lower_bound": bool(estimate and estimate["lower_bound"]),
                 "eval_key_bytes": circuit.get("eval_key_bytes"),
                 "builds": len(variant.builds),
             }

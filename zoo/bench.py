@@ -16,7 +16,12 @@ of our builds:
   896, level 2, base log 15 at 6 bits, as in ``cifar10-split-tiny``).
 
 A 2-bit lookup on a single element measures the fixed cost of a run with PBS, which the fit
-(:func:`zoo.cost.fit`) separates from the per-PBS cost. numpy and concrete are imported inside
+(:func:`zoo.cost.fit`) separates from the per-PBS cost.
+
+With ``wop=True`` a third kind, ``wop``, times WoP-PBS lookups (see :mod:`zoo.cost`): a lookup
+of ``bits`` bits over ``m`` elements beside one 12-bit lookup, which makes concrete compile every
+lookup of the circuit as WoP-PBS, as in a circuit with wide accumulators (the unrounded VGG11).
+They get a fit of their own (:func:`zoo.cost.fit_wop`). numpy and concrete are imported inside
 the functions only.
 """
 
@@ -68,6 +73,27 @@ CHAIN_ROWS = {5: 64, 6: 16, 7: 4}  # x is (rows, k) with k = (2**bits - 1) // CH
 OVERHEAD_SPEC = PointSpec("tlu", 2, (1,))
 
 
+# WoP lookups: bits -> elements (with the 12-bit anchor: 64, 32 and 16 lookups). Layer-sized:
+# on the quiet 2-core machine a WoP lookup cost 0.83 s in a circuit of 65, 1.08 s in one of 8,
+# and circuits of 3-9 lookups priced the 65-lookup one 24-40% too high. ~25-50 s per run,
+# ~0.5 GiB of bootstrap keys and ~10 s of keygen each.
+WOP_ELEMENTS = {4: 63, 12: 31, 14: 15}
+WOP_ANCHOR_BITS = 12  # a lookup this wide is WoP-PBS, and with it every lookup of the circuit
+
+
+def wop_specs() -> list[PointSpec]:
+    """The WoP circuits of ``zoo bench pbs --wop``."""
+    return [PointSpec("wop", b, (m,)) for b, m in WOP_ELEMENTS.items()]
+
+
+def wop_lookups(spec: PointSpec) -> dict[str, int]:
+    """Lookups per bit width of a WoP spec's circuit (its lookup and the anchor)."""
+    counts = {str(spec.bits): spec.shape[0]}
+    key = str(WOP_ANCHOR_BITS)
+    counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
 def point_specs(max_bits: int = MAX_BITS, min_bits: int = MIN_BITS) -> list[PointSpec]:
     """The circuits ``zoo bench pbs`` measures for lookups of ``min_bits``..``max_bits`` bits."""
     if not MIN_BITS <= min_bits <= max_bits <= MAX_BITS:
@@ -105,12 +131,32 @@ def _compile(spec: PointSpec, seed: int = 0) -> tuple[Any, Any]:
             return fhe.univariate(lambda v: (7 * v + 3) % 2**bits)(parity @ weights)
 
         function = chain
+    elif spec.kind == "wop":
+        table = fhe.LookupTable([(7 * i + 3) % 2**bits for i in range(2**bits)])
+        anchor = fhe.LookupTable([(5 * i + 1) % 2**WOP_ANCHOR_BITS
+                                  for i in range(2**WOP_ANCHOR_BITS)])  # fmt: skip
+
+        @fhe.compiler({"x": "encrypted", "z": "encrypted"})
+        def wop(x, z):
+            return table[x], anchor[z]
+
+        function = wop
     else:
         raise ValueError(f"unknown benchmark circuit kind {spec.kind!r}")
     inputset = [rng.integers(0, high + 1, size=spec.shape) for _ in range(16)]
     inputset += [np.full(spec.shape, high), np.full(spec.shape, high - 1), np.zeros(spec.shape)]
     inputset = [a.astype(np.int64) for a in inputset]
+    if spec.kind == "wop":
+        top = 2**WOP_ANCHOR_BITS - 1
+        anchors = [np.array([v]) for v in rng.integers(0, top + 1, size=len(inputset) - 2)]
+        anchors += [np.array([top]), np.array([0])]
+        inputset = [(x, z.astype(np.int64)) for x, z in zip(inputset, anchors)]
     circuit = function.compile(inputset, p_error=BUILD_P_ERROR, global_p_error=None)
+    if spec.kind == "wop" and not circuit.statistics.get("packing_key_switch_count"):
+        raise RuntimeError(
+            f"{spec.name}: concrete compiled the {WOP_ANCHOR_BITS}-bit lookup without WoP-PBS; "
+            "this concrete-python chooses otherwise, so the WoP benchmark does not apply"
+        )
     return circuit, inputset[0]
 
 
@@ -136,10 +182,15 @@ def _prepare(spec: PointSpec) -> _Prepared:
     start = time.perf_counter()
     circuit.keygen()
     keygen = time.perf_counter() - start
-    encrypted = circuit.encrypt(sample)
-    circuit.run(encrypted)
+    encrypted = circuit.encrypt(*_args(sample))
+    circuit.run(*_args(encrypted))
     sigpipe.restore()
     return _Prepared(spec, circuit, sample, encrypted, compiled, keygen, [])
+
+
+def _args(value: Any) -> tuple[Any, ...]:
+    """A circuit's arguments: the WoP circuits take two."""
+    return value if isinstance(value, tuple) else (value,)
 
 
 def _statistics(circuit: Any) -> dict[str, Any]:
@@ -156,8 +207,9 @@ def _point(prepared: _Prepared) -> dict[str, Any]:
     spec, circuit = prepared.spec, prepared.circuit
     stats = _statistics(circuit)
     start = time.perf_counter()
-    circuit.encrypt_run_decrypt(prepared.sample)
+    circuit.encrypt_run_decrypt(*_args(prepared.sample))
     round_trip = time.perf_counter() - start
+    extra = {"lookups_by_bit_width": wop_lookups(spec)} if spec.kind == "wop" else {}
     return {
         "circuit": spec.name,
         "kind": spec.kind,
@@ -172,6 +224,7 @@ def _point(prepared: _Prepared) -> dict[str, Any]:
         "encrypt_run_decrypt_seconds": round(round_trip, 6),
         "compile_seconds": round(prepared.compile_seconds, 3),
         "keygen_seconds": round(prepared.keygen_seconds, 3),
+        **extra,
     }
 
 
@@ -199,7 +252,7 @@ def measure(
         say(f"{spec.name}: compiled and keys generated ({item.keygen_seconds:.1f} s)")
         for _ in range(repetitions):
             start = time.perf_counter()
-            item.circuit.run(item.encrypted)
+            item.circuit.run(*_args(item.encrypted))
             item.runs.append(time.perf_counter() - start)
         sigpipe.restore()
         points.append(_point(item))
@@ -234,6 +287,8 @@ def run_pbs_bench(
     out: Path | None = None,
     note: str | None = None,
     progress: Callable[[str], None] | None = None,
+    wop: bool = False,
+    add_wop: bool = False,
 ) -> tuple[dict[str, Any], Path]:
     """Measure the benchmark circuits, fit :mod:`zoo.cost`'s model and save the calibration.
 
@@ -243,36 +298,54 @@ def run_pbs_bench(
         out: where to write the JSON (default ``$ZOO_HOME/calibration/pbs.json``).
         note: free text stored with the calibration (e.g. "measured under load").
         progress: called with one line per step.
+        wop: also time WoP-PBS lookups (:func:`wop_specs`).
+        add_wop: time only the WoP lookups and add them to the calibration already at ``out``
+            (measured with the installed concrete-python), keeping its other points.
 
     Returns:
         The calibration document and the path it was written to.
     """
     say = progress or (lambda line: None)
+    out = Path(out) if out else cost.user_calibration_path()
     started = time.perf_counter()
     before = machine()
-    specs = [OVERHEAD_SPEC, *point_specs(max_bits, min_bits)]
-    points = measure(specs, repetitions, say)
-    document = cost.make_calibration(points)
+    base: dict[str, Any] = {}
+    if add_wop:
+        try:
+            base = json.loads(out.read_text())
+            reason = cost.stale_reason(base)
+        except (OSError, ValueError, AttributeError) as exc:
+            raise ValueError(f"--add-wop needs a calibration at {out}: {exc}") from None
+        if reason:
+            raise ValueError(f"{out} was {reason}: run `zoo bench pbs` without --add-wop")
+        kept = [p for p in base.get("points", []) if p.get("kind") != "wop"]
+        points = kept + measure(wop_specs(), repetitions, say)
+    else:
+        specs = [OVERHEAD_SPEC, *point_specs(max_bits, min_bits), *(wop_specs() if wop else [])]
+        points = measure(specs, repetitions, say)
+    document = {**base, **cost.make_calibration(points)}
     for point in points:
         params = "; ".join(cost.describe(r["parameter"]) for r in point["pbs_count_per_parameter"])
+        what = "lookup" if point.get("kind") == "wop" else "PBS"
         say(
-            f"{point['circuit']}: {point['pbs_count']} PBS [{params}] "
-            f"{point['seconds_per_pbs'] * 1e3:.2f} ms per PBS, fit {point['relative_error']:+.0%}"
+            f"{point['circuit']}: {point['pbs_count']} {what} [{params}] "
+            f"{point['seconds_per_pbs'] * 1e3:.2f} ms per {what}, "
+            f"fit {point['relative_error']:+.0%}"
         )
-    document.update(
-        {
-            "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-            "machine": {**before, "load_average_after": machine()["load_average"]},
-            "versions": {k: versions.installed()[k] for k in versions.BINDING},
-            "p_error": BUILD_P_ERROR,
-            "repetitions": repetitions,
-            "bits": [min_bits, max_bits],
-            "bench_seconds": round(time.perf_counter() - started, 1),
-        }
-    )
-    if note:
-        document["note"] = note
-    out = Path(out) if out else cost.user_calibration_path()
+    measured = {
+        "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "machine": {**before, "load_average_after": machine()["load_average"]},
+        "versions": {k: versions.installed()[k] for k in versions.BINDING},
+        "p_error": BUILD_P_ERROR,
+        "repetitions": repetitions,
+        "bench_seconds": round(time.perf_counter() - started, 1),
+    }
+    if add_wop:  # the classic points keep their own date and machine
+        document["wop_measured"] = {**measured, "note": note} if note else measured
+    else:
+        document.update(measured, bits=[min_bits, max_bits])
+        if note:
+            document["note"] = note
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")

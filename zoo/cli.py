@@ -91,7 +91,7 @@ def list_cmd(registry_path: Path | None, as_json: bool) -> None:
                 _num(r["fhe_simulation_top1"]),
                 _num(r["fhe_execute_top1"]),
                 r["max_bit_width"] or "-",
-                _num(r["est_fhe_seconds"], "{:.1f}"),
+                ("≥" if r["est_fhe_lower_bound"] else "") + _num(r["est_fhe_seconds"], "{:.1f}"),
                 _size(r["eval_key_bytes"]),
                 r["builds"] or "no",
             ]
@@ -121,9 +121,22 @@ def _cost_lines(estimate: dict[str, Any] | None) -> list[str]:
         lines += [f"  ignored {i['path']}: {i['reason']}" for i in calibration.get("ignored", [])]
     else:
         lines = ["cost model: per-bit-width table (no per-parameter PBS counts in this build)"]
+    if estimate.get("lower_bound"):
+        lines.append(
+            "  warning: WoP-PBS circuit (lookups of 11+ bits) priced as classic PBS, "
+            "which a WoP lookup costs many times: a lower bound; calibrate with "
+            "`zoo bench pbs --wop`"
+        )
+    elif estimate["method"] == "wop" and calibration:
+        lines.append(
+            f"  WoP-PBS circuit (lookups of 11+ bits): {calibration['wop_formula']} "
+            f"per lookup; max |error| {calibration['wop_max_abs_relative_error']:.0%} "
+            "on the bench's WoP circuits"
+        )
     for row in estimate["rows"]:
-        what = (f"{row['bit_width']}-bit" if "bit_width" in row
-                else cost.describe(row["parameter"]))  # fmt: skip
+        what = (cost.describe(row["parameter"]) if "bit_width" not in row
+                else f"{row['bit_width']}-bit WoP lookup, {cost.describe(row['parameter'])}"
+                if "parameter" in row else f"{row['bit_width']}-bit")  # fmt: skip
         lines.append(f"  {row['count']:>9,} PBS x {row['seconds_each'] * 1e3:9.2f} ms = "
                      f"{row['seconds']:10.1f} s  {what}")  # fmt: skip
     if estimate.get("overhead_seconds"):
@@ -465,27 +478,42 @@ def bench_group() -> None:
 @click.option("--out", "out_path", type=click.Path(path_type=Path), default=None,
               help="calibration file (default $ZOO_HOME/calibration/pbs.json)")
 @click.option("--note", default=None, help="free text stored with the calibration")
+@click.option("--wop", is_flag=True,
+              help="also time WoP-PBS lookups (4-14 bits, as in circuits with lookups of 11+ "
+                   "bits: ~0.5 GiB of keys each)")
+@click.option("--add-wop", is_flag=True,
+              help="time only the WoP-PBS lookups and add them to the calibration at --out")
 @JSON
 @handles_errors
 def bench_pbs(max_bits: int, min_bits: int, repetitions: int, out_path: Path | None,
-              note: str | None, as_json: bool) -> None:
+              note: str | None, wop: bool, add_wop: bool, as_json: bool) -> None:
     """Time programmable bootstraps per crypto parameter set and fit the cost model."""
     from zoo import bench
 
     if min_bits > max_bits:
         raise click.UsageError("--min-bits must not exceed --max-bits")
-    document, path = bench.run_pbs_bench(
-        max_bits=max_bits, min_bits=min_bits, repetitions=repetitions, out=out_path, note=note,
-        progress=None if as_json else lambda line: click.echo(line, err=True))
-    fit = document["fit"]
+    try:
+        document, path = bench.run_pbs_bench(
+            max_bits=max_bits, min_bits=min_bits, repetitions=repetitions, out=out_path,
+            note=note, progress=None if as_json else lambda line: click.echo(line, err=True),
+            wop=wop, add_wop=add_wop)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    fit, wop_fit = document["fit"], document.get("wop_fit")
 
     def text() -> str:
         lines = [f"{e['circuit']}: measured {e['measured_seconds']:.3f} s, model "
                  f"{e['predicted_seconds']:.3f} s ({e['relative_error']:+.0%})"
-                 for e in fit["errors"]]
+                 for e in fit["errors"] + (wop_fit["errors"] if wop_fit else [])]
         lines.append(f"fit: seconds per PBS = {fit['coefficient']:.4g} x n x level x (k+1)^2 x "
-                     f"N x log2(N); max |error| {fit['max_abs_relative_error']:.0%}; "
-                     f"{document['bench_seconds']:.0f} s")
+                     f"N x log2(N); max |error| {fit['max_abs_relative_error']:.0%}")
+        seconds = (document["wop_measured"] if add_wop else document)["bench_seconds"]
+        lines.append(f"measured in {seconds:.0f} s")
+        if wop_fit:
+            lines.append(f"WoP fit: seconds per lookup = ({wop_fit['a']:.4g} + "
+                         f"{wop_fit['b']:.4g} x bits) x n x level x (k+1)^2 x N x log2(N); "
+                         "max |error| "
+                         f"{wop_fit['max_abs_relative_error']:.0%}")
         lines.append(f"calibration written to {path}")
         return "\n".join(lines)
 
