@@ -132,9 +132,11 @@ def wop_work(circuit: dict[str, Any]) -> list[tuple[int, int, float]]:
     mean = sum(int(r["count"]) * pbs_work(r["parameter"]) for r in rows) / total
     by_width = {int(b): int(n) for b, n in (circuit.get("pbs_count_by_bit_width") or {}).items()}
     unattributed = int(circuit.get("pbs_count_by_bit_width_unattributed") or 0)
-    if not by_width or unattributed:  # price what the graph does not attribute at the widest
+    if not by_width:
+        unattributed = total
+    if unattributed:  # what the graph does not attribute is priced at the widest lookup
         widest = max(by_width, default=int(circuit.get("max_bit_width") or 0))
-        by_width[widest] = by_width.get(widest, 0) + (unattributed or total)
+        by_width[widest] = by_width.get(widest, 0) + unattributed
     return [(bits, n, mean) for bits, n in sorted(by_width.items()) if n]
 
 
@@ -295,15 +297,7 @@ def breakdown(
             }
             for bits, count, work in wop_work(circuit)
         ]
-        terms.sort(key=lambda t: -t["seconds"])
-        return {
-            "method": "wop",
-            "rows": terms,
-            "overhead_seconds": overhead,
-            "total_seconds": sum(t["seconds"] for t in terms) + overhead,
-            "lower_bound": False,
-            "calibration": calibration_summary(calibration),
-        }
+        return _result("wop", terms, overhead, False, calibration)
     if rows and calibration is not None:
         coefficient = float(calibration["fit"]["coefficient"])
         overhead = float(calibration["fit"].get("overhead_seconds", 0.0))
@@ -318,15 +312,7 @@ def breakdown(
                     "seconds": each * int(row["count"]),
                 }
             )
-        terms.sort(key=lambda t: -t["seconds"])
-        return {
-            "method": "per-parameter",
-            "rows": terms,
-            "overhead_seconds": overhead,
-            "total_seconds": sum(t["seconds"] for t in terms) + overhead,
-            "lower_bound": wop,
-            "calibration": calibration_summary(calibration),
-        }
+        return _result("per-parameter", terms, overhead, wop, calibration)
     by_width = circuit.get("pbs_count_by_bit_width")
     if not by_width:
         return None
@@ -339,13 +325,24 @@ def breakdown(
         }
         for w, count in sorted(by_width.items(), key=lambda item: int(item[0]))
     ]
+    return _result("bit-width-table", terms, 0.0, wop, None)
+
+
+def _result(
+    method: str,
+    terms: list[dict[str, Any]],
+    overhead: float,
+    lower_bound: bool,
+    calibration: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """:func:`breakdown`'s answer: the terms, most expensive first, and their total."""
     return {
-        "method": "bit-width-table",
-        "rows": terms,
-        "overhead_seconds": 0.0,
-        "total_seconds": sum(t["seconds"] for t in terms),
-        "lower_bound": wop,
-        "calibration": None,
+        "method": method,
+        "rows": sorted(terms, key=lambda t: -t["seconds"]),
+        "overhead_seconds": overhead,
+        "total_seconds": sum(t["seconds"] for t in terms) + overhead,
+        "lower_bound": lower_bound,
+        "calibration": calibration_summary(calibration) if calibration else None,
     }
 
 
@@ -394,20 +391,28 @@ def fit(points: list[dict[str, Any]]) -> dict[str, Any]:
         overhead, coefficient = 0.0, sum(b) / sbb
     else:
         coefficient = (saa * sum(b) - sab * sum(a)) / det
-    errors = [
-        {
-            "circuit": point.get("circuit"),
-            "measured_seconds": measured,
-            "predicted_seconds": overhead + coefficient * work,
-            "relative_error": (overhead + coefficient * work) / measured - 1.0,
-        }
-        for point, work, measured in pairs
-    ]
-    relative = [e["relative_error"] for e in errors]
     return {
         "formula": FORMULA,
         "coefficient": coefficient,
         "overhead_seconds": overhead,
+        **_fit_errors([(p, y, overhead + coefficient * w) for p, w, y in pairs]),
+    }
+
+
+def _fit_errors(rows: list[tuple[dict[str, Any], float, float]]) -> dict[str, Any]:
+    """``errors`` (per circuit), ``max_abs_relative_error`` and ``rms_relative_error`` of a fit
+    from ``(point, measured seconds, predicted seconds)`` rows."""
+    errors = [
+        {
+            "circuit": point.get("circuit"),
+            "measured_seconds": measured,
+            "predicted_seconds": predicted,
+            "relative_error": predicted / measured - 1.0,
+        }
+        for point, measured, predicted in rows
+    ]
+    relative = [e["relative_error"] for e in errors]
+    return {
         "errors": errors,
         "max_abs_relative_error": max(abs(x) for x in relative),
         "rms_relative_error": math.sqrt(sum(x * x for x in relative) / len(relative)),
@@ -447,20 +452,11 @@ def fit_wop(points: list[dict[str, Any]], overhead: float) -> dict[str, Any] | N
     b = (suu * svt - suv * sut) / det if len(rows) > 1 and det > 0 else -1.0
     if a < 0 or b < 0:  # one term only: proportional to the width, or constant
         a, b = (0.0, svt / svv) if b > 0 else (sut / suu, 0.0)
-    errors = []
-    for point, w0, w1, y in rows:
-        predicted = overhead + a * w0 + b * w1
-        errors.append({"circuit": point.get("circuit"), "measured_seconds": y,
-                       "predicted_seconds": predicted,
-                       "relative_error": predicted / y - 1.0})  # fmt: skip
-    relative = [e["relative_error"] for e in errors]
     return {
         "formula": WOP_FORMULA,
         "a": a,
         "b": b,
-        "errors": errors,
-        "max_abs_relative_error": max(abs(x) for x in relative),
-        "rms_relative_error": math.sqrt(sum(x * x for x in relative) / len(relative)),
+        **_fit_errors([(p, y, overhead + a * w0 + b * w1) for p, w0, w1, y in rows]),
     }
 
 
