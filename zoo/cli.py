@@ -134,9 +134,12 @@ def _cost_lines(estimate: dict[str, Any] | None) -> list[str]:
             "on the bench's WoP circuits"
         )
     for row in estimate["rows"]:
-        what = (cost.describe(row["parameter"]) if "bit_width" not in row
-                else f"{row['bit_width']}-bit WoP lookup, {cost.describe(row['parameter'])}"
-                if "parameter" in row else f"{row['bit_width']}-bit")  # fmt: skip
+        if "parameter" not in row:  # the per-bit-width table
+            what = f"{row['bit_width']}-bit"
+        elif "bit_width" in row:
+            what = f"{row['bit_width']}-bit WoP lookup, {cost.describe(row['parameter'])}"
+        else:
+            what = cost.describe(row["parameter"])
         lines.append(f"  {row['count']:>9,} PBS x {row['seconds_each'] * 1e3:9.2f} ms = "
                      f"{row['seconds']:10.1f} s  {what}")  # fmt: skip
     if estimate.get("overhead_seconds"):

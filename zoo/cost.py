@@ -287,16 +287,11 @@ def breakdown(
         wop_fit = calibration["wop_fit"]
         overhead = float(calibration["fit"].get("overhead_seconds", 0.0))
         parameter = max(rows, key=lambda r: int(r["count"]))["parameter"]
-        terms = [
-            {
-                "bit_width": bits,
-                "parameter": _short(parameter),
-                "count": count,
-                "seconds_each": wop_seconds(bits, work, wop_fit),
-                "seconds": wop_seconds(bits, work, wop_fit) * count,
-            }
-            for bits, count, work in wop_work(circuit)
-        ]
+        terms = []
+        for bits, count, work in wop_work(circuit):
+            each = wop_seconds(bits, work, wop_fit)
+            terms.append({"bit_width": bits, "parameter": _short(parameter), "count": count,
+                          "seconds_each": each, "seconds": each * count})  # fmt: skip
         return _result("wop", terms, overhead, False, calibration)
     if rows and calibration is not None:
         coefficient = float(calibration["fit"]["coefficient"])
