@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo import head as zoo_head
+from zoo import kernels
 from zoo.build import BuildContext, RecipeResult
 from zoo.data import load_cifar10
 from zoo.qat import (
@@ -252,6 +253,7 @@ def resolve_config(variant: str, params: dict[str, Any], profile: str, seed: int
         "data": dict(DATA),
         "seed": seed,
         "torch_threads": TORCH_THREADS,
+        "cpu_kernels": kernels.check(),
         "deterministic_algorithms": True,
         "bn_eps": BN_EPS,
         "weight_clip": WEIGHT_CLIP,

@@ -54,6 +54,7 @@ import torch
 from torch import nn
 
 from zoo import head as zoo_head
+from zoo import kernels
 from zoo.build import BuildContext, RecipeResult
 from zoo.data import PartialDatasetError, load_cifar10, load_cifar100_split, require_complete
 from zoo.errors import BuildError
@@ -186,6 +187,7 @@ def resolve_config(variant: str, params: dict[str, Any], profile: str, seed: int
         "data": dict(DATASETS[arch["dataset"]], **AUGMENT),
         "seed": seed,
         "torch_threads": TORCH_THREADS,
+        "cpu_kernels": kernels.check(),
         "deterministic_algorithms": True,
     }
 

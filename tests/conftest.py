@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from zoo import manifest, versions
+from zoo import kernels, manifest, versions
 
+kernels.pin()  # before any test module imports torch: builds here are the pinned kind
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 

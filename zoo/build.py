@@ -14,8 +14,9 @@ plus what is *not* reproducible and therefore not part of the pinned build: ``re
 (wall times, host, where each stage ran, and metrics measured with random draws such as FHE
 simulation, whose PBS-error RNG concrete does not let us seed; ``zoo publish`` copies them into
 the registry)
-and ``work/`` (checkpoints, logs). Same recipe, profile, seed, data, runtime and device ⇒ the
-same bytes for every pinned file; :func:`check` and ``--build-missing`` rely on it.
+and ``work/`` (checkpoints, logs). Same recipe, profile, seed, data, runtime and device (CPU
+kernels held to AVX2 by :mod:`zoo.kernels`) ⇒ the same bytes for every pinned file;
+:func:`check` and ``--build-missing`` rely on it.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from zoo import cache, card, config, manifest, versions
+from zoo import cache, card, config, kernels, manifest, versions
 from zoo import registry as reg
 from zoo.errors import BuildError, IntegrityError
 
@@ -138,6 +139,7 @@ def build(
     ``init`` is a safetensors file of weights to start training from, for recipes that accept
     one (``ACCEPTS_INIT``); its sha256 enters the recipe's config, hence the manifest.
     """
+    kernels.pin()  # before the recipe imports torch
     from zoo.package import circuit_statistics, write_fhe_zips
 
     entry = reg.load(registry_path).variant(variant)
@@ -249,7 +251,9 @@ def compare(build_dir: Path, pinned: reg.Build) -> dict[str, str]:
 
 MISMATCH_HINT = (
     "a rebuild matches only with the same recipe, profile, seed, data, runtime versions and kind "
-    "of device; a build trained on a GPU (see the registry's `device`) does not reproduce on a CPU"
+    "of device; a build trained on a GPU (see the registry's `device`) does not reproduce on a "
+    "CPU, and a CPU build whose manifest records no `cpu_kernels` (made before they were held to "
+    "AVX2) reproduces only on the kind of CPU that made it"
 )
 
 

@@ -1,0 +1,47 @@
+"""CPU kernels held to AVX2 for builds, and recorded as they really ran."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from zoo import kernels
+from zoo.errors import BuildError
+
+RECORD = "import json; from zoo import kernels; kernels.pin(); print(json.dumps(kernels.check()))"
+
+
+def _record_in_fresh_process(**env: str) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if k not in kernels.PINS}
+    out = subprocess.run([sys.executable, "-c", RECORD], env={**clean, **env},
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    return json.loads(out.stdout)
+
+
+def test_a_fresh_process_is_pinned_and_records_what_torch_runs() -> None:
+    record = _record_in_fresh_process()
+    assert {k: record[k] for k in kernels.PINS} == kernels.PINS
+    assert record["torch"] == torch.backends.cpu.get_cpu_capability()  # this process is pinned
+    assert not record["torch"].startswith(kernels.ABOVE_PIN)
+
+
+def test_a_setting_from_the_environment_wins_and_is_recorded() -> None:
+    """Set on purpose (here: torch's plain C++ kernels), it is kept, and the build's config
+    says so, hence its manifest differs from an AVX2 build's."""
+    record = _record_in_fresh_process(ATEN_CPU_CAPABILITY="default")
+    assert record["ATEN_CPU_CAPABILITY"] == "default"
+    assert record["torch"] == "NO AVX"
+
+
+def test_a_build_refuses_kernels_above_the_pin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch started before pin() on an AVX-512 machine (no such CPU here: the capability is
+    faked) must not build silently."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    with pytest.raises(BuildError, match="AVX512 kernels") as info:
+        kernels.check()
+    assert "zoo.kernels.pin()" in info.value.hint
