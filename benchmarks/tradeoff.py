@@ -43,6 +43,11 @@ def rows(registry: reg.Registry) -> list[dict[str, Any]]:
         metrics, circuit, timings = build.metrics, build.circuit, build.raw.get("timings", {})
         estimate = cost.breakdown(circuit)
         measured = metrics.get("fhe_execute_seconds_per_image")
+        # the estimate is for the calibration's machine: a run elsewhere is not its test
+        calibration = estimate and estimate["calibration"]
+        here = calibration and cost.describe_machine(calibration)
+        comparable = (measured and metrics.get("fhe_execute_machine") == here
+                      and not metrics.get("fhe_execute_conditions"))  # fmt: skip
         out.append(
             {
                 "variant": variant.name,
@@ -62,9 +67,10 @@ def rows(registry: reg.Registry) -> list[dict[str, Any]]:
                 "fhe_execute_seconds_per_image": measured,
                 # set when the run was not clean (e.g. cores shared): then no error is computed
                 "fhe_execute_conditions": metrics.get("fhe_execute_conditions"),
-                # the cost model's error against a clean real-FHE run (zoo eval --record)
+                "fhe_execute_machine": metrics.get("fhe_execute_machine"),
+                # the cost model's error against a clean real-FHE run on the calibration's machine
                 "estimate_relative_error": (estimate["total_seconds"] / measured - 1)
-                if estimate and measured and not metrics.get("fhe_execute_conditions")
+                if comparable
                 else None,
                 "eval_key_bytes": circuit.get("eval_key_bytes"),
                 "build_seconds": timings.get("build_seconds"),
@@ -106,7 +112,7 @@ def plot(table: list[dict[str, Any]], refs: list[dict[str, Any]], path: Path) ->
     for row in table:
         real = (row["fhe_execute_n_images"] or 0) >= MIN_REAL_IMAGES
         top1 = row["fhe_execute_top1"] if real else row["fhe_simulation_top1"]
-        measured = bool(row["fhe_execute_seconds_per_image"]) and not row["fhe_execute_conditions"]
+        measured = row["estimate_relative_error"] is not None  # a clean run on this machine
         seconds = (
             row["fhe_execute_seconds_per_image"] if measured
             else row["estimated_fhe_seconds_per_image"]
@@ -164,6 +170,8 @@ def markdown(table: list[dict[str, Any]], registry: reg.Registry) -> str:
             measured += f" ({row['estimate_relative_error']:+.0%})"
         elif row["fhe_execute_conditions"]:
             measured += " (cores shared: no error computed)"
+        elif row["fhe_execute_seconds_per_image"] is not None:
+            measured += " (on another machine: no error computed)"
         keys = row["eval_key_bytes"]
         lines.append(
             f"| `{name}` | {row['profile']} | {row['n_test_images']} | "

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from zoo import cost, sigpipe, versions
+from zoo import cost, kernels, sigpipe, versions
 from zoo.cli import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -126,13 +126,36 @@ def test_a_calibration_fitted_with_another_formula_is_refitted_from_its_points(
 def test_shipped_default_describes_its_machine() -> None:
     default = json.loads(cost.DEFAULT_CALIBRATION.read_text())
     assert default["machine"]["cpu_model"] and default["machine"]["cpu_count"]
+    assert default["machine"]["isa"]  # FHE speed follows it: estimates elsewhere must say so
     assert default["versions"]["concrete-python"] and default["created"] and default["note"]
     assert default["fit"]["coefficient"] > 0 and default["points"]
     # and prices WoP circuits from WoP points measured on the same machine
     assert default["wop_fit"]["formula"] == cost.WOP_FORMULA
     assert {p["bits"] for p in default["points"] if p.get("kind") == "wop"} == {4, 12, 14}
-    assert default["wop_measured"]["machine"]["cpu_model"] == default["machine"]["cpu_model"]
+    for key in ("cpu_model", "isa", "cpu_count"):
+        assert default["wop_measured"]["machine"][key] == default["machine"][key]
     assert cost.breakdown(WOP_CIRCUIT)["method"] == "wop"
+
+
+def test_a_calibration_from_another_kind_of_machine_says_so(zoo_home: Path) -> None:
+    here = kernels.cpu()
+    same = {"machine": {**here, "cpu_model": "renamed"}}
+    assert cost.other_machine(same) is None  # instruction set and cores decide, not the name
+    wider = {"machine": {**here, "isa": "avx512"}}
+    assert cost.other_machine(wider, here) == (
+        f"measured on {here['cpu_model']}, avx512, {here['cpu_count']} cores; "
+        f"this is {here['cpu_model']}, {here['isa']}, {here['cpu_count']} cores"
+    )
+    unrecorded = {"machine": {"cpu_model": "old CPU", "cpu_count": here["cpu_count"]}}
+    assert "old CPU, instruction set not recorded" in cost.other_machine(unrecorded)
+
+    _write_user({**_calibration(1e-9), "machine": wider["machine"]})
+    calibration = cost.current_calibration()
+    assert calibration["source"]["kind"] == "user"  # used, but not silently
+    assert "avx512" in calibration["source"]["other_machine"]
+    text = CliRunner().invoke(main, ["info", "cifar10-split-tiny"]).output
+    assert "warning: another kind of machine: measured on" in text
+    assert "calibrate this one with `zoo bench pbs`" in text
 
 
 def test_stale_user_calibration_is_ignored_with_a_warning(zoo_home: Path) -> None:
@@ -235,6 +258,7 @@ def test_bench_pbs_really_runs_and_writes_a_calibration(zoo_home: Path) -> None:
     assert data["path"] == str(path) and path.is_file()
     stored = json.loads(path.read_text())
     assert stored["machine"]["cpu_model"] and stored["machine"]["cpu_count"] >= 1
+    assert stored["machine"]["isa"] == kernels.cpu()["isa"]
     assert stored["versions"]["concrete-python"] == versions.installed()["concrete-python"]
     assert stored["versions"]["concrete-ml"] == versions.installed()["concrete-ml"]
     assert stored["created"] and stored["p_error"] == 2**-40

@@ -16,7 +16,7 @@ import pytest
 
 import zoo
 from zoo import build as builder
-from zoo import evaluate, runtime
+from zoo import cost, evaluate, kernels, runtime
 from zoo import registry as reg
 from zoo.errors import ZooError
 
@@ -165,3 +165,4 @@ def test_ray_backend_real_fhe_survives_a_killed_worker(
     assert recorded["fhe_execute_n_images"] == 2 and recorded["fhe_execute_agreement"] == 1.0
     assert recorded["fhe_execute_top1"] == summary["execute_top1"]
     assert recorded.get("keygen_seconds") == summary.get("keygen_seconds")  # when generated here
+    assert recorded["fhe_execute_machine"] == cost.describe_machine(kernels.cpu())  # where it ran

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zoo import cost, sigpipe, versions
+from zoo import cost, kernels, sigpipe, versions
 
 BUILD_P_ERROR = 2**-40  # recipes/split_cnv.py ARCHS[*]["p_error"]
 MIN_BITS, MAX_BITS = 2, 8
@@ -63,7 +63,7 @@ class PointSpec:
 
 # Elements per circuit: enough PBS per lookup that the cores work in the throughput regime of
 # a real network layer (hundreds of independent PBS), few enough that the slow widths stay
-# quick. Small circuits cost more per PBS: on the quiet 2-core machine the (896, level 2,
+# quick. Small circuits cost more per PBS: on the first quiet 2-core machine the (896, level 2,
 # N=8192) bootstrap took 77 ms in a 12-PBS chain but 60 ms in a 96-PBS one, and
 # cifar10-split-tiny's 1,408 of them ran at ~63 ms each.
 TLU_ELEMENTS = {2: 256, 3: 256, 4: 128, 5: 128, 6: 128, 7: 32, 8: 8}
@@ -74,7 +74,7 @@ OVERHEAD_SPEC = PointSpec("tlu", 2, (1,))
 
 
 # WoP lookups: bits -> elements (with the 12-bit anchor: 64, 32 and 16 lookups). Layer-sized:
-# on the quiet 2-core machine a WoP lookup cost 0.83 s in a circuit of 65, 1.08 s in one of 8,
+# on the first quiet 2-core machine a WoP lookup cost 0.83 s in a circuit of 65, 1.08 s in one of 8,
 # and circuits of 3-9 lookups priced the 65-lookup one 24-40% too high. ~25-50 s per run,
 # ~0.5 GiB of bootstrap keys and ~10 s of keygen each.
 WOP_ELEMENTS = {4: 63, 12: 31, 14: 15}
@@ -238,7 +238,7 @@ def measure(
 
     That is how an inference runs (one circuit, its keys, run after run). Keeping every
     circuit's keys in memory and timing them round-robin (8.4 GiB of evaluation keys up to 8
-    bits) made the same circuits 20-40% slower on the quiet 2-core machine (a 96-PBS chain at
+    bits) made the same circuits 20-40% slower on the first 2-core machine (a 96-PBS chain at
     N=8192: 8.2 s against 6.0 s alone), while alternating two circuits cost only ~5%: the
     calibration needs a quiet machine either way, and one circuit at a time measures what a
     user will see.
@@ -262,18 +262,9 @@ def measure(
 
 
 def machine() -> dict[str, Any]:
-    """CPU model, core count and what concrete is allowed to use on this machine."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    """This CPU (:func:`zoo.kernels.cpu`) and what concrete is allowed to use on it."""
     return {
-        "cpu_model": model,
-        "cpu_count": os.cpu_count(),
+        **kernels.cpu(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "platform": platform.platform(),
         "load_average": [round(x, 2) for x in os.getloadavg()],

@@ -214,7 +214,7 @@ def build(
         "variant": variant,
         "profile": profile,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "host": {"machine": platform.machine(), "processor": _cpu_model(), "cpus": os.cpu_count()},
+        "host": {"machine": platform.machine(), **kernels.cpu()},
         "stages": result.stages,
         "metrics": sampled,
         "timings": timings,
@@ -222,16 +222,6 @@ def build(
     (out_dir / manifest.REPORT).write_text(manifest.dumps(report))
     logger.info("wrote %s in %.1f s", out_dir, timings["build_seconds"])
     return out_dir
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def compare(build_dir: Path, pinned: reg.Build) -> dict[str, str]:

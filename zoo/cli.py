@@ -110,14 +110,17 @@ def _cost_lines(estimate: dict[str, Any] | None) -> list[str]:
         return []
     calibration = estimate.get("calibration")
     if calibration:
-        where = (f"{calibration['source']} calibration: {calibration['cpu_model']}, "
-                 f"{calibration['cpu_count']} cores, {calibration['created']}, concrete-python "
-                 f"{calibration['concrete-python']}")  # fmt: skip
+        where = (f"{calibration['source']} calibration: {cost.describe_machine(calibration)}, "
+                 f"{calibration['created']}, "
+                 f"concrete-python {calibration['concrete-python']}")  # fmt: skip
         lines = [f"cost model: {calibration['formula']} per PBS; {where}"]
         if calibration.get("note"):
             lines.append(f"  note: {calibration['note']}")
         if calibration.get("stale"):
             lines.append(f"  warning: this calibration was {calibration['stale']}")
+        if calibration.get("other_machine"):
+            lines.append(f"  warning: another kind of machine: {calibration['other_machine']}; "
+                         "calibrate this one with `zoo bench pbs`")  # fmt: skip
         lines += [f"  ignored {i['path']}: {i['reason']}" for i in calibration.get("ignored", [])]
     else:
         lines = ["cost model: per-bit-width table (no per-parameter PBS counts in this build)"]

@@ -19,18 +19,21 @@ fixed cost of one run with PBS (~60 ms here; a run without PBS costs ~1 ms).
 Why this formula: `zoo bench pbs` (:mod:`zoo.bench`) times level-1 and level-2 bootstraps at
 polynomial sizes 512..32768 with our builds' ``p_error``, including exactly the parameter sets
 of our convolutions, one circuit at a time with layer-sized circuits (hundreds of PBS). On the
-11 points of the quiet 2-core machine (``zoo/calibration/default.json``) it fits with 12% rms
-relative error, 23% at worst; counting ``level`` instead of ``level + 1`` fits worse (13% rms,
+11 points of the project's first quiet 2-core machine (until 2026-12-01, its instruction set
+not recorded; ``benchmarks/results/calibration-2026-12-01.json``) it fits with 12% rms
+relative error, 23% at worst, and on those of the AVX2 machine after it
+(``zoo/calibration/default.json``, every PBS 1.7x slower) with 11% rms, 31% at worst (the
+8-bit lookup); counting ``level`` instead of ``level + 1`` fits worse (13% rms,
 level-2 chains +21%, level-1 lookups -20%), and so do FFT counts alone (``n × (k+1) ×
 (level+1) × N log2 N``: 15% rms, 35% worst). On whole circuits (measured with ``zoo eval
---fhe execute --record``): ``cifar10-split-tiny``, 1,408 level-2 PBS at N=8192, estimated
-94 s, measured 91 s per image (10 images) — the ``level + 1`` form was chosen among five
-candidates partly because it fits that run best, so the runs of the larger variants below are
-the real test (see README, "Cost model against real runs"). Earlier calibrations kept every
-circuit's keys in memory and timed them in turns, which made the same circuits 20-40% slower
-(and 8-bit ones 3x), and used 4-16-element circuits, which cost up to 25% more per PBS than a
-layer: both are gone. Linear layers (clear multiplications and additions on ciphertexts) are
-not modelled.
+--fhe execute --record``) on the first machine: ``cifar10-split-tiny``, 1,408 level-2 PBS at
+N=8192, estimated 94 s, measured 91 s per image (10 images) — the ``level + 1`` form was
+chosen among five candidates partly because it fits that run best, so the runs of the larger
+variants are the real test (see README, "Cost model against real runs"). Earlier calibrations
+kept every circuit's keys in memory and timed them in turns, which made the same circuits
+20-40% slower (and 8-bit ones 3x), and used 4-16-element circuits, which cost up to 25% more
+per PBS than a layer: both are gone. Linear layers (clear multiplications and additions on
+ciphertexts) are not modelled.
 
 Lookups too wide for a classic PBS (11 bits and more here, such as the unrounded VGG11 and
 full-FHE CNV circuits) are compiled as WoP-PBS ("without padding": bit extraction, circuit
@@ -43,8 +46,9 @@ with its width ``p``; it is priced as::
     seconds_per_wop_lookup(p) = (a + b × p) × n × (level + 1) × (k + 1)² × N × log2(N)
 
 with ``a``, ``b`` fitted by ``zoo bench pbs --wop`` on layer-sized WoP circuits of 4, 12 and 14
-bits (on the quiet 2-core machine a lookup took 0.80 s at 4 bits in a circuit of 64 lookups,
-0.92 s at 12 bits in one of 32, 1.19 s at 14 bits in one of 16: 40 to 60 times a classic
+bits (on the first quiet 2-core machine a lookup took 0.80 s at 4 bits in a circuit of 64
+lookups, 0.92 s at 12 bits in one of 32, 1.19 s at 14 bits in one of 16, and 1.77 / 1.83 /
+2.73 s on the AVX2 machine after it: 40 to 60 times a classic
 bootstrap of the same parameter set; fit within 10%, and within +9% / +6% on two circuits left
 out of the fit, 65 lookups at 8 bits and 17 at 12). A calibration without WoP points prices
 such a circuit with the classic formula and says that this is a lower bound.
@@ -56,9 +60,12 @@ Where the calibration (``c``, ``overhead``) comes from, first that applies:
    :class:`StaleCalibrationWarning`, and ``zoo info`` says so);
 2. the default shipped with the package (``zoo/calibration/default.json``; its ``machine`` and
    ``note`` say where and how it was measured);
+
+either way, a calibration measured on another kind of machine (instruction set or core count:
+:func:`other_machine`) is used with a warning that says so;
 3. for a circuit without per-parameter counts (builds recorded before they existed), or when no
    calibration can be read, the old per-bit-width table: 19 ms per 4-bit PBS, 70 ms per 6-bit,
-   530 ms per 8-bit (this project's 2-core machine, 2 threads), interpolated log-linearly.
+   530 ms per 8-bit (this project's first 2-core machine, 2 threads), interpolated log-linearly.
 
 This module imports neither torch nor concrete (``zoo list`` / ``zoo info`` use it).
 """
@@ -71,7 +78,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from zoo import config, versions
+from zoo import config, kernels, versions
 
 DEFAULT_SECONDS_PER_PBS = {4: 0.019, 6: 0.070, 8: 0.530}
 DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "calibration" / "default.json"
@@ -199,12 +206,33 @@ def stale_reason(document: dict[str, Any], have: dict[str, str] | None = None) -
     return None
 
 
+def describe_machine(machine: dict[str, Any]) -> str:
+    """``AMD EPYC, avx2, 2 cores``: a machine as calibrations and real-FHE records name it."""
+    isa = machine.get("isa") or "instruction set not recorded"
+    return f"{machine.get('cpu_model')}, {isa}, {machine.get('cpu_count')} cores"
+
+
+def other_machine(document: dict[str, Any], here: dict[str, Any] | None = None) -> str | None:
+    """Why ``document`` describes another kind of machine than this one, or None.
+
+    FHE speed follows the instruction set (the same circuits ran 1.7-2.2x slower on this
+    project's AVX2 machine than on the one before it, most likely an AVX-512 one) and the core
+    count; a calibration made elsewhere says so instead of silently misleading.
+    """
+    here = kernels.cpu() if here is None else here
+    theirs = document.get("machine") or {}
+    if all(theirs.get(k) == here[k] for k in ("isa", "cpu_count")):
+        return None
+    return f"measured on {describe_machine(theirs)}; this is {describe_machine(here)}"
+
+
 def current_calibration(warn: bool = True) -> dict[str, Any] | None:
     """The calibration estimates use: this machine's if valid, else the shipped default.
 
     Returns the calibration document with a ``"source"`` entry added: ``{"kind": "user" |
-    "default", "path": ..., "ignored": [{"path", "reason"}], "stale": reason or None}``
-    (``ignored`` lists a user calibration that was skipped). None when neither can be read.
+    "default", "path": ..., "ignored": [{"path", "reason"}], "stale": reason or None,
+    "other_machine": reason or None}`` (``ignored`` lists a user calibration that was skipped).
+    None when neither can be read.
     """
     ignored = []
     user = user_calibration_path()
@@ -212,7 +240,9 @@ def current_calibration(warn: bool = True) -> dict[str, Any] | None:
         document = _read(user)
         reason = "unreadable or not a calibration" if document is None else stale_reason(document)
         if reason is None and document is not None:
-            return {**document, "source": {"kind": "user", "path": str(user), "ignored": []}}
+            source = {"kind": "user", "path": str(user), "ignored": [],
+                      "other_machine": other_machine(document)}  # fmt: skip
+            return {**document, "source": source}
         ignored.append({"path": str(user), "reason": reason})
         if warn:
             warnings.warn(
@@ -228,6 +258,7 @@ def current_calibration(warn: bool = True) -> dict[str, Any] | None:
         "path": str(DEFAULT_CALIBRATION),
         "ignored": ignored,
         "stale": stale_reason(document),
+        "other_machine": other_machine(document),
     }
     return {**document, "source": source}
 
@@ -243,6 +274,7 @@ def calibration_summary(calibration: dict[str, Any] | None) -> dict[str, Any] | 
         "source": (calibration.get("source") or {}).get("kind"),
         "path": (calibration.get("source") or {}).get("path"),
         "cpu_model": machine.get("cpu_model"),
+        "isa": machine.get("isa"),
         "cpu_count": machine.get("cpu_count"),
         "created": calibration.get("created"),
         "concrete-python": (calibration.get("versions") or {}).get("concrete-python"),
@@ -252,6 +284,7 @@ def calibration_summary(calibration: dict[str, Any] | None) -> dict[str, Any] | 
         "wop_max_abs_relative_error": wop_fit.get("max_abs_relative_error"),
         "note": calibration.get("note"),
         "stale": (calibration.get("source") or {}).get("stale"),
+        "other_machine": (calibration.get("source") or {}).get("other_machine"),
         "ignored": (calibration.get("source") or {}).get("ignored", []),
     }
 

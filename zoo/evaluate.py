@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from zoo import api, config, cost, runtime, sigpipe
+from zoo import api, config, cost, kernels, runtime, sigpipe
 from zoo import registry as reg
 from zoo.data import fingerprint, load_split
 from zoo.errors import ZooError
@@ -229,6 +229,8 @@ def evaluate(
         "sample": sample_name(seed, len(out.done), len(indices)),
         **summarize(list(out.done.values()), fhe),
         **{k: round(model.timings[k], 3) for k in KEY_TIMINGS if k in model.timings},
+        # where the circuit ran: this machine, unless a Ray cluster elsewhere ran it
+        "machine": kernels.cpu() if address is None else None,
         "this_run_images": len(pending),
         "this_run_seconds": round(time.perf_counter() - started, 3),
     }
@@ -244,6 +246,7 @@ def registry_metrics(summary: dict[str, Any]) -> dict[str, Any]:
     """The registry's ``fhe_execute_*`` metrics from a real-FHE evaluation summary (plus the
     keygen time, when this run generated the keys)."""
     keygen = {"keygen_seconds": summary["keygen_seconds"]} if "keygen_seconds" in summary else {}
+    machine = summary.get("machine")
     return {
         **keygen,
         "fhe_execute_top1": summary["execute_top1"],
@@ -253,6 +256,7 @@ def registry_metrics(summary: dict[str, Any]) -> dict[str, Any]:
         "fhe_execute_n_images": summary["n_images"],
         "fhe_execute_seconds_per_image": summary["execute_seconds_per_image"],
         "fhe_execute_sample": summary["sample"],
+        "fhe_execute_machine": cost.describe_machine(machine) if machine else None,
     }
 
 

@@ -7,11 +7,16 @@ AVX2, which every x86-64 machine of the last decade runs. The libraries read the
 when they start, so :func:`pin` must run before torch and numpy are imported: ``zoo build``
 does it first thing, and :func:`check` refuses a build in a process where it came too late.
 A variable already set in the environment is left as it is (and recorded as it is).
+
+The instruction set also sets the speed of FHE (concrete's FFTs use AVX-512 where the CPU has
+it), so :func:`cpu` describes the machine for the cost model's calibrations too.
 """
 
 from __future__ import annotations
 
 import os
+import platform
+from pathlib import Path
 from typing import Any
 
 from zoo.errors import BuildError
@@ -25,6 +30,27 @@ PINS = {
 }
 #: torch's capabilities above the pin: seeing one means torch started before :func:`pin`.
 ABOVE_PIN = ("AVX512",)
+
+
+def cpu() -> dict[str, Any]:
+    """This CPU: model name, family and model numbers, core count, and ``isa``: the widest
+    vector instruction set its kernels use (``avx512``, ``avx2``, else the architecture)."""
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    flags = set(info.get("flags", "").split())
+    isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else platform.machine()
+    return {
+        "cpu_model": info.get("model name") or platform.processor() or platform.machine(),
+        "cpu_family": info.get("cpu family"),
+        "cpu_model_number": info.get("model"),
+        "cpu_count": os.cpu_count(),
+        "isa": isa,
+    }
 
 
 def pin() -> None:
