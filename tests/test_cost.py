@@ -156,6 +156,8 @@ def test_a_calibration_from_another_kind_of_machine_says_so(zoo_home: Path) -> N
     text = CliRunner().invoke(main, ["info", "cifar10-split-tiny"]).output
     assert "warning: another kind of machine: measured on" in text
     assert "calibrate this one with `zoo bench pbs`" in text
+    listing = CliRunner().invoke(main, ["list"]).output
+    assert "warning: est. s/img is calibrated on another kind of machine" in listing
 
 
 def test_stale_user_calibration_is_ignored_with_a_warning(zoo_home: Path) -> None:
