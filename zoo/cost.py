@@ -60,12 +60,12 @@ Where the calibration (``c``, ``overhead``) comes from, first that applies:
    :class:`StaleCalibrationWarning`, and ``zoo info`` says so);
 2. the default shipped with the package (``zoo/calibration/default.json``; its ``machine`` and
    ``note`` say where and how it was measured);
-
-either way, a calibration measured on another kind of machine (instruction set or core count:
-:func:`other_machine`) is used with a warning that says so;
 3. for a circuit without per-parameter counts (builds recorded before they existed), or when no
    calibration can be read, the old per-bit-width table: 19 ms per 4-bit PBS, 70 ms per 6-bit,
    530 ms per 8-bit (this project's first 2-core machine, 2 threads), interpolated log-linearly.
+
+A calibration of 1. or 2. measured on another kind of machine (instruction set or core count:
+:func:`other_machine`) is still used, with a warning that says so.
 
 This module imports neither torch nor concrete (``zoo list`` / ``zoo info`` use it).
 """

@@ -1,15 +1,16 @@
 """CPU kernels held to one instruction set, so that builds are bit for bit the same on any x86-64.
 
 torch (ATen), oneDNN, MKL and numpy's OpenBLAS each pick their kernels by the CPU's instruction
-set, and AVX-512 kernels round differently from AVX2 ones: the same recipe trained on an AVX-512
-machine and on an AVX2 machine gives different weights. A build therefore holds all four to
+set, and kernels of different widths round differently: the tiny recipe trained with torch's
+plain kernels and with its AVX2 ones gives different weights, and no build of the project's
+first machine (most likely AVX-512) reproduced on its AVX2 one. A build therefore holds all four to
 AVX2, which every x86-64 machine of the last decade runs. The libraries read these variables
 when they start, so :func:`pin` must run before torch and numpy are imported: ``zoo build``
 does it first thing, and :func:`check` refuses a build in a process where it came too late.
 A variable already set in the environment is left as it is (and recorded as it is).
 
-The instruction set also sets the speed of FHE (concrete's FFTs use AVX-512 where the CPU has
-it), so :func:`cpu` describes the machine for the cost model's calibrations too.
+The instruction set also goes with the speed of FHE (1.7-2.2x between those two machines), so
+:func:`cpu` describes the machine for the cost model's calibrations too.
 """
 
 from __future__ import annotations
