@@ -51,6 +51,37 @@ def test_sample_indices() -> None:
         evaluate.sample_indices(10_000, 0, None)
 
 
+def test_a_sample_continued_on_another_machine_keeps_its_seconds_apart() -> None:
+    amd = {"cpu_model": "AMD EPYC", "isa": "avx2", "cpu_count": 2}
+    xeon = {"cpu_model": "Intel Xeon", "isa": "avx512", "cpu_count": 2}
+
+    def image(index: int, seconds: float, **machine: dict) -> str:
+        logits = [float(index % 3 == j) for j in range(3)]  # label 0: images 0 and 3 right
+        return json.dumps({"index": index, "label": 0, "simulate": logits, "execute": logits,
+                           "seconds": seconds, **machine})  # fmt: skip
+
+    text = "\n".join([
+        json.dumps({"run": {"fhe": "execute", "indices": [0, 1, 2, 3]}}),
+        image(0, 160.0), image(1, 170.0),  # written before records named their machine
+        json.dumps({"summary": {"machine": amd}}),
+        image(2, 90.0, machine=xeon),
+        image(3, 100.0),  # an interrupted run's record without a machine: no summary after it
+    ])  # fmt: skip
+    _, records = evaluate.parse_results(text)
+    assert [records[i].get("machine") for i in range(4)] == [amd, amd, xeon, None]
+
+    summary = evaluate.summarize(list(records.values()), "execute", xeon)
+    assert summary["machine"] == xeon and summary["execute_seconds_per_image"] == 90.0
+    assert summary["n_images"] == 4 and summary["execute_top1"] == 0.5  # accuracy: every image
+    assert summary["execute_seconds_by_machine"] == [
+        {"machine": amd, "n_images": 2, "seconds_per_image": 165.0},
+        {"machine": xeon, "n_images": 1, "seconds_per_image": 90.0},
+        {"machine": None, "n_images": 1, "seconds_per_image": 100.0},
+    ]
+    elsewhere = evaluate.summarize(list(records.values()), "execute", {"isa": "arm"})
+    assert elsewhere["machine"] == amd and elsewhere["execute_seconds_per_image"] == 165.0
+
+
 def test_keygen_once_then_reuse(published: Path, zoo_home: Path) -> None:
     first = runtime.keygen(TINY)
     assert first.generated and first.keygen_seconds > 0
@@ -160,7 +191,7 @@ def test_ray_backend_real_fhe_survives_a_killed_worker(
     assert sorted(r["index"] for r in records) == [0, 1]
     for record in records:
         assert np.argmax(record["execute"]) == np.argmax(record["simulate"])
-        assert record["seconds"] > 0
+        assert record["seconds"] > 0 and record["machine"] == kernels.cpu()  # a local cluster
     recorded = reg.load(registry_file).variant(TINY).builds[-1].metrics  # --record
     assert recorded["fhe_execute_n_images"] == 2 and recorded["fhe_execute_agreement"] == 1.0
     assert recorded["fhe_execute_top1"] == summary["execute_top1"]

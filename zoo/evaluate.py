@@ -4,9 +4,16 @@ Every image's result is appended to a results file (JSON lines) as soon as it is
 long real-FHE evaluation can be killed and continued with ``resume=True``::
 
     {"run": {"variant": ..., "revision": ..., "fhe": "execute", "indices": [...]}}
-    {"index": 17, "label": 3, "simulate": [...10 logits], "execute": [...], "seconds": 71.2}
+    {"index": 17, "label": 3, "simulate": [...10 logits], "execute": [...], "seconds": 71.2,
+     "machine": {"cpu_model": ..., "isa": "avx512", "cpu_count": 2, ...}}
     ...
     {"summary": {"execute_top1": ..., "agreement_with_simulation": ..., ...}}
+
+Each real-FHE record names the machine it ran on, so a sample continued on another machine
+keeps its seconds apart: the summary's ``execute_seconds_per_image`` is that of the machine in
+its ``machine`` (this one, when it ran images of the sample), and ``execute_seconds_by_machine``
+lists every machine. Records written before records named their machine take the machine of
+the summary that closed their run.
 
 Real FHE also runs the simulation of each image and reports their agreement image by image:
 the measurement no reference published. ``backend="ray"`` spreads the encrypted runs over a Ray
@@ -63,8 +70,12 @@ def default_results_path(variant: str, revision: str, fhe: str, n: int, seed: in
 
 
 def parse_results(text: str) -> tuple[dict[str, Any] | None, dict[int, dict[str, Any]]]:
-    """(run header, image records by index) of a results file; a torn last line is ignored."""
-    header, records = None, {}
+    """(run header, image records by index) of a results file; a torn last line is ignored.
+
+    A real-FHE record without ``machine`` (files from before records had one) takes that of
+    the next summary: the summary its run wrote when it ended, on the same machine.
+    """
+    header, records, unnamed = None, {}, []
     for line in text.splitlines():
         try:
             item = json.loads(line)
@@ -74,6 +85,12 @@ def parse_results(text: str) -> tuple[dict[str, Any] | None, dict[int, dict[str,
             header = item["run"]
         elif "index" in item:
             records[item["index"]] = item
+            if "execute" in item and "machine" not in item:
+                unnamed.append(item)
+        elif "summary" in item and unnamed:
+            for record in unnamed:
+                record["machine"] = item["summary"].get("machine")
+            unnamed = []
     return header, records
 
 
@@ -116,8 +133,26 @@ def _rows(logits: np.ndarray) -> list[list[float]]:
     return [[round(float(v), 6) for v in row] for row in logits]
 
 
-def summarize(records: list[dict[str, Any]], fhe: str) -> dict[str, Any]:
-    """Top-1/2/3 of simulation (and real FHE), agreement, and seconds per image."""
+def seconds_by_machine(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Real-FHE seconds per image on each machine that ran some of ``records``, most images
+    first: ``[{"machine": {...} or None, "n_images": n, "seconds_per_image": s}]``."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        groups.setdefault(json.dumps(record.get("machine"), sort_keys=True), []).append(record)
+    rows = [
+        {"machine": group[0].get("machine"), "n_images": len(group),
+         "seconds_per_image": round(float(np.mean([r["seconds"] for r in group])), 3)}
+        for group in groups.values()
+    ]  # fmt: skip
+    return sorted(rows, key=lambda row: -row["n_images"])
+
+
+def summarize(
+    records: list[dict[str, Any]], fhe: str, machine: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Top-1/2/3 of simulation (and real FHE), agreement, and seconds per image: on
+    ``machine`` if it ran some of the images, else on the machine that ran the most (named as
+    ``machine`` in the summary)."""
     records = sorted(records, key=lambda r: r["index"])
     labels = np.array([r["label"] for r in records])
     simulated = np.array([r["simulate"] for r in records])
@@ -129,10 +164,14 @@ def summarize(records: list[dict[str, Any]], fhe: str) -> dict[str, Any]:
         for k in (1, 2, 3):
             summary[f"execute_top{k}"] = topk(executed, labels, k)
         agree = executed.argmax(1) == simulated.argmax(1)
+        by_machine = seconds_by_machine(records)
+        timed = next((row for row in by_machine if row["machine"] == machine), by_machine[0])
         summary.update(
             agreement_with_simulation=float(agree.mean()),
             disagreeing_indices=[r["index"] for r, a in zip(records, agree) if not a],
-            execute_seconds_per_image=round(float(np.mean([r["seconds"] for r in records])), 3),
+            execute_seconds_per_image=timed["seconds_per_image"],
+            machine=timed["machine"],
+            execute_seconds_by_machine=by_machine,
             predictions=[int(i) for i in executed.argmax(1)],
             labels=[int(i) for i in labels],
         )
@@ -191,6 +230,8 @@ def evaluate(
         if results
         else default_results_path(build.variant, build.revision, fhe, n_images, seed)
     )
+    # where the circuit runs: this machine, unless a Ray cluster elsewhere runs it
+    machine = kernels.cpu() if address is None else None
     out = _ResultsFile(path, header, resume)
     pending = [int(i) for i in indices if int(i) not in out.done]
     if stop_after is not None:
@@ -210,7 +251,7 @@ def evaluate(
         records = (
             _simulated(model, images, labels, pending)
             if fhe == "simulate"
-            else _executed(model, images, labels, pending, backend, address, workers)
+            else _executed(model, images, labels, pending, backend, address, workers, machine)
         )
         for item in records:
             out.append(item)
@@ -227,10 +268,9 @@ def evaluate(
         "fhe": fhe,
         "backend": backend,
         "sample": sample_name(seed, len(out.done), len(indices)),
-        **summarize(list(out.done.values()), fhe),
+        "machine": machine,
+        **summarize(list(out.done.values()), fhe, machine),
         **{k: round(model.timings[k], 3) for k in KEY_TIMINGS if k in model.timings},
-        # where the circuit ran: this machine, unless a Ray cluster elsewhere ran it
-        "machine": kernels.cpu() if address is None else None,
         "this_run_images": len(pending),
         "this_run_seconds": round(time.perf_counter() - started, 3),
     }
@@ -278,8 +318,10 @@ def _executed(
     backend: str,
     address: str | None,
     workers: int | None,
+    machine: dict[str, Any] | None,
 ) -> Iterator[dict[str, Any]]:
-    """Encrypt here, run the circuit locally or on Ray, decrypt here; yield as results come."""
+    """Encrypt here, run the circuit locally or on Ray, decrypt here; yield as results come
+    (each record names ``machine``, where the circuit ran)."""
     if not pending:
         return
     inputs = model.head(images[pending])
@@ -288,7 +330,8 @@ def _executed(
     def record(index: int, result: bytes, seconds: float) -> dict[str, Any]:
         logits = model.client.deserialize_decrypt_dequantize(result)
         return {"index": index, "label": int(labels[index]), "simulate": simulated[index],
-                "execute": _rows(logits)[0], "seconds": round(seconds, 3)}  # fmt: skip
+                "execute": _rows(logits)[0], "seconds": round(seconds, 3),
+                "machine": machine}  # fmt: skip
 
     model.ensure_keys()
     keys = model.client.get_serialized_evaluation_keys()
