@@ -38,6 +38,8 @@ def list_variants(registry_path: Path | None = None) -> list[dict[str, Any]]:
                 "est_fhe_seconds": estimate["total_seconds"] if estimate else None,
                 # WoP-PBS circuit without WoP calibration: the estimate is a lower bound
                 "est_fhe_lower_bound": bool(estimate and estimate["lower_bound"]),
+                # a calibration from another kind of machine: why, else None
+                "est_other_machine": (calibration or {}).get("source", {}).get("other_machine"),
                 "eval_key_bytes": circuit.get("eval_key_bytes"),
                 "builds": len(variant.builds),
             }

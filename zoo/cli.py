@@ -99,8 +99,7 @@ def list_cmd(registry_path: Path | None, as_json: bool) -> None:
         ]
         headers = ["variant", "data", "profile", "top1 clear", "top1 sim", "top1 FHE",
                    "max bits", "est. s/img", "eval keys", "builds"]  # fmt: skip
-        calibration = cost.current_calibration(warn=False) or {}
-        other = calibration.get("source", {}).get("other_machine")
+        other = next((r["est_other_machine"] for r in rows if r["est_other_machine"]), None)
         footer = (f"\nwarning: est. s/img is calibrated on another kind of machine ({other}); "
                   "calibrate this one with `zoo bench pbs`") if other else ""  # fmt: skip
         return tabulate(table, headers=headers) + footer

@@ -245,7 +245,7 @@ def evaluate(
         tqdm.write(f"cost model: ~{estimate:,.0f} s per image, ~{hours:.2f} h for "
                    f"{len(pending)} images; the bar's ETA takes over after the first")  # fmt: skip
     started = time.perf_counter()
-    bar = tqdm(total=len(indices), initial=len(indices) - len(pending), disable=not progress,
+    bar = tqdm(total=len(indices), initial=len(out.done), disable=not progress,
                desc=f"{fhe} {build.variant}", unit="img")  # fmt: skip
     try:
         records = (

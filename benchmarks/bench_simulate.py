@@ -1,0 +1,81 @@
+"""FHE-simulation throughput: test images per second through a pinned build's clear head and the
+simulated circuit (`zoo eval --fhe simulate`), on this machine. Results go to
+benchmarks/results/simulate.json, one row per variant, with the machine they ran on.
+
+    .venv/bin/python benchmarks/bench_simulate.py [-n 200] [VARIANT ...]
+
+The default variants are those whose pinned build this machine can get (already in the cache,
+on a hub, or rebuilt byte for byte with `--build-missing`); a variant whose pinned files cannot
+be had here is reported as skipped, with the reason. The time is `this_run_seconds` of the
+evaluation: clear head, simulated circuit and top-k, after the build and its simulator are
+loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from zoo import kernels  # noqa: E402
+
+kernels.pin()  # before torch starts: a `--build-missing` rebuild must use the pinned kernels
+
+from zoo import api, evaluate  # noqa: E402
+from zoo.errors import ZooError  # noqa: E402
+
+DEFAULT_VARIANTS = ("cifar10-split-tiny", "cifar10-split-tiny-r4", "cifar10-cnv-2w2a")
+OUT = ROOT / "benchmarks" / "results" / "simulate.json"
+
+
+def measure(variant: str, n_images: int, work: Path) -> dict:
+    """Pull (or rebuild) ``variant``'s pinned build, then time the simulation of ``n_images``."""
+    pulled = api.pull(variant, build_missing=True)
+    summary = evaluate.evaluate(pulled.build.ref, fhe="simulate", n_images=n_images,
+                                results=work / f"{variant}.jsonl")  # fmt: skip
+    seconds = summary["this_run_seconds"]
+    return {
+        "variant": variant,
+        "revision": pulled.build.revision[:12],
+        "n_images": summary["n_images"],
+        "seconds": seconds,
+        "images_per_second": round(summary["n_images"] / seconds, 3),
+        "fhe_simulation_top1": summary["simulate_top1"],
+    }
+
+
+def main() -> None:
+    """Run the benchmark and write its JSON."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("variants", nargs="*", default=list(DEFAULT_VARIANTS))
+    parser.add_argument("-n", "--n-images", type=int, default=200)
+    args = parser.parse_args()
+    rows, skipped = [], []
+    with tempfile.TemporaryDirectory(prefix="zoo-bench-sim-") as work:
+        for variant in args.variants:
+            try:
+                row = measure(variant, args.n_images, Path(work))
+                rows.append(row)
+            except ZooError as error:
+                row = {"variant": variant, "reason": str(error)}
+                skipped.append(row)
+            print(json.dumps(row), flush=True)
+    result = {
+        "command": "benchmarks/bench_simulate.py " + " ".join(sys.argv[1:]),
+        "machine": kernels.cpu(),
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "rows": rows,
+        "skipped": skipped,
+    }
+    OUT.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
