@@ -60,6 +60,7 @@ lint: install
 bench: install data
 	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/bench_pull.py
+	$(PY) benchmarks/bench_simulate.py --build-missing
 	$(PY) benchmarks/tradeoff.py
 
 clean:

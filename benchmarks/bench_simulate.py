@@ -2,13 +2,14 @@
 simulated circuit (`zoo eval --fhe simulate`), on this machine. Results go to
 benchmarks/results/simulate.json, one row per variant, with the machine they ran on.
 
-    .venv/bin/python benchmarks/bench_simulate.py [-n 200] [VARIANT ...]
+    .venv/bin/python benchmarks/bench_simulate.py [-n 200] [--build-missing] [VARIANT ...]
 
-The default variants are those whose pinned build this machine can get (already in the cache,
-on a hub, or rebuilt byte for byte with `--build-missing`); a variant whose pinned files cannot
-be had here is reported as skipped, with the reason. The time is `this_run_seconds` of the
-evaluation: clear head, simulated circuit and top-k, after the build and its simulator are
-loaded.
+The default variants are the smoke builds, which `--build-missing` rebuilds byte for byte in
+seconds to minutes when no hub has them (a full build would train for hours: pull those from a
+hub). A variant whose pinned files cannot be had is reported as skipped, with the reason.
+
+The time is `this_run_seconds` of the evaluation: clear head, simulated circuit and top-k, after
+the build and its simulator are loaded.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ DEFAULT_VARIANTS = ("cifar10-split-tiny", "cifar10-split-tiny-r4", "cifar10-cnv-
 OUT = ROOT / "benchmarks" / "results" / "simulate.json"
 
 
-def measure(variant: str, n_images: int, work: Path) -> dict:
+def measure(variant: str, n_images: int, work: Path, build_missing: bool) -> dict:
     """Pull (or rebuild) ``variant``'s pinned build, then time the simulation of ``n_images``."""
-    pulled = api.pull(variant, build_missing=True)
+    pulled = api.pull(variant, build_missing=build_missing)
     summary = evaluate.evaluate(pulled.build.ref, fhe="simulate", n_images=n_images,
                                 results=work / f"{variant}.jsonl")  # fmt: skip
     seconds = summary["this_run_seconds"]
@@ -55,12 +56,17 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("variants", nargs="*", default=list(DEFAULT_VARIANTS))
     parser.add_argument("-n", "--n-images", type=int, default=200)
+    parser.add_argument(
+        "--build-missing",
+        action="store_true",
+        help="rebuild a pinned build that no hub has (checked byte for byte)",
+    )
     args = parser.parse_args()
     rows, skipped = [], []
     with tempfile.TemporaryDirectory(prefix="zoo-bench-sim-") as work:
         for variant in args.variants:
             try:
-                row = measure(variant, args.n_images, Path(work))
+                row = measure(variant, args.n_images, Path(work), args.build_missing)
                 rows.append(row)
             except ZooError as error:
                 row = {"variant": variant, "reason": str(error)}

@@ -135,14 +135,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("variant", help="registry variant whose recipe is split_cnv")
     parser.add_argument("--build-dir", type=Path, required=True, help="a build of that variant")
-    parser.add_argument("--setting", action="append", default=[])
-    parser.add_argument("--per-layer", metavar="SETTING", help="per-op rounding sensitivity")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--setting", action="append", help="one or more settings to search")
+    what.add_argument("--per-layer", metavar="SETTING", help="per-op rounding sensitivity")
     parser.add_argument("-n", type=int, default=500, help="test images simulated per setting")
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="JSON lines (appended)")
     args = parser.parse_args(argv)
-    if not args.setting and not args.per_layer:
-        parser.error("give --setting (one or more) or --per-layer")
 
     from zoo.data import load_cifar10
 

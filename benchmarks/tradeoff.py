@@ -3,7 +3,8 @@
 
 Writes benchmarks/results/tradeoff.json (one row per variant: profile, top-1 clear / FHE
 simulation / real FHE, PBS count, estimated and measured real-FHE seconds per image here with
-the estimate's relative error, eval-key size, build and compile wall times) and
+the estimate's relative error, eval-key size, keygen time of the last real-FHE run, build and
+compile wall times) and
 benchmarks/results/tradeoff.png (top-1 against seconds per image, measured where `zoo eval
 --record` ran real FHE, else estimated; log scale, with the published reference points), and
 benchmarks/results/tradeoff.md (the README's table of pinned builds).
@@ -73,6 +74,7 @@ def rows(registry: reg.Registry) -> list[dict[str, Any]]:
                 if comparable
                 else None,
                 "eval_key_bytes": circuit.get("eval_key_bytes"),
+                "keygen_seconds": metrics.get("keygen_seconds"),
                 "build_seconds": timings.get("build_seconds"),
                 "compile_seconds": timings.get("compile_seconds"),
             }
@@ -151,14 +153,14 @@ def markdown(table: list[dict[str, Any]], registry: reg.Registry) -> str:
     lines = [
         "| variant | profile | test images | top-1 clear | top-1 FHE sim. | top-1 real FHE "
         "(images) | max bits | PBS (by width) | est. FHE s/img | measured FHE s/img (error) "
-        "| eval keys | build s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| eval keys | keygen s | build s (compile s) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = {row["variant"]: row for row in table}
     for name in registry.variants:
         row = rows.get(name)
         if row is None:
-            lines.append(f"| `{name}` | no build |" + " |" * 10)
+            lines.append(f"| `{name}` | no build |" + " |" * 11)
             continue
         widths = sorted((row["pbs_count_by_bit_width"] or {}).items(), key=lambda i: int(i[0]))
         by_width = ", ".join(f"{int(n):,} × {w}-bit" for w, n in widths)
@@ -179,7 +181,9 @@ def markdown(table: list[dict[str, Any]], registry: reg.Registry) -> str:
             f"{row['max_bit_width']} | {row['pbs_count']:,} ({by_width}) | "
             f"{'≥ ' if row['estimate_is_lower_bound'] else ''}"
             f"{_num(row['estimated_fhe_seconds_per_image'])} | {measured} | "
-            f"{'–' if keys is None else f'{keys / 2**30:.2f} GiB'} | {_num(row['build_seconds'])} |"
+            f"{'–' if keys is None else f'{keys / 2**30:.2f} GiB'} | "
+            f"{_num(row['keygen_seconds'], 1)} | "
+            f"{_num(row['build_seconds'])} ({_num(row['compile_seconds'])}) |"
         )
     return "\n".join(lines) + "\n"
 

@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -55,16 +56,16 @@ def test_a_sample_continued_on_another_machine_keeps_its_seconds_apart() -> None
     amd = {"cpu_model": "AMD EPYC", "isa": "avx2", "cpu_count": 2}
     xeon = {"cpu_model": "Intel Xeon", "isa": "avx512", "cpu_count": 2}
 
-    def image(index: int, seconds: float, **machine: dict) -> str:
+    def image(index: int, seconds: float, **fields: Any) -> str:
         logits = [float(index % 3 == j) for j in range(3)]  # label 0: images 0 and 3 right
         return json.dumps({"index": index, "label": 0, "simulate": logits, "execute": logits,
-                           "seconds": seconds, **machine})  # fmt: skip
+                           "seconds": seconds, **fields})  # fmt: skip
 
     text = "\n".join([
         json.dumps({"run": {"fhe": "execute", "indices": [0, 1, 2, 3]}}),
         image(0, 160.0), image(1, 170.0),  # written before records named their machine
         json.dumps({"summary": {"machine": amd}}),
-        image(2, 90.0, machine=xeon),
+        image(2, 90.0, machine=xeon, cpu_steal=0.125),
         image(3, 100.0),  # an interrupted run's record without a machine: no summary after it
     ])  # fmt: skip
     _, records = evaluate.parse_results(text)
@@ -73,6 +74,7 @@ def test_a_sample_continued_on_another_machine_keeps_its_seconds_apart() -> None
     summary = evaluate.summarize(list(records.values()), "execute", xeon)
     assert summary["machine"] == xeon and summary["execute_seconds_per_image"] == 90.0
     assert summary["n_images"] == 4 and summary["execute_top1"] == 0.5  # accuracy: every image
+    assert summary["cpu_steal_max"] == 0.125  # records from before steal was measured: unknown
     assert summary["execute_seconds_by_machine"] == [
         {"machine": amd, "n_images": 2, "seconds_per_image": 165.0},
         {"machine": xeon, "n_images": 1, "seconds_per_image": 90.0},
@@ -192,6 +194,7 @@ def test_ray_backend_real_fhe_survives_a_killed_worker(
     for record in records:
         assert np.argmax(record["execute"]) == np.argmax(record["simulate"])
         assert record["seconds"] > 0 and record["machine"] == kernels.cpu()  # a local cluster
+        assert record["cpu_steal"] is None  # measured where the circuit runs: not on Ray
     recorded = reg.load(registry_file).variant(TINY).builds[-1].metrics  # --record
     assert recorded["fhe_execute_n_images"] == 2 and recorded["fhe_execute_agreement"] == 1.0
     assert recorded["fhe_execute_top1"] == summary["execute_top1"]

@@ -45,3 +45,15 @@ def test_a_build_refuses_kernels_above_the_pin(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(BuildError, match="AVX512 kernels") as info:
         kernels.check()
     assert "zoo.kernels.pin()" in info.value.hint
+
+
+def test_steal_is_the_share_of_cpu_time_given_to_other_guests() -> None:
+    assert kernels.steal((10, 1_000), (60, 1_200)) == 0.25
+    assert kernels.steal((10, 1_000), (10, 1_000)) is None  # no time passed: nothing to tell
+    assert kernels.steal(None, (10, 1_000)) is None
+    before = kernels.cpu_ticks()
+    sum(range(2_000_000))  # a few clock ticks of work
+    after = kernels.cpu_ticks()
+    if sys.platform.startswith("linux"):
+        assert before is not None and after[1] > before[1] and after[0] >= before[0]
+        assert 0.0 <= kernels.steal(before, after) <= 1.0

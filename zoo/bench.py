@@ -298,7 +298,7 @@ def run_pbs_bench(
     """
     say = progress or (lambda line: None)
     out = Path(out) if out else cost.user_calibration_path()
-    started = time.perf_counter()
+    started, ticks = time.perf_counter(), kernels.cpu_ticks()
     before = machine()
     base: dict[str, Any] = {}
     if add_wop:
@@ -325,7 +325,11 @@ def run_pbs_bench(
         )
     measured = {
         "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-        "machine": {**before, "load_average_after": machine()["load_average"]},
+        "machine": {
+            **before,
+            "load_average_after": machine()["load_average"],
+            "cpu_steal": kernels.steal(ticks, kernels.cpu_ticks()),
+        },
         "versions": {k: versions.installed()[k] for k in versions.BINDING},
         "p_error": BUILD_P_ERROR,
         "repetitions": repetitions,

@@ -5,7 +5,7 @@ long real-FHE evaluation can be killed and continued with ``resume=True``::
 
     {"run": {"variant": ..., "revision": ..., "fhe": "execute", "indices": [...]}}
     {"index": 17, "label": 3, "simulate": [...10 logits], "execute": [...], "seconds": 71.2,
-     "machine": {"cpu_model": ..., "isa": "avx512", "cpu_count": 2, ...}}
+     "machine": {"cpu_model": ..., "isa": "avx512", "cpu_count": 2, ...}, "cpu_steal": 0.0}
     ...
     {"summary": {"execute_top1": ..., "agreement_with_simulation": ..., ...}}
 
@@ -13,7 +13,9 @@ Each real-FHE record names the machine it ran on, so a sample continued on anoth
 keeps its seconds apart: the summary's ``execute_seconds_per_image`` is that of the machine in
 its ``machine`` (this one, when it ran images of the sample), and ``execute_seconds_by_machine``
 lists every machine. Records written before records named their machine take the machine of
-the summary that closed their run.
+the summary that closed their run. ``cpu_steal`` is the share of CPU time the hypervisor gave to
+other guests while the image ran here (:func:`zoo.kernels.steal`; None on Ray): a time measured
+on a busy host is not the machine's; the summary gives the largest as ``cpu_steal_max``.
 
 Real FHE also runs the simulation of each image and reports their agreement image by image:
 the measurement no reference published. ``backend="ray"`` spreads the encrypted runs over a Ray
@@ -166,12 +168,14 @@ def summarize(
         agree = executed.argmax(1) == simulated.argmax(1)
         by_machine = seconds_by_machine(records)
         timed = next((row for row in by_machine if row["machine"] == machine), by_machine[0])
+        steals = [r["cpu_steal"] for r in records if r.get("cpu_steal") is not None]
         summary.update(
             agreement_with_simulation=float(agree.mean()),
             disagreeing_indices=[r["index"] for r, a in zip(records, agree) if not a],
             execute_seconds_per_image=timed["seconds_per_image"],
             machine=timed["machine"],
             execute_seconds_by_machine=by_machine,
+            cpu_steal_max=max(steals, default=None),
             predictions=[int(i) for i in executed.argmax(1)],
             labels=[int(i) for i in labels],
         )
@@ -327,11 +331,11 @@ def _executed(
     inputs = model.head(images[pending])
     simulated = dict(zip(pending, _rows(model.logits(images[pending], "simulate"))))
 
-    def record(index: int, result: bytes, seconds: float) -> dict[str, Any]:
+    def record(index: int, result: bytes, seconds: float, steal: float | None) -> dict[str, Any]:
         logits = model.client.deserialize_decrypt_dequantize(result)
         return {"index": index, "label": int(labels[index]), "simulate": simulated[index],
                 "execute": _rows(logits)[0], "seconds": round(seconds, 3),
-                "machine": machine}  # fmt: skip
+                "machine": machine, "cpu_steal": steal}  # fmt: skip
 
     model.ensure_keys()
     keys = model.client.get_serialized_evaluation_keys()
@@ -345,12 +349,13 @@ def _executed(
         for index, result, seconds in cluster.run(
             model.path, keys, ciphertexts, address=address, workers=workers
         ):
-            yield record(index, result, seconds)
+            yield record(index, result, seconds, None)
         return
     for index, ciphertext in ciphertexts:
-        start = time.perf_counter()
+        start, ticks = time.perf_counter(), kernels.cpu_ticks()
         try:
             result = model.server.run(ciphertext, keys)
         finally:
             sigpipe.restore()
-        yield record(index, result, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        yield record(index, result, seconds, kernels.steal(ticks, kernels.cpu_ticks()))

@@ -10,7 +10,10 @@ does it first thing, and :func:`check` refuses a build in a process where it cam
 A variable already set in the environment is left as it is (and recorded as it is).
 
 The instruction set also goes with the speed of FHE (1.7-2.2x between those two machines), so
-:func:`cpu` describes the machine for the cost model's calibrations too.
+:func:`cpu` describes the machine for the cost model's calibrations too. It does not tell two
+hosts of one kind apart (two such virtual machines ran the same circuits 1.35-1.45x apart), nor
+a host busy with other guests: :func:`cpu_ticks` and :func:`steal` measure the share of CPU time
+the hypervisor gave away during a measurement, so that a slow time says which of the two it was.
 """
 
 from __future__ import annotations
@@ -52,6 +55,25 @@ def cpu() -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "isa": isa,
     }
+
+
+def cpu_ticks() -> tuple[int, int] | None:
+    """(stolen, total) CPU time of this machine since boot, in clock ticks (``/proc/stat``);
+    None where the kernel does not report it."""
+    try:
+        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        ticks = [int(value) for value in first[1:9]]  # user nice system idle iowait irq soft steal
+    except (OSError, ValueError):
+        return None
+    return (ticks[7], sum(ticks)) if first[0] == "cpu" and len(ticks) == 8 else None
+
+
+def steal(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """Share of the CPU time between two :func:`cpu_ticks` that the hypervisor gave to other
+    guests (0 on a host that nobody else uses); None when unknown or too short to tell."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return round((after[0] - before[0]) / (after[1] - before[1]), 4)
 
 
 def pin() -> None:
