@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = args.build_dir / "work"
     work.mkdir(exist_ok=True)
-    if args.per_layer:
+    if args.per_layer is not None:
         setting = parse_setting(args.per_layer, arch["p_error"])
         qmodule = compile_setting(encrypted, arch, setting, calib, work)
         out = args.out or RESULTS / f"rounding_layers-{args.variant}.jsonl"

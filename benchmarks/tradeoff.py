@@ -3,8 +3,8 @@
 
 Writes benchmarks/results/tradeoff.json (one row per variant: profile, top-1 clear / FHE
 simulation / real FHE, PBS count, estimated and measured real-FHE seconds per image here with
-the estimate's relative error, eval-key size, keygen time of the last real-FHE run, build and
-compile wall times) and
+the estimate's relative error, eval-key size, keygen time of the last real-FHE run that made
+keys, build and compile wall times) and
 benchmarks/results/tradeoff.png (top-1 against seconds per image, measured where `zoo eval
 --record` ran real FHE, else estimated; log scale, with the published reference points), and
 benchmarks/results/tradeoff.md (the README's table of pinned builds).
@@ -111,6 +111,7 @@ def plot(table: list[dict[str, Any]], refs: list[dict[str, Any]], path: Path) ->
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
+    plotted = 0
     for row in table:
         real = (row["fhe_execute_n_images"] or 0) >= MIN_REAL_IMAGES
         top1 = row["fhe_execute_top1"] if real else row["fhe_simulation_top1"]
@@ -123,7 +124,9 @@ def plot(table: list[dict[str, Any]], refs: list[dict[str, Any]], path: Path) ->
             continue
         ax.scatter(seconds, top1, color="tab:green" if measured else "tab:blue")
         ax.annotate(f"{row['variant']} ({row['profile']})", (seconds, top1), fontsize=7,
-                    xytext=(4, 3), textcoords="offset points")  # fmt: skip
+                    xytext=(4, 3 if plotted % 2 else -10),  # neighbours' labels apart
+                    textcoords="offset points")  # fmt: skip
+        plotted += 1
     for ref in refs:
         ax.scatter(ref["seconds_here_if_scaled"], ref["top1"], color="tab:red", marker="x")
         point = (ref["seconds_here_if_scaled"], ref["top1"])

@@ -67,9 +67,12 @@ def test_a_sample_continued_on_another_machine_keeps_its_seconds_apart() -> None
         json.dumps({"summary": {"machine": amd}}),
         image(2, 90.0, machine=xeon, cpu_steal=0.125),
         image(3, 100.0),  # an interrupted run's record without a machine: no summary after it
+        image(4, 95.0, machine=xeon),  # continued on the Xeon, by code that names machines
+        json.dumps({"summary": {"machine": xeon}}),  # not the machine of image 3
     ])  # fmt: skip
     _, records = evaluate.parse_results(text)
-    assert [records[i].get("machine") for i in range(4)] == [amd, amd, xeon, None]
+    assert [records[i].get("machine") for i in range(5)] == [amd, amd, xeon, None, xeon]
+    del records[4]
 
     summary = evaluate.summarize(list(records.values()), "execute", xeon)
     assert summary["machine"] == xeon and summary["execute_seconds_per_image"] == 90.0

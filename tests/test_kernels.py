@@ -51,9 +51,9 @@ def test_steal_is_the_share_of_cpu_time_given_to_other_guests() -> None:
     assert kernels.steal((10, 1_000), (60, 1_200)) == 0.25
     assert kernels.steal((10, 1_000), (10, 1_000)) is None  # no time passed: nothing to tell
     assert kernels.steal(None, (10, 1_000)) is None
-    before = kernels.cpu_ticks()
-    sum(range(2_000_000))  # a few clock ticks of work
-    after = kernels.cpu_ticks()
+    # /proc/stat's first line: user nice system idle iowait irq softirq steal guest guest_nice
+    stat = "cpu  700 1 100 150 20 0 4 25 9 9\ncpu0 350 0 50 75 10 0 2 12 0 0\n"
+    assert kernels.cpu_ticks(stat) == (25, 1_000)  # guest time is in user time: not twice
+    assert kernels.cpu_ticks("intr 12 3") is None and kernels.cpu_ticks("") is None
     if sys.platform.startswith("linux"):
-        assert before is not None and after[1] > before[1] and after[0] >= before[0]
-        assert 0.0 <= kernels.steal(before, after) <= 1.0
+        assert kernels.cpu_ticks() is not None

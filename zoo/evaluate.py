@@ -75,7 +75,9 @@ def parse_results(text: str) -> tuple[dict[str, Any] | None, dict[int, dict[str,
     """(run header, image records by index) of a results file; a torn last line is ignored.
 
     A real-FHE record without ``machine`` (files from before records had one) takes that of
-    the next summary: the summary its run wrote when it ended, on the same machine.
+    the next summary: the summary its run wrote when it ended, on the same machine. A record
+    with ``machine`` before that summary means the older run ended without one: its records'
+    machine stays unknown.
     """
     header, records, unnamed = None, {}, []
     for line in text.splitlines():
@@ -89,6 +91,8 @@ def parse_results(text: str) -> tuple[dict[str, Any] | None, dict[int, dict[str,
             records[item["index"]] = item
             if "execute" in item and "machine" not in item:
                 unnamed.append(item)
+            elif "machine" in item:
+                unnamed = []
         elif "summary" in item and unnamed:
             for record in unnamed:
                 record["machine"] = item["summary"].get("machine")
@@ -154,7 +158,7 @@ def summarize(
 ) -> dict[str, Any]:
     """Top-1/2/3 of simulation (and real FHE), agreement, and seconds per image: on
     ``machine`` if it ran some of the images, else on the machine that ran the most (named as
-    ``machine`` in the summary)."""
+    ``machine`` in the summary). ``records`` holds at least one image."""
     records = sorted(records, key=lambda r: r["index"])
     labels = np.array([r["label"] for r in records])
     simulated = np.array([r["simulate"] for r in records])
@@ -234,8 +238,9 @@ def evaluate(
         if results
         else default_results_path(build.variant, build.revision, fhe, n_images, seed)
     )
-    # where the circuit runs: this machine, unless a Ray cluster elsewhere runs it
-    machine = kernels.cpu() if address is None else None
+    # where the circuit runs: this machine, unless Ray runs it on a cluster it joins
+    joins = backend == "ray" and (address is not None or "RAY_ADDRESS" in os.environ)
+    machine = None if joins else kernels.cpu()
     out = _ResultsFile(path, header, resume)
     pending = [int(i) for i in indices if int(i) not in out.done]
     if stop_after is not None:
@@ -272,7 +277,6 @@ def evaluate(
         "fhe": fhe,
         "backend": backend,
         "sample": sample_name(seed, len(out.done), len(indices)),
-        "machine": machine,
         **summarize(list(out.done.values()), fhe, machine),
         **{k: round(model.timings[k], 3) for k in KEY_TIMINGS if k in model.timings},
         "this_run_images": len(pending),

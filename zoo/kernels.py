@@ -57,15 +57,16 @@ def cpu() -> dict[str, Any]:
     }
 
 
-def cpu_ticks() -> tuple[int, int] | None:
-    """(stolen, total) CPU time of this machine since boot, in clock ticks (``/proc/stat``);
-    None where the kernel does not report it."""
+def cpu_ticks(stat: str | None = None) -> tuple[int, int] | None:
+    """(stolen, total) CPU time of this machine since boot, in clock ticks, from ``stat`` (the
+    text of ``/proc/stat``, read when not given); None where the kernel does not report it."""
     try:
-        first = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        text = Path("/proc/stat").read_text() if stat is None else stat
+        first = text.split("\n", 1)[0].split()
         ticks = [int(value) for value in first[1:9]]  # user nice system idle iowait irq soft steal
     except (OSError, ValueError):
         return None
-    return (ticks[7], sum(ticks)) if first[0] == "cpu" and len(ticks) == 8 else None
+    return (ticks[7], sum(ticks)) if len(ticks) == 8 and first[0] == "cpu" else None
 
 
 def steal(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
