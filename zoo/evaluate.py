@@ -15,7 +15,7 @@ its ``machine`` (this one, when it ran images of the sample), and ``execute_seco
 lists every machine. Records written before records named their machine take the machine of
 the summary that closed their run. ``cpu_steal`` is the share of CPU time the hypervisor gave to
 other guests while the image ran here (:func:`zoo.kernels.steal`; None on Ray): a time measured
-on a busy host is not the machine's; the summary gives the largest as ``cpu_steal_max``.
+while it was high is not the machine's; the summary gives the largest as ``cpu_steal_max``.
 
 Real FHE also runs the simulation of each image and reports their agreement image by image:
 the measurement no reference published. ``backend="ray"`` spreads the encrypted runs over a Ray

@@ -11,9 +11,10 @@ A variable already set in the environment is left as it is (and recorded as it i
 
 The instruction set also goes with the speed of FHE (1.7-2.2x between those two machines), so
 :func:`cpu` describes the machine for the cost model's calibrations too. It does not tell two
-hosts of one kind apart (two such virtual machines ran the same circuits 1.35-1.45x apart), nor
-a host busy with other guests: :func:`cpu_ticks` and :func:`steal` measure the share of CPU time
-the hypervisor gave away during a measurement, so that a slow time says which of the two it was.
+hosts of one kind apart (two such virtual machines ran the same circuits 1.2-1.45x apart), nor a
+host busy with other guests. :func:`cpu_ticks` and :func:`steal` measure one cause of the latter,
+the CPU time the hypervisor gave other guests during a measurement; what they cannot see from
+inside the guest (a busy SMT sibling, the host's clock) once slowed real FHE by 15% with no steal.
 """
 
 from __future__ import annotations
