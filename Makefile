@@ -28,13 +28,13 @@ data: $(DATA)/cifar-10-batches-py/.complete
 $(DATA)/cifar-10-batches-py/.complete: | install
 	$(PY) $(SHARED_DATA)/materialize_cifar.py $(DATA)
 
-# The main job, end to end: get cifar10-split-tiny verified against its pinned hashes (no hub is
-# reachable here, so it is rebuilt and accepted only if every file matches), build a fresh smoke
-# build, publish it to the local hub (into a scratch registry), pull it back from there (after
-# emptying the cache), and classify real
-# CIFAR-10 test images in real FHE.
+# The main job, end to end: pull the flagship's full build from the release store (releases/,
+# verified against its pins) and measure it in FHE simulation on real test images; build
+# cifar10-split-tiny, publish it to the local hub (into a scratch registry), pull it back from
+# there (after emptying the cache), and classify real CIFAR-10 test images in real FHE.
 demo: install data
-	$(ZOO) pull cifar10-split-tiny --build-missing
+	$(ZOO) pull cifar10-split-8bit
+	$(ZOO) eval cifar10-split-8bit --fhe simulate -n 200
 	$(ZOO) build cifar10-split-tiny --profile smoke --out build-out/demo --resume
 	cp registry.json build-out/demo-registry.json
 	$(ZOO) publish build-out/demo --hub local --registry build-out/demo-registry.json
@@ -45,7 +45,7 @@ demo: install data
 # The modules that run concrete keygen and FHE get a process each (concrete keeps native state
 # per process). pytest exits 5 when it collected no test: that is a failure here.
 HEAVY := tests/test_package.py tests/test_build.py tests/test_recipes.py tests/test_eval.py \
-	tests/test_serve.py
+	tests/test_serve.py tests/test_wheel.py
 test: install data
 	$(PY) -m ruff check zoo recipes tests benchmarks
 	@for args in "$(foreach f,$(HEAVY),--ignore=$(f))" $(HEAVY); do \

@@ -1,6 +1,7 @@
 """Registry benchmarks: cold `zoo pull` against a raw `snapshot_download` of the same files from
-the same local Hugging Face protocol server (olah behind our commit proxy), warm `zoo pull`, and
-`zoo list` start-up. Results go to benchmarks/results/pull.json.
+the same local Hugging Face protocol server (olah behind our commit proxy), cold `zoo pull` from
+a release store, warm `zoo pull`, and `zoo list` start-up. Results go to
+benchmarks/results/pull.json.
 
     .venv/bin/python benchmarks/bench_pull.py [--payload-mb 64] [--repeats 5]
 """
@@ -70,13 +71,22 @@ def main() -> None:
             cold_zoo.append(_timed(lambda: zoo.pull(VARIANT)))
             target = work / f"raw-{i}"
             cold_raw.append(_timed(lambda t=target: snapshot_download(
-                REPO, revision=build.revision, allow_patterns=files, endpoint=hub.endpoint,
+                REPO, revision=build.hubs[0].revision, allow_patterns=files, endpoint=hub.endpoint,
                 token=hub.token, cache_dir=t)))  # fmt: skip
             shutil.rmtree(target)
         env = dict(os.environ)
         warm_cli = _cli_seconds(["pull", VARIANT], env, args.repeats)
         warm_api = statistics.median(_timed(lambda: zoo.pull(VARIANT)) for _ in range(args.repeats))
     list_cli = _cli_seconds(["list"], dict(os.environ), args.repeats)
+    # The same build from a release store only (a registry copy that records no hub).
+    store_registry = work / "registry-store.json"
+    shutil.copy(ROOT / "registry.json", store_registry)
+    os.environ["ZOO_RELEASES"] = str(work / "releases")
+    zoo.publish(build_dir, "releases", registry_path=store_registry)
+    cold_store = []
+    for _ in range(args.repeats):
+        shutil.rmtree(work / "home" / "cache", ignore_errors=True)
+        cold_store.append(_timed(lambda: zoo.pull(VARIANT, registry_path=store_registry)))
     result = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
@@ -87,6 +97,7 @@ def main() -> None:
         "cold_snapshot_download_seconds_median": statistics.median(cold_raw),
         "cold_ratio_zoo_over_snapshot_download": statistics.median(cold_zoo)
         / statistics.median(cold_raw),
+        "cold_zoo_pull_from_release_store_seconds_median": statistics.median(cold_store),
         "warm_zoo_pull_api_seconds_median": warm_api,
         "warm_zoo_pull_cli_seconds_median": warm_cli,
         "zoo_list_cli_seconds_median": list_cli,

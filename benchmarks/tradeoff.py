@@ -35,12 +35,14 @@ MIN_REAL_IMAGES = 10  # fewer real-FHE images say nothing about accuracy: plot s
 
 
 def rows(registry: reg.Registry) -> list[dict[str, Any]]:
-    """One row per variant with a pinned build (its latest)."""
+    """One row per variant with a pinned build: its newest live one, else its newest yanked one
+    (what was measured, marked as not obtainable)."""
     out = []
     for variant in registry.variants.values():
         if not variant.builds:
             continue
-        build = variant.builds[-1]
+        live = [b for b in variant.builds if not b.yanked]
+        build = (live or variant.builds)[-1]
         metrics, circuit, timings = build.metrics, build.circuit, build.raw.get("timings", {})
         estimate = cost.breakdown(circuit)
         measured = metrics.get("fhe_execute_seconds_per_image")
@@ -53,6 +55,7 @@ def rows(registry: reg.Registry) -> list[dict[str, Any]]:
             {
                 "variant": variant.name,
                 "revision": build.revision[:12],
+                "yanked": build.yanked,
                 "profile": build.profile,
                 "n_test_images": metrics.get("n_test_images"),
                 "clear_top1": metrics.get("clear_top1"),
@@ -122,8 +125,10 @@ def plot(table: list[dict[str, Any]], refs: list[dict[str, Any]], path: Path) ->
         )  # fmt: skip
         if top1 is None or not seconds:
             continue
-        ax.scatter(seconds, top1, color="tab:green" if measured else "tab:blue")
-        ax.annotate(f"{row['variant']} ({row['profile']})", (seconds, top1), fontsize=7,
+        color = "tab:gray" if row["yanked"] else "tab:green" if measured else "tab:blue"
+        ax.scatter(seconds, top1, color=color)
+        label = f"{row['variant']} ({row['profile']}{', yanked' if row['yanked'] else ''})"
+        ax.annotate(label, (seconds, top1), fontsize=7,
                     xytext=(4, 3 if plotted % 2 else -10),  # neighbours' labels apart
                     textcoords="offset points")  # fmt: skip
         plotted += 1
@@ -135,7 +140,7 @@ def plot(table: list[dict[str, Any]], refs: list[dict[str, Any]], path: Path) ->
     ax.set_xscale("log")
     ax.set_xlabel(
         f"real-FHE seconds per image on this {os.cpu_count()}-core machine\n"
-        "(zoo builds: green measured on a quiet machine, blue cost-model estimate;\n"
+        "(zoo builds: green measured on a quiet machine, blue cost-model estimate, gray yanked;\n"
         "references: core-seconds / cores)"
     )
     ax.set_ylabel(f"top-1 (real FHE if measured on ≥ {MIN_REAL_IMAGES} images, else FHE sim.)")
@@ -152,7 +157,8 @@ def _num(value: Any, digits: int = 0) -> str:
 
 
 def markdown(table: list[dict[str, Any]], registry: reg.Registry) -> str:
-    """The README's table of pinned builds (variants without a build get a "no build" row)."""
+    """The README's table of pinned builds (variants without a build get a "no build" row; a
+    yanked build's profile says so)."""
     lines = [
         "| variant | profile | test images | top-1 clear | top-1 FHE sim. | top-1 real FHE "
         "(images) | max bits | PBS (by width) | est. FHE s/img | measured FHE s/img (error) "
@@ -178,8 +184,9 @@ def markdown(table: list[dict[str, Any]], registry: reg.Registry) -> str:
         elif row["fhe_execute_seconds_per_image"] is not None:
             measured += " (on another machine: no error computed)"
         keys = row["eval_key_bytes"]
+        profile = row["profile"] + (" (yanked)" if row["yanked"] else "")
         lines.append(
-            f"| `{name}` | {row['profile']} | {row['n_test_images']} | "
+            f"| `{name}` | {profile} | {row['n_test_images']} | "
             f"{_num(row['clear_top1'], 4)} | {_num(row['fhe_simulation_top1'], 4)} | {real} | "
             f"{row['max_bit_width']} | {row['pbs_count']:,} ({by_width}) | "
             f"{'≥ ' if row['estimate_is_lower_bound'] else ''}"

@@ -17,6 +17,13 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+@pytest.fixture(autouse=True)
+def _scratch_release_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test writes into the project's releases/: publishes to `releases` land in tmp_path
+    (tests of the project's own store name it explicitly)."""
+    monkeypatch.setenv("ZOO_RELEASES", str(tmp_path / "releases"))
+
+
 @pytest.fixture
 def zoo_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A fresh ZOO_HOME (hub, cache, keys) for one test."""

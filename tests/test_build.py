@@ -71,7 +71,7 @@ def test_refuses_to_overwrite_a_build(tiny_build: Path, cifar_dir: Path) -> None
 def test_publish_pull_check_and_rebuild_to_pull(
     tiny_build: Path, cifar_dir: Path, zoo_home: Path, registry_file: Path, tmp_path: Path
 ) -> None:
-    published = zoo.publish(tiny_build)
+    published = zoo.publish(tiny_build, "local")
     pulled = zoo.pull(TINY)
     for entry in published.files:
         assert manifest.entry_for(pulled.path / entry.path).sha256 == entry.sha256
@@ -103,7 +103,7 @@ def test_publish_pull_check_and_rebuild_to_pull(
 def test_real_fhe_on_real_images_agrees_with_simulation(
     tiny_build: Path, cifar_dir: Path, zoo_home: Path, registry_file: Path
 ) -> None:
-    zoo.publish(tiny_build)
+    zoo.publish(tiny_build, "local")
     model = runtime.load(TINY)
     images, labels = load_cifar10(cifar_dir, "test")
     simulated = model.logits(images[:2], "simulate")
@@ -128,7 +128,7 @@ def test_predict_rejects_bad_images(
 ) -> None:
     from PIL import Image
 
-    zoo.publish(tiny_build)
+    zoo.publish(tiny_build, "local")
     model = runtime.load(TINY)
     with pytest.raises(runtime.InputError, match="uint8"):
         model.predict(np.zeros((1, 32, 32, 3), dtype=np.float32))
@@ -151,7 +151,7 @@ def test_split_8bit_smoke_build_round_trips(
     )
     document = manifest.read(out)
     assert document["circuit"]["max_bit_width"] <= 8  # the variant's accumulator bound
-    published = zoo.publish(out)
+    published = zoo.publish(out, "local")
     pulled = zoo.pull("cifar10-split-8bit")
     assert build_hashes(pulled.path) == build_hashes(out)
     assert {e.path: e.sha256 for e in published.files} == build_hashes(out)

@@ -34,8 +34,8 @@ def _hub_files(home: Path) -> dict[str, bytes]:
 def test_publish_pull_verify_round_trip(
     zoo_home: Path, registry_file: Path, build_dir: Path
 ) -> None:
-    build = zoo.publish(build_dir)
-    assert build.hub_kind == "local" and len(build.revision) == 64
+    build = zoo.publish(build_dir, "local")
+    assert [h.kind for h in build.hubs] == ["local"] and len(build.revision) == 64
     pinned = {e.path: e.sha256 for e in build.files}
     assert set(pinned) == {p.name for p in build_dir.iterdir() if p.is_file()}
 
@@ -52,7 +52,7 @@ def test_publish_pull_verify_round_trip(
 def test_measured_metrics_are_recorded_into_the_pinned_build(
     zoo_home: Path, registry_file: Path, build_dir: Path
 ) -> None:
-    build = zoo.publish(build_dir)
+    build = zoo.publish(build_dir, "local")
     updated = zoo.api.record_metrics(
         f"{VARIANT}@{build.revision[:10]}", {"fhe_execute_top1": 0.5, "fhe_execute_n_images": 4}
     )
@@ -67,8 +67,8 @@ def test_measured_metrics_are_recorded_into_the_pinned_build(
 def test_publish_twice_is_idempotent_and_pins_once(
     zoo_home: Path, registry_file: Path, build_dir: Path
 ) -> None:
-    first = zoo.publish(build_dir)
-    second = zoo.publish(build_dir)
+    first = zoo.publish(build_dir, "local")
+    second = zoo.publish(build_dir, "local")
     assert first.revision == second.revision
     assert len(reg.load(registry_file).variant(VARIANT).builds) == 1
 
@@ -76,7 +76,7 @@ def test_publish_twice_is_idempotent_and_pins_once(
 def test_role_pulls_only_what_it_needs(
     zoo_home: Path, registry_file: Path, build_dir: Path
 ) -> None:
-    zoo.publish(build_dir)
+    zoo.publish(build_dir, "local")
     client = zoo.pull(VARIANT, role="client")
     assert sorted(client.downloaded) == ["client.zip", "head.safetensors", "manifest.json"]
     server = zoo.pull(VARIANT, role="server")
@@ -86,7 +86,7 @@ def test_role_pulls_only_what_it_needs(
 def test_offline_uses_the_cache_and_names_what_is_missing(
     zoo_home: Path, registry_file: Path, build_dir: Path
 ) -> None:
-    zoo.publish(build_dir)
+    zoo.publish(build_dir, "local")
     with pytest.raises(OfflineError, match="client.zip, head.safetensors, manifest.json"):
         zoo.pull(VARIANT, role="client", offline=True)
     zoo.pull(VARIANT, role="client")
@@ -98,8 +98,9 @@ def test_offline_uses_the_cache_and_names_what_is_missing(
 def test_hash_mismatch_on_the_hub_fails_and_leaves_the_cache_clean(
     zoo_home: Path, registry_file: Path, build_dir: Path
 ) -> None:
-    build = zoo.publish(build_dir)
-    hub_file = zoo_home / "hub" / build.repo / "revisions" / build.revision / "server.zip"
+    build = zoo.publish(build_dir, "local")
+    (local,) = build.hubs
+    hub_file = zoo_home / "hub" / local.repo / "revisions" / local.revision / "server.zip"
     original = hub_file.read_bytes()
     hub_file.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # same size, other bytes
     expected = build.file("server").sha256
@@ -119,7 +120,7 @@ def test_hash_mismatch_on_the_hub_fails_and_leaves_the_cache_clean(
 def test_verify_finds_and_removes_a_corrupt_cached_file(
     zoo_home: Path, registry_file: Path, build_dir: Path
 ) -> None:
-    build = zoo.publish(build_dir)
+    build = zoo.publish(build_dir, "local")
     result = zoo.pull(VARIANT)
     weights = result.path / "weights.safetensors"
     data = bytearray(weights.read_bytes())
@@ -136,7 +137,7 @@ def test_publish_refuses_a_build_dir_that_does_not_match_its_manifest(
     (build_dir / "client.zip").write_bytes(b"tampered")
     (build_dir / "stray.bin").write_bytes(b"x")
     with pytest.raises(IntegrityError) as info:
-        zoo.publish(build_dir)
+        zoo.publish(build_dir, "local")
     assert "client.zip: manifest says" in str(info.value)
     assert "stray.bin: present but not in the manifest" in str(info.value)
     assert registry_file.read_bytes() == registry_before
@@ -151,7 +152,7 @@ def test_publish_with_an_invalid_registry_changes_nothing(
     registry_file.write_text(json.dumps(document))
     before = registry_file.read_bytes()
     with pytest.raises(RegistryError, match=r"\$\.variants\['cifar10-split-tiny'\]\.num_classes"):
-        zoo.publish(build_dir)
+        zoo.publish(build_dir, "local")
     assert registry_file.read_bytes() == before
     assert not (zoo_home / "hub").exists()
 
@@ -163,14 +164,14 @@ def test_unknown_variant_in_manifest_is_refused_before_upload(
 
     other = make_build_dir(tmp_path / "other", variant="cifar10-split-huge")
     with pytest.raises(NotFoundError, match="no variant 'cifar10-split-huge'"):
-        zoo.publish(other)
+        zoo.publish(other, "local")
     assert not (zoo_home / "hub").exists()
 
 
 def test_a_build_for_another_runtime_is_not_pulled(
     zoo_home: Path, registry_file: Path, build_dir: Path
 ) -> None:
-    build = zoo.publish(build_dir)
+    build = zoo.publish(build_dir, "local")
     document = json.loads(registry_file.read_text())
     document["variants"][VARIANT]["builds"][0]["runtime"]["concrete-ml"] = "0.0.1"
     reg.save(document, registry_file)
@@ -183,7 +184,7 @@ def test_a_build_for_another_runtime_is_not_pulled(
 
 
 def test_cache_ls_rm_prune(zoo_home: Path, registry_file: Path, build_dir: Path) -> None:
-    build = zoo.publish(build_dir)
+    build = zoo.publish(build_dir, "local")
     zoo.pull(VARIANT)
     orphan = zoo_home / "cache" / "builds" / VARIANT / ("f" * 64)
     orphan.mkdir(parents=True)
@@ -209,7 +210,7 @@ print(json.dumps({"downloaded": r.downloaded}))
 def test_four_processes_pull_at_once(zoo_home: Path, registry_file: Path, tmp_path: Path) -> None:
     from conftest import make_build_dir
 
-    build = zoo.publish(make_build_dir(tmp_path / "b", payload=32 << 20))
+    build = zoo.publish(make_build_dir(tmp_path / "b", payload=32 << 20), "local")
     env = dict(os.environ)
     procs = [
         subprocess.Popen([sys.executable, "-c", PULL_SCRIPT, VARIANT], stdout=subprocess.PIPE,

@@ -24,7 +24,7 @@ def _run(*args: str) -> tuple[int, str, str]:
 def test_publish_pull_info_list_verify_cache_as_json(
     zoo_home: Path, registry_file: Path, build_dir: Path
 ) -> None:
-    code, out, _ = _run("publish", str(build_dir), "--json")
+    code, out, _ = _run("publish", str(build_dir), "--hub", "local", "--json")
     assert code == 0
     revision = json.loads(out)["revision"]
     code, out, _ = _run("pull", f"{VARIANT}@{revision[:8]}", "--role", "client", "--json")
@@ -65,13 +65,13 @@ def test_errors_are_one_line_with_a_hint_and_an_exit_code(
 
 
 def test_offline_pull_exit_code(zoo_home: Path, registry_file: Path, build_dir: Path) -> None:
-    _run("publish", str(build_dir))
+    _run("publish", str(build_dir), "--hub", "local")
     code, _, err = _run("pull", VARIANT, "--offline")
     assert code == 6 and "offline" in err
 
 
 def test_bad_registry_exit_code(zoo_home: Path, registry_file: Path) -> None:
-    registry_file.write_text('{"schema_version": 2, "variants": {}}')
+    registry_file.write_text('{"schema_version": 3, "variants": {}}')
     code, _, err = _run("list")
     assert code == 3 and "$.schema_version" in err
 
@@ -92,7 +92,7 @@ print(heavy)
 def test_registry_commands_do_not_import_torch_or_concrete(
     zoo_home: Path, registry_file: Path, build_dir: Path, args: list[str]
 ) -> None:
-    _run("publish", str(build_dir))
+    _run("publish", str(build_dir), "--hub", "local")
     _run("pull", VARIANT)
     out = subprocess.run([sys.executable, "-c", LIGHT.format(args=args)], capture_output=True,
                          text=True, check=True)  # fmt: skip

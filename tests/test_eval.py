@@ -34,7 +34,7 @@ def tiny_build(tmp_path_factory: pytest.TempPathFactory, cifar_dir: Path) -> Pat
 @pytest.fixture
 def published(tiny_build: Path, zoo_home: Path, registry_file: Path) -> Path:
     """The tiny build, published to the local hub of a fresh ZOO_HOME."""
-    zoo.publish(tiny_build)
+    zoo.publish(tiny_build, "local")
     return tiny_build
 
 

@@ -19,6 +19,7 @@ import zoo
 from zoo import manifest
 from zoo import registry as reg
 from zoo.errors import HubError, IntegrityError, NotFoundError, OfflineError
+from zoo.hub import content_revision
 
 VARIANT = "cifar10-split-tiny"
 REPO = "zoo-test/cifar10-split-tiny"
@@ -33,8 +34,9 @@ def hf_env(hf_hub, zoo_home: Path, registry_file: Path, monkeypatch: pytest.Monk
 
 def test_publish_is_one_commit_and_pull_verifies(hf_env, build_dir: Path) -> None:  # noqa: ANN001
     build = zoo.publish(build_dir, f"hf://{REPO}")
-    assert build.hub_kind == "hf" and len(build.revision) == 40
-    assert hf_env.head(REPO) == build.revision
+    (hf,) = build.hubs
+    assert hf.kind == "hf" and hf.repo == REPO and hf_env.head(REPO) == hf.revision
+    assert build.revision == content_revision(list(build.files))  # the build's name: its content
     result = zoo.pull(VARIANT)
     assert sorted(result.downloaded) == sorted(e.path for e in build.files)
     for entry in build.files:
@@ -108,7 +110,8 @@ def fault_env(fault_hub_factory, zoo_home: Path, registry_file: Path, tmp_path: 
     document = json.loads(registry_file.read_text())
     document["variants"][VARIANT]["builds"] = [
         {
-            "revision": hub.revision, "hub": {"kind": "hf", "repo": REPO}, "profile": "smoke",
+            "revision": content_revision([e for _, e in files]), "profile": "smoke",
+            "hubs": [{"kind": "hf", "repo": REPO, "revision": hub.revision}],
             "files": [e.__dict__ for _, e in files],
             "runtime": manifest.read(build_dir)["runtime"],
             "metrics": {}, "circuit": {"max_bit_width": 5, "pbs_count": 100},

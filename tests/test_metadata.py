@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from zoo import registry as reg
+from zoo.hub import content_revision
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED_ROLES = {"head", "weights", "client", "server", "manifest", "card"}
@@ -73,10 +74,11 @@ def _variant_problems(variant: reg.Variant, registry: reg.Registry) -> list[str]
             problems.append(f"{where}: PBS counts by bit width do not add up to pbs_count")
         if not any(k in build.metrics for k in ACCURACY_KEYS):
             problems.append(f"{where}: no measured accuracy")
-        if build.hub_kind == "local" and len(build.revision) != 64:
-            problems.append(f"{where}: local revisions are 64-hex content hashes")
-        if build.hub_kind == "hf" and len(build.revision) != 40:
-            problems.append(f"{where}: Hugging Face revisions are 40-hex commits")
+        if build.revision != content_revision(list(build.files)):
+            problems.append(f"{where}: the revision is not the content hash of its files")
+        for hub in build.hubs:
+            if len(hub.revision) != {"local": 64, "hf": 40}[hub.kind]:
+                problems.append(f"{where}: {hub.kind} revision {hub.revision} has the wrong form")
     return problems
 
 

@@ -37,7 +37,7 @@ def test_smoke_build_is_bounded_deterministic_and_round_trips(
     assert document["circuit"]["rounding_threshold_n_bits"] == expected_rounding
     assert document["head"]["ops"][-1]["op"] == "quantize_dequantize"  # the client quantizes
 
-    published = zoo.publish(first)
+    published = zoo.publish(first, "local")
     pulled = zoo.pull(variant)
     assert build_hashes(pulled.path) == build_hashes(first)
     assert {e.path: e.sha256 for e in published.files} == build_hashes(first)
@@ -83,7 +83,7 @@ def test_rounded_tiny_runs_in_real_fhe_and_agrees_with_simulation(
     out = builder.build(variant, profile="smoke", data_dir=cifar_dir, out_dir=tmp_path / "r4")
     circuit = manifest.read(out)["circuit"]
     assert max(int(bits) for bits in circuit["pbs_count_by_bit_width"]) <= 4  # rounded PBS
-    zoo.publish(out)
+    zoo.publish(out, "local")
     model = runtime.load(variant)
     images, _ = load_cifar10(cifar_dir, "test")
     executed = model.logits(images[:1], "execute")

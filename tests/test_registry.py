@@ -22,7 +22,7 @@ def _build(revision: str, **runtime: str) -> dict:
     rt.update({k.replace("_", "-"): v for k, v in runtime.items()})
     return {
         "revision": revision,
-        "hub": {"kind": "local", "repo": "zoo/cifar10-split-tiny"},
+        "hubs": [],
         "profile": "smoke",
         "files": [
             {"path": "manifest.json", "role": "manifest", "size": 3, "sha256": "sha256:" + "a" * 64}
@@ -39,7 +39,7 @@ def document() -> dict:
     doc["variants"]["cifar10-split-tiny"]["builds"] = [
         _build("1" * 64, concrete_ml="1.8.0"),
         _build("2" * 64),
-        _build("3" * 40, python="3.12"),
+        _build("3" * 64, python="3.12"),
     ]
     return doc
 
@@ -113,7 +113,7 @@ def test_resolve_picks_the_build_matching_the_runtime(document: dict, tmp_path: 
     registry = reg.parse(document, tmp_path / "r.json")
     assert reg.resolve(registry, "cifar10-split-tiny", HAVE).revision == "2" * 64
     have_312 = dict(HAVE, python="3.12")
-    assert reg.resolve(registry, "cifar10-split-tiny", have_312).revision == "3" * 40
+    assert reg.resolve(registry, "cifar10-split-tiny", have_312).revision == "3" * 64
 
 
 def test_resolve_without_match_lists_builds_and_the_install_command(
@@ -149,7 +149,7 @@ def test_roles_select_files() -> None:
         reg.FileEntry(f"{r}.bin", r, 1, "sha256:" + "0" * 64)
         for r in ("head", "weights", "client", "server", "manifest", "card")
     )
-    build = reg.Build("v", "0" * 64, "local", "zoo/v", "smoke", files, {}, {}, {}, {})
+    build = reg.Build("v", "0" * 64, (), "smoke", files, {}, {}, {})
     assert {f.role for f in build.files_for("client")} == {"head", "client", "manifest"}
     assert {f.role for f in build.files_for("server")} == {"server", "manifest"}
     assert len(build.files_for("all")) == 6

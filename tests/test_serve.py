@@ -108,7 +108,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, cifar_dir: Path) -> Iterato
         patch.setenv("ZOO_REGISTRY", str(registry))
         patch.delenv("ZOO_OFFLINE", raising=False)
         out = builder.build(TINY, profile="smoke", data_dir=cifar_dir, out_dir=root / "build")
-        build = zoo.publish(out)
+        build = zoo.publish(out, "local")
         shutil.copytree(client_home / "hub", server_home / "hub")  # the server's own machine
         url, log = f"http://127.0.0.1:{_free_port()}", root / "server.log"
         command = [sys.executable, "-m", "zoo.cli", "serve", TINY, "--port", url.rsplit(":", 1)[1],

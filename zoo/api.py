@@ -11,18 +11,21 @@ import datetime as _dt
 from pathlib import Path
 from typing import Any
 
-from zoo import cache, config, cost, hub, manifest, versions
+from zoo import cache, config, cost, hub, manifest, releases, versions
 from zoo import registry as reg
-from zoo.errors import HubError, NotFoundError, RuntimeMismatchError
+from zoo.errors import HubError, NotFoundError, RuntimeMismatchError, ZooError
+from zoo.releases import ReleaseStore
 
 
 def list_variants(registry_path: Path | None = None) -> list[dict[str, Any]]:
-    """One row per variant: dataset, accuracies, bit width, cost, published builds."""
+    """One row per variant: its newest live build's accuracies, bit width and cost, and how
+    many builds are live and yanked."""
     registry = reg.load(registry_path)
     calibration = cost.current_calibration()
     rows = []
     for variant in registry.variants.values():
-        build = variant.builds[-1] if variant.builds else None
+        live = [b for b in variant.builds if not b.yanked]
+        build = live[-1] if live else None
         metrics = build.metrics if build else {}
         circuit = build.circuit if build else {}
         estimate = cost.breakdown(circuit, calibration) if build else None
@@ -41,7 +44,8 @@ def list_variants(registry_path: Path | None = None) -> list[dict[str, Any]]:
                 # a calibration from another kind of machine: why, else None
                 "est_other_machine": (calibration or {}).get("source", {}).get("other_machine"),
                 "eval_key_bytes": circuit.get("eval_key_bytes"),
-                "builds": len(variant.builds),
+                "builds": len(live),
+                "yanked": len(variant.builds) - len(live),
             }
         )
     return rows
@@ -117,46 +121,93 @@ def pull(
         return cache.PullResult(build, cache.build_path(build, cache_root), role)
     if offline:
         return cache.require_cached(build, role, cache_root)
-    source = hub.hub_for(build.hub_kind, endpoint=endpoint, hub_dir=hub_dir)
-    try:
-        return cache.fetch(build, role, source, root=cache_root, progress=progress)
-    except (NotFoundError, HubError):
-        if not build_missing:
-            raise
-    from zoo.build import rebuild_into_cache  # heavy: torch, concrete-ml
+    sources = [(hub.hub_for(h, endpoint, hub_dir), h.repo, h.revision) for h in build.hubs]
+    sources.append((ReleaseStore.beside(registry.path), f"zoo/{build.variant}", build.revision))
+    failures: list[ZooError] = []
+    for source, repo, revision in sources:
+        try:
+            return cache.fetch(
+                build, role, source, repo=repo, revision=revision, root=cache_root,
+                progress=progress,
+            )  # fmt: skip
+        except (NotFoundError, HubError) as exc:
+            failures.append(exc)
+    if build_missing:
+        from zoo.build import rebuild_into_cache  # heavy: torch, concrete-ml
 
-    return rebuild_into_cache(build, registry, role=role, cache_root=cache_root, data_dir=data_dir)
+        return rebuild_into_cache(
+            build, registry, role=role, cache_root=cache_root, data_dir=data_dir
+        )
+    # A hub that failed (network, HTTP) is reported as a hub error, else as not found.
+    error = HubError if any(isinstance(e, HubError) for e in failures) else NotFoundError
+    raise error(
+        f"no source could give {build.short_ref}: " + "; ".join(str(e) for e in failures),
+        hint=f"rebuild it from its recipe, accepted only if it matches the pins: "
+        f"`zoo pull {build.short_ref} --build-missing`",
+    )
+
+
+#: What the registry keeps of a build's circuit (what ``zoo list`` / ``info`` and the cost model
+#: read); concrete's full statistics and per-layer settings stay in the pinned manifest.
+CATALOG_CIRCUIT_DROP = frozenset({"concrete_statistics", "rounding_threshold_bits"})
+
+
+def catalog_entry(document: dict[str, Any], files: list[reg.FileEntry]) -> dict[str, Any]:
+    """The registry entry of a build, from its manifest (no hubs yet)."""
+    return {
+        "revision": hub.content_revision(files),
+        "hubs": [],
+        "profile": document["profile"],
+        "seed": document["seed"],
+        "device": document.get("device", "cpu"),
+        "published": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
+        "files": [e.__dict__ for e in files],
+        "runtime": document["runtime"],
+        "metrics": document["metrics"],
+        "circuit": {k: v for k, v in document["circuit"].items() if k not in CATALOG_CIRCUIT_DROP},
+    }
+
+
+def merge_entry(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+    """A re-publish of the same revision: the new hubs are added, and everything recorded
+    before (measured metrics, timings, first publish date) is kept; the build is live again."""
+    if old is None:
+        return new
+    hubs = list(old["hubs"])
+    known = {(h["kind"], h["repo"]) for h in hubs}
+    hubs += [h for h in new["hubs"] if (h["kind"], h["repo"]) not in known]
+    merged = {**new, **{k: v for k, v in old.items() if k != "yanked"}, "hubs": hubs}
+    merged["metrics"] = {**new["metrics"], **old["metrics"]}
+    merged["circuit"] = new["circuit"]  # the same circuit, in the catalogue's current form
+    merged["timings"] = {**new.get("timings", {}), **old.get("timings", {})}
+    return merged
 
 
 def publish(
     build_dir: Path,
-    hub_spec: str = "local",
+    hub_specs: str | list[str] = "releases",
     *,
     registry_path: Path | None = None,
     message: str | None = None,
 ) -> reg.Build:
-    """Upload a build directory to a hub as one revision and pin it in the registry."""
+    """Upload a build directory to each hub (``releases``, ``local``, ``hf://ORG/REPO``) and
+    pin it in the registry; a build already pinned keeps what was recorded of it."""
     from filelock import FileLock
 
     document, files = manifest.check(Path(build_dir))
     registry_path = Path(registry_path) if registry_path else config.registry_path()
     variant_name = document["variant"]
     reg.load(registry_path).variant(variant_name)  # fail before uploading anything
-    target, repo = hub.parse_hub(hub_spec, variant_name)
+    targets = [
+        hub.parse_hub(spec, variant_name, registry_path)
+        for spec in ([hub_specs] if isinstance(hub_specs, str) else hub_specs)
+    ]
     message = message or f"{variant_name}: {document['profile']} build (seed {document['seed']})"
-    revision = target.publish(repo, files, message)
-    entry = {
-        "revision": revision,
-        "hub": {"kind": target.kind, "repo": repo},
-        "profile": document["profile"],
-        "seed": document["seed"],
-        "device": document.get("device", "cpu"),
-        "published": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
-        "files": [e.__dict__ for _, e in files],
-        "runtime": document["runtime"],
-        "metrics": document["metrics"],
-        "circuit": document["circuit"],
-    }
+    entry = catalog_entry(document, [e for _, e in files])
+    for target, repo in targets:
+        hub_revision = target.publish(repo, files, message)
+        if target.kind != releases.KIND:  # the store is implied for every build
+            entry["hubs"].append({"kind": target.kind, "repo": repo, "revision": hub_revision})
     report = Path(build_dir) / manifest.REPORT
     if report.is_file():
         import json
@@ -168,9 +219,15 @@ def publish(
     with FileLock(str(registry_path) + ".lock"):
         fresh = reg.load(registry_path).raw
         builds = fresh["variants"][variant_name]["builds"]
-        builds[:] = [b for b in builds if b["revision"] != revision] + [entry]
+        index = next((i for i, b in enumerate(builds) if b["revision"] == entry["revision"]), None)
+        if index is None:
+            builds.append(entry)
+        else:
+            builds[index] = merge_entry(builds[index], entry)
         registry = reg.save(fresh, registry_path)
-    return reg.resolve(registry, f"{variant_name}@{revision}", check_runtime=False)
+    return reg.resolve(
+        registry, f"{variant_name}@{entry['revision']}", check_runtime=False, allow_yanked=True
+    )
 
 
 def record_metrics(
@@ -182,13 +239,13 @@ def record_metrics(
     registry_path = Path(registry_path) if registry_path else config.registry_path()
     with FileLock(str(registry_path) + ".lock"):
         registry = reg.load(registry_path)
-        build = reg.resolve(registry, ref, check_runtime=False)
+        build = reg.resolve(registry, ref, check_runtime=False, allow_yanked=True)
         fresh = registry.raw
         for entry in fresh["variants"][build.variant]["builds"]:
             if entry["revision"] == build.revision:
                 entry["metrics"] = {**entry["metrics"], **metrics}
         registry = reg.save(fresh, registry_path)  # validated: a bad metric changes nothing
-    return reg.resolve(registry, build.ref, check_runtime=False)
+    return reg.resolve(registry, build.ref, check_runtime=False, allow_yanked=True)
 
 
 def verify(ref: str, registry_path: Path | None = None, cache_root: Path | None = None) -> dict:
@@ -197,11 +254,25 @@ def verify(ref: str, registry_path: Path | None = None, cache_root: Path | None 
     name, revision = reg.split_ref(ref)
     builds = registry.variant(name).builds
     if revision:
-        builds = (reg.resolve(registry, ref, check_runtime=False),)
+        builds = (reg.resolve(registry, ref, check_runtime=False, allow_yanked=True),)
     cached = [b for b in builds if cache.build_path(b, cache_root).is_dir()]
     if not cached:
         raise NotFoundError(f"nothing of {ref} is cached", hint=f"pull it: `zoo pull {ref}`")
     return {b.revision: cache.verify(b, cache_root) for b in cached}
+
+
+def releases_check(registry_path: Path | None = None) -> dict[str, Any]:
+    """Rehash the release store's files of every live (not yanked) build of the registry."""
+    registry = reg.load(registry_path)
+    store = ReleaseStore.beside(registry.path)
+    blobs, size = store.size()
+    builds = {
+        b.short_ref: store.check(b)
+        for v in registry.variants.values()
+        for b in v.builds
+        if not b.yanked
+    }
+    return {"store": str(store.root), "blobs": blobs, "bytes": size, "builds": builds}
 
 
 def cache_list(registry_path: Path | None = None, cache_root: Path | None = None) -> list:

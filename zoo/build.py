@@ -74,8 +74,8 @@ class RecipeResult:
 
 
 def load_recipe(module: str) -> ModuleType:
-    """Import a recipe file (``recipes/NAME.py``, relative to the project root)."""
-    path = config.PROJECT_ROOT / module
+    """Import a recipe file (``recipes/NAME.py``, as the registry names it)."""
+    path = config.recipe_path(module)
     if not path.is_file():
         raise BuildError(f"recipe {module} not found at {path}", hint="check the registry entry")
     spec = importlib.util.spec_from_file_location(f"zoo_recipe_{path.stem}", path)
@@ -253,14 +253,18 @@ def check(
     data_dir: Path | None = None,
     out_dir: Path | None = None,
     registry_path: Path | None = None,
+    resume: bool = False,
 ) -> tuple[Path, dict[str, str]]:
-    """Rebuild the build ``ref`` names and compare every file with its pinned sha256."""
+    """Rebuild the build ``ref`` names and compare every file with its pinned sha256.
+
+    ``resume`` continues from the checkpoints in ``out_dir/work`` (for instance a copy of the
+    base variant's, whose training a rounded or later-split variant shares)."""
     registry = reg.load(registry_path)
-    pinned = reg.resolve(registry, ref, check_runtime=False)
+    pinned = reg.resolve(registry, ref, check_runtime=False, allow_yanked=True)
     out_dir = out_dir or Path(tempfile.mkdtemp(prefix=f"zoo-check-{pinned.variant}-"))
     build(
         pinned.variant, profile=pinned.profile, data_dir=data_dir, out_dir=out_dir,
-        seed=pinned.raw.get("seed"), device="cpu", registry_path=registry_path,
+        seed=pinned.raw.get("seed"), device="cpu", registry_path=registry_path, resume=resume,
     )  # fmt: skip
     return out_dir, compare(out_dir, pinned)
 

@@ -57,7 +57,7 @@ class PullResult:
     role: str
     downloaded: list[str] = field(default_factory=list)
     downloaded_bytes: int = 0
-    source: str = "cache"  # where missing files came from: "cache", "hub" or "rebuild"
+    source: str = "cache"  # where missing files came from: "cache", a hub kind, or "rebuild"
 
     @property
     def files(self) -> dict[str, Path]:
@@ -90,14 +90,17 @@ def fetch(
     role: str,
     hub,  # noqa: ANN001 - zoo.hub.Hub
     *,
+    repo: str,
+    revision: str,
     root: Path | None = None,
     progress: bool = True,
 ) -> PullResult:
-    """Download what ``role`` needs of ``build`` from ``hub`` into the cache, verified."""
+    """Download what ``role`` needs of ``build`` from ``hub`` (which holds it as ``repo`` at
+    ``revision``) into the cache, verified."""
     from filelock import FileLock
 
     root = root or config.cache_dir()
-    result = PullResult(build, build_path(build, root), role, source="hub")
+    result = PullResult(build, build_path(build, root), role, source=hub.kind)
     if not missing_files(build, role, root):
         return result
     (root / "locks").mkdir(parents=True, exist_ok=True)
@@ -110,7 +113,7 @@ def fetch(
             shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f"{build.ref}-", dir=root / "tmp"))
         try:
-            staged = hub.download(build.repo, build.revision, missing, staging, progress)
+            staged = hub.download(repo, revision, missing, staging, progress)
             for entry in missing:
                 _verify_into(staged[entry.path], entry, result.path / entry.path)
                 result.downloaded.append(entry.path)

@@ -93,7 +93,7 @@ def list_cmd(registry_path: Path | None, as_json: bool) -> None:
                 r["max_bit_width"] or "-",
                 ("≥" if r["est_fhe_lower_bound"] else "") + _num(r["est_fhe_seconds"], "{:.1f}"),
                 _size(r["eval_key_bytes"]),
-                r["builds"] or "no",
+                r["builds"] or ("yanked" if r["yanked"] else "no"),
             ]
             for r in rows
         ]
@@ -168,10 +168,13 @@ def info(ref: str, registry_path: Path | None, as_json: bool) -> None:
         ref_metrics = data["reference"]["metrics"]
         lines.append(f"reference ({data['reference']['source']}): {json.dumps(ref_metrics)}")
         for build in data["builds"]:
+            hubs = ", ".join(f"{h['kind']}:{h['repo']}" for h in build["hubs"])
+            where = f"on {hubs} + releases" if hubs else "in releases"
+            if build.get("yanked"):
+                where = f"YANKED: {build['yanked']}"
             lines.append(
-                f"build {build['revision'][:12]} [{build['profile']}] on {build['hub']['kind']}:"
-                f"{build['hub']['repo']} concrete-ml {build['runtime']['concrete-ml']}: "
-                f"{json.dumps(build['metrics'], sort_keys=True)}"
+                f"build {build['revision'][:12]} [{build['profile']}] {where}; concrete-ml "
+                f"{build['runtime']['concrete-ml']}: {json.dumps(build['metrics'], sort_keys=True)}"
             )
         resolved = data.get("resolved")
         if resolved:
@@ -274,7 +277,7 @@ def build_cmd(variant: str, profile: str, data_dir: Path | None, out_dir: Path |
 
     if check_rev:
         out, report = builder.check(f"{variant}@{check_rev}", data_dir=data_dir,
-                                    out_dir=out_dir, registry_path=registry_path)
+                                    out_dir=out_dir, registry_path=registry_path, resume=resume)
         _emit(as_json, {"build_dir": str(out), "files": report},
               lambda: "\n".join(f"{p}: {why}" for p, why in report.items()))
         if any(why != "match" for why in report.values()):
@@ -289,18 +292,93 @@ def build_cmd(variant: str, profile: str, data_dir: Path | None, out_dir: Path |
 
 @main.command()
 @click.argument("build_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
-@click.option("--hub", "hub_spec", default="local", help="local (default) or hf://ORG/REPO")
+@click.option("--hub", "hub_specs", multiple=True, default=["releases"], show_default=True,
+              help="releases (the store beside the registry), local, or hf://ORG/REPO; repeat "
+              "it to publish to several")  # fmt: skip
 @click.option("--message", default=None, help="commit message")
 @REGISTRY
 @JSON
 @handles_errors
 def publish(
-    build_dir: Path, hub_spec: str, message: str | None, registry_path: Path | None, as_json: bool
+    build_dir: Path,
+    hub_specs: tuple[str, ...],
+    message: str | None,
+    registry_path: Path | None,
+    as_json: bool,
 ) -> None:
-    """Publish a build directory to a hub and pin it in the registry."""
-    build = api.publish(build_dir, hub_spec, registry_path=registry_path, message=message)
-    data = {"variant": build.variant, "revision": build.revision, "hub": build.raw["hub"]}
-    _emit(as_json, data, lambda: f"published {build.ref} to {build.hub_kind}:{build.repo}")
+    """Publish a build directory to hubs and pin it in the registry."""
+    build = api.publish(build_dir, list(hub_specs), registry_path=registry_path, message=message)
+    data = {"variant": build.variant, "revision": build.revision, "hubs": build.raw["hubs"]}
+    _emit(as_json, data, lambda: f"published {build.ref} to {', '.join(hub_specs)}")
+
+
+@main.group()
+def bundle() -> None:
+    """Carry builds as one file to a machine without a hub, verified on import."""
+
+
+@bundle.command("export")
+@click.argument("refs", nargs=-1, required=True)
+@click.option("-o", "--out", "out", type=click.Path(path_type=Path, dir_okay=False), required=True,
+              help="the bundle file to write")  # fmt: skip
+@REGISTRY
+@JSON
+@handles_errors
+def bundle_export(refs: tuple[str, ...], out: Path, registry_path: Path | None, as_json: bool):
+    """Write builds (VARIANT or VARIANT@REV, pulled first if needed) into one bundle file."""
+    from zoo import bundle as bundles
+
+    data = bundles.export(list(refs), out, registry_path)
+    _emit(as_json, data, lambda: f"wrote {', '.join(data['builds'])} to {data['path']} "
+          f"({_size(data['bytes'])})")  # fmt: skip
+
+
+@bundle.command("import")
+@click.argument("path", type=click.Path(path_type=Path, exists=True, dir_okay=False))
+@click.option(
+    "--trust",
+    is_flag=True,
+    help="also add builds this registry does not pin (only for bundles you trust)",
+)
+@REGISTRY
+@JSON
+@handles_errors
+def bundle_import(path: Path, trust: bool, registry_path: Path | None, as_json: bool) -> None:
+    """Verify a bundle against the registry's pins and put its builds into the cache."""
+    from zoo import bundle as bundles
+
+    data = bundles.import_bundle(path, trust=trust, registry_path=registry_path)
+    added = data["added_to_registry"]
+    _emit(as_json, data, lambda: f"imported {', '.join(data['imported'])} into the cache" + (
+          f"; added to the registry: {', '.join(added)}" if added else ""))  # fmt: skip
+
+
+@main.group()
+def releases() -> None:
+    """The release store: releases/ beside the registry, every pinned build's files by sha256."""
+
+
+@releases.command("check")
+@REGISTRY
+@JSON
+@handles_errors
+def releases_check(registry_path: Path | None, as_json: bool) -> None:
+    """Rehash every live build's files in the store; exit 4 if any is missing or wrong."""
+    data = api.releases_check(registry_path)
+    gaps = {ref: r for ref, r in data["builds"].items() if any(v != "ok" for v in r.values())}
+
+    def text() -> str:
+        lines = [f"{data['store']}: {data['blobs']} blobs, {_size(data['bytes'])}"]
+        for ref, report in data["builds"].items():
+            bad = {p: why for p, why in report.items() if why != "ok"}
+            lines.append(f"{ref}: " + ("ok" if not bad else json.dumps(bad)))
+        return "\n".join(lines)
+
+    _emit(as_json, data, text)
+    if gaps:
+        click.echo("hint: publish each build with `zoo publish BUILD_DIR --hub releases`, or "
+                   "yank it in registry.json with a reason", err=True)  # fmt: skip
+        sys.exit(4)
 
 
 @main.command()

@@ -4,6 +4,7 @@
 |-------------------|----------------------------------|-------------------------------------------|
 | ``ZOO_HOME``      | ``~/.cache/zoo``                 | root of hub, cache and keys               |
 | ``ZOO_REGISTRY``  | the project's ``registry.json``  | the catalogue of variants                 |
+| ``ZOO_RELEASES``  | ``releases/`` beside the registry | the release store (:mod:`zoo.releases`)  |
 | ``ZOO_OFFLINE``   | unset                            | ``1``: never touch the network            |
 | ``ZOO_HF_ENDPOINT`` | ``https://huggingface.co``     | endpoint of the Hugging Face protocol hub |
 | ``HF_TOKEN``      | unset                            | token for the Hugging Face protocol hub   |
@@ -15,7 +16,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+#: The package folder. ``zoo/registry.json`` and ``zoo/recipes`` are links to the top-level
+#: ``registry.json`` and ``recipes/`` of the source tree; a wheel carries them as files.
+PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 
 
@@ -50,8 +53,21 @@ def data_dir() -> Path:
 
 
 def registry_path() -> Path:
-    """The registry file: ``$ZOO_REGISTRY`` or the project's ``registry.json``."""
-    return Path(os.environ.get("ZOO_REGISTRY") or PROJECT_ROOT / "registry.json")
+    """The registry file: ``$ZOO_REGISTRY`` or the project's ``registry.json`` (link resolved,
+    so that an atomic save replaces the file, not the link)."""
+    return Path(os.environ.get("ZOO_REGISTRY") or (PACKAGE_DIR / "registry.json").resolve())
+
+
+def releases_dir(registry: Path | None = None) -> Path:
+    """The release store: ``$ZOO_RELEASES``, else ``releases/`` beside the registry file."""
+    if os.environ.get("ZOO_RELEASES"):
+        return Path(os.environ["ZOO_RELEASES"])
+    return Path(registry or registry_path()).resolve().parent / "releases"
+
+
+def recipe_path(module: str) -> Path:
+    """A recipe file named as in the registry (``recipes/NAME.py``)."""
+    return (PACKAGE_DIR / module).resolve()
 
 
 def offline() -> bool:

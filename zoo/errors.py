@@ -28,6 +28,10 @@ class NotFoundError(ZooError):
     exit_code = 3
 
 
+class YankedError(NotFoundError):
+    """A build withdrawn from the registry (its entry says why)."""
+
+
 class IntegrityError(ZooError):
     """Bytes that do not match their pinned size or sha256."""
 

@@ -1,4 +1,4 @@
-"""Hubs: where builds are published and pulled from. One small interface, two backends.
+"""Hubs: where builds are published and pulled from. One small interface, three backends.
 
 - :class:`LocalHub` (the embedded default): a directory under ``$ZOO_HOME/hub`` laid out as
   ``ORG/REPO/revisions/<content hash>/<files>``. Revisions are content-addressed and immutable;
@@ -6,6 +6,8 @@
 - :class:`HfHub`: the Hugging Face Hub protocol through ``huggingface_hub``; a publish is one
   ``create_commit`` with ``parent_commit`` (it fails if someone pushed meanwhile) and every
   download names an explicit 40-hex revision.
+- :class:`zoo.releases.ReleaseStore`: ``releases/`` in the source tree, files by sha256; the
+  store a fresh clone pulls from when no hub holds a build.
 
 This is the only module that imports ``huggingface_hub`` (lazily: listing and warm pulls never
 pay for it).
@@ -26,7 +28,7 @@ from typing import Protocol
 from zoo import config
 from zoo.errors import HubError, IntegrityError, NotFoundError
 from zoo.hashing import copy_hashed
-from zoo.registry import FileEntry
+from zoo.registry import FileEntry, HubRef
 
 
 class Hub(Protocol):
@@ -237,20 +239,25 @@ def _hub_errors(endpoint: str, repo: str):  # noqa: ANN202
         ) from None
 
 
-def parse_hub(spec: str, variant: str) -> tuple[Hub, str]:
-    """``local`` → (LocalHub, "zoo/VARIANT"); ``hf://ORG/REPO`` → (HfHub, "ORG/REPO")."""
+def parse_hub(spec: str, variant: str, registry_path: Path | None = None) -> tuple[Hub, str]:
+    """``local`` → (LocalHub, "zoo/VARIANT"); ``hf://ORG/REPO`` → (HfHub, "ORG/REPO");
+    ``releases`` → (the release store beside the registry, "zoo/VARIANT")."""
     if spec == "local":
         return LocalHub.default(), f"zoo/{variant}"
+    if spec == "releases":
+        from zoo.releases import ReleaseStore
+
+        return ReleaseStore.beside(registry_path), f"zoo/{variant}"
     if spec.startswith("hf://"):
         repo = spec[len("hf://") :].strip("/")
         if repo.count("/") != 1 or not all(repo.split("/")):
             raise NotFoundError(f"bad hub {spec!r}", hint="write it as hf://ORG/REPO")
         return HfHub.default(), repo
-    raise NotFoundError(f"unknown hub {spec!r}", hint="use `local` or `hf://ORG/REPO`")
+    raise NotFoundError(f"unknown hub {spec!r}", hint="use `releases`, `local` or `hf://ORG/REPO`")
 
 
-def hub_for(kind: str, endpoint: str | None = None, hub_dir: Path | None = None) -> Hub:
-    """The hub that holds a build pinned with hub ``kind``."""
-    if kind == "local":
+def hub_for(ref: HubRef, endpoint: str | None = None, hub_dir: Path | None = None) -> Hub:
+    """The hub that a build's hub record names."""
+    if ref.kind == "local":
         return LocalHub(hub_dir) if hub_dir is not None else LocalHub.default()
     return HfHub.default(endpoint)

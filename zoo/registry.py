@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from zoo import config, versions
-from zoo.errors import NotFoundError, RegistryError, RuntimeMismatchError
+from zoo.errors import NotFoundError, RegistryError, RuntimeMismatchError, YankedError
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "registry.schema.json"
 ROLES_FOR = {
@@ -38,19 +38,28 @@ class FileEntry:
 
 
 @dataclass(frozen=True)
+class HubRef:
+    """A hub that holds a build, and the hub's own revision of it."""
+
+    kind: str  # "local" or "hf"
+    repo: str
+    revision: str
+
+
+@dataclass(frozen=True)
 class Build:
-    """One published build of a variant, pinned by an immutable revision."""
+    """One published build of a variant, named by its content revision (immutable)."""
 
     variant: str
     revision: str
-    hub_kind: str
-    repo: str
+    hubs: tuple[HubRef, ...]
     profile: str
     files: tuple[FileEntry, ...]
     runtime: dict[str, str]
     metrics: dict[str, Any]
     circuit: dict[str, Any]
-    raw: dict[str, Any] = field(repr=False, compare=False)
+    yanked: str | None = None  # why the build is withdrawn
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def ref(self) -> str:
@@ -138,17 +147,18 @@ def validate(document: Any, definition: str | None = None) -> list[str]:
     return [f"{e.json_path}: {e.message}" for e in errors]
 
 
-def _build(variant: str, raw: dict[str, Any]) -> Build:
+def parse_build(variant: str, raw: dict[str, Any]) -> Build:
+    """A build entry (already validated) as a record."""
     return Build(
         variant=variant,
         revision=raw["revision"],
-        hub_kind=raw["hub"]["kind"],
-        repo=raw["hub"]["repo"],
+        hubs=tuple(HubRef(**h) for h in raw["hubs"]),
         profile=raw["profile"],
         files=tuple(FileEntry(**f) for f in raw["files"]),
         runtime=dict(raw["runtime"]),
         metrics=dict(raw["metrics"]),
         circuit=dict(raw["circuit"]),
+        yanked=raw.get("yanked"),
         raw=raw,
     )
 
@@ -172,7 +182,7 @@ def parse(document: dict[str, Any], path: Path) -> Registry:
             num_classes=raw["num_classes"],
             recipe=raw["recipe"],
             reference=raw["reference"],
-            builds=tuple(_build(name, b) for b in raw["builds"]),
+            builds=tuple(parse_build(name, b) for b in raw["builds"]),
             raw=raw,
         )
     return Registry(path=path, variants=variants, raw=document)
@@ -212,6 +222,7 @@ def save(document: dict[str, Any], path: Path) -> Registry:
             handle.write(dumps(document))
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a catalogue is for everyone to read
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -235,20 +246,26 @@ def split_ref(ref: str) -> tuple[str, str | None]:
 
 
 def resolve(
-    registry: Registry, ref: str, runtime: dict[str, str] | None = None, check_runtime: bool = True
+    registry: Registry,
+    ref: str,
+    runtime: dict[str, str] | None = None,
+    check_runtime: bool = True,
+    allow_yanked: bool = False,
 ) -> Build:
     """The build that ``ref`` names and this runtime can load.
 
     ``VARIANT@REV`` selects by revision (a unique prefix of 7+ hex digits is enough);
     ``VARIANT`` selects the newest build whose concrete-ml / concrete-python / Python versions
-    match the installed ones, as pip picks a wheel by its tags.
+    match the installed ones, as pip picks a wheel by its tags. Yanked builds are never
+    selected, and naming one by revision raises :class:`YankedError` with its reason
+    (``allow_yanked`` lets maintenance commands such as ``zoo build --check`` through).
     """
     name, revision = split_ref(ref)
     variant = registry.variant(name)
     if not variant.builds:
         raise NotFoundError(
             f"variant {name} has no published build",
-            hint=f"build one with `zoo build {name}`, or pull with --build-missing",
+            hint=f"build one with `zoo build {name}`, then `zoo publish` it",
         )
     runtime = versions.installed() if runtime is None else runtime
     if revision is not None:
@@ -261,6 +278,12 @@ def resolve(
         if len(hits) > 1:
             raise NotFoundError(f"revision prefix {revision} is ambiguous", hint="give more digits")
         build = hits[0]
+        if build.yanked and not allow_yanked:
+            raise YankedError(
+                f"{build.short_ref} is yanked: {build.yanked}",
+                hint=f"pull `{name}` for its current build, or rebuild this recipe with "
+                f"`zoo build {name} --profile {build.profile}`",
+            )
         problems = versions.mismatches(build.runtime, runtime)
         if check_runtime and problems:
             raise RuntimeMismatchError(
@@ -268,20 +291,26 @@ def resolve(
                 hint=versions.install_hint(build.runtime),
             )
         return build
-    matching = [b for b in variant.builds if not versions.mismatches(b.runtime, runtime)]
+    live = [b for b in variant.builds if allow_yanked or not b.yanked]
+    if not live:
+        reasons = "; ".join(f"{b.revision[:12]}: {b.yanked}" for b in variant.builds)
+        raise YankedError(
+            f"every build of {name} is yanked ({reasons})",
+            hint=f"build one with `zoo build {name} --profile {variant.builds[-1].profile}`",
+        )
+    matching = [b for b in live if not versions.mismatches(b.runtime, runtime)]
     if matching:
         return matching[-1]
     if not check_runtime:
-        return variant.builds[-1]
+        return live[-1]
     listing = "; ".join(
         f"{b.revision[:12]} (concrete-ml {b.runtime['concrete-ml']}, concrete-python "
         f"{b.runtime['concrete-python']}, Python {b.runtime['python']})"
-        for b in variant.builds
+        for b in live
     )
     raise RuntimeMismatchError(
         f"no build of {name} matches this runtime (concrete-ml {runtime.get('concrete-ml')}, "
         f"concrete-python {runtime.get('concrete-python')}, Python {runtime.get('python')}); "
         f"builds: {listing}",
-        hint=versions.install_hint(variant.builds[-1].runtime)
-        + f", or rebuild with `zoo build {name}`",
+        hint=versions.install_hint(live[-1].runtime) + f", or rebuild with `zoo build {name}`",
     )
