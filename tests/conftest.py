@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -56,14 +57,19 @@ def make_build_dir(
     import numpy as np
 
     rng = np.random.default_rng(seed)
+
+    def noise(size: int) -> bytes:
+        return rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+
     path.mkdir(parents=True, exist_ok=True)
-    for name, size in [
-        ("head.safetensors", 8_000),
-        ("weights.safetensors", payload // 4),
-        ("client.zip", payload // 8),
-        ("server.zip", payload),
-    ]:
-        (path / name).write_bytes(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+    for name, size in [("head.safetensors", 8_000), ("weights.safetensors", payload // 4)]:
+        (path / name).write_bytes(noise(size))
+    # Zips that pass the gate: a JSON member of the real kind, and noise for their size.
+    for name, size, member in [("client.zip", payload // 8, "client.specs.json"),
+                               ("server.zip", payload, "configuration.json")]:  # fmt: skip
+        with zipfile.ZipFile(path / name, "w", zipfile.ZIP_STORED) as archive:
+            archive.writestr(member, json.dumps({"seed": seed}))
+            archive.writestr("circuit.bin", noise(size))
     (path / "README.md").write_text(f"# {variant}\n\ntest build, seed {seed}\n")
     manifest.write(
         path,

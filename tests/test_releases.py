@@ -130,7 +130,10 @@ def test_yanked_builds_are_never_resolved_and_say_why(
     zoo_home: Path, registry_file: Path, build_dir: Path, tmp_path: Path
 ) -> None:
     old = zoo.publish(build_dir)
+    zoo.pull(VARIANT)
     _yank(registry_file, "its files were lost with the machine that built it")
+    assert [e.status for e in zoo.cache_list()] == ["yanked"]
+    assert zoo.cache_prune()["removed"] == [f"{old.short_ref} (yanked)"]
     with pytest.raises(YankedError, match="every build of .* is yanked .* lost with") as info:
         zoo.pull(VARIANT)
     assert f"zoo build {VARIANT} --profile smoke" in info.value.hint

@@ -82,7 +82,5 @@ def test_the_wheel_lists_pulls_loads_and_builds_outside_the_tree(
                  "--data-dir", str(cifar_dir))  # fmt: skip
     assert built.returncode == 0, built.stderr[-2000:]
     checked = _zoo(installed, tmp_path, "pull", TINY, "--json", **store)
-    pinned = {
-        p.name: p.read_bytes() for p in Path(json.loads(checked.stdout)["path"]).iterdir()
-    }
+    pinned = {p.name: p.read_bytes() for p in Path(json.loads(checked.stdout)["path"]).iterdir()}
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in pinned} == pinned

@@ -14,6 +14,7 @@ from typing import Any
 from zoo import cache, config, cost, hub, manifest, releases, versions
 from zoo import registry as reg
 from zoo.errors import HubError, NotFoundError, RuntimeMismatchError, ZooError
+from zoo.gate import check_zip
 from zoo.releases import ReleaseStore
 
 
@@ -195,6 +196,9 @@ def publish(
     from filelock import FileLock
 
     document, files = manifest.check(Path(build_dir))
+    for path, entry in files:
+        if entry.role in cache.GATED_ROLES:
+            check_zip(path)
     registry_path = Path(registry_path) if registry_path else config.registry_path()
     variant_name = document["variant"]
     reg.load(registry_path).variant(variant_name)  # fail before uploading anything
@@ -296,7 +300,8 @@ def cache_remove(
 
 
 def cache_prune(registry_path: Path | None = None, cache_root: Path | None = None) -> dict:
-    """Drop cached builds this runtime cannot load, orphans, and leftover staging folders."""
+    """Drop cached builds this runtime cannot load, yanked ones, orphans, and leftover staging
+    folders."""
     entries = [e for e in cache_list(registry_path, cache_root) if e.status != "ok"]
     freed = cache.remove(entries)
     return {

@@ -20,12 +20,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from zoo import config, versions
-from zoo.errors import IntegrityError, OfflineError
+from zoo.errors import IntegrityError, OfflineError, ZooError
+from zoo.gate import check_zip
 from zoo.hashing import sha256_file
 from zoo.registry import Build, FileEntry, Registry
 
 log = logging.getLogger(__name__)
 LOCK_TIMEOUT_S = 3600
+#: Files that concrete deserializes: they pass :func:`zoo.gate.check_zip` before they are kept.
+GATED_ROLES = ("client", "server")
 
 
 def build_path(build: Build, root: Path | None = None) -> Path:
@@ -81,6 +84,12 @@ def _verify_into(staged: Path, entry: FileEntry, final: Path) -> None:
             hint="the bad download was deleted; pull again, and if it persists the hub holds "
             "other bytes than the registry pins",
         )
+    if entry.role in GATED_ROLES:
+        try:
+            check_zip(staged)
+        except ZooError:
+            staged.unlink(missing_ok=True)
+            raise
     final.parent.mkdir(parents=True, exist_ok=True)
     staged.replace(final)
 
@@ -145,7 +154,7 @@ class CachedBuild:
     path: Path
     files: list[str]
     size: int
-    status: str  # "ok", "runtime-mismatch", "orphan"
+    status: str  # "ok", "runtime-mismatch", "yanked", "orphan"
 
 
 def scan(registry: Registry, root: Path | None = None) -> list[CachedBuild]:
@@ -161,6 +170,8 @@ def scan(registry: Registry, root: Path | None = None) -> list[CachedBuild]:
         build = pinned.get((folder.parent.name, folder.name))
         if build is None:
             status = "orphan"
+        elif build.yanked:
+            status = "yanked"
         elif versions.mismatches(build.runtime, have):
             status = "runtime-mismatch"
         else:
@@ -207,8 +218,25 @@ def clean_tmp(root: Path | None = None) -> int:
     return removed
 
 
+def check_hashes(build: Build, role: str, root: Path | None = None) -> None:
+    """Rehash the cached files ``role`` needs before they are used (they are small: pooch
+    rehashes on every fetch too); a file changed since its pull is removed and named."""
+    folder = build_path(build, root)
+    for entry in build.files_for(role):
+        path = folder / entry.path
+        if path.stat().st_size != entry.size or sha256_file(path) != entry.sha256:
+            path.unlink()
+            raise IntegrityError(
+                f"{path} changed since it was pulled and verified (it is not {entry.sha256}); "
+                "it was removed",
+                hint=f"pull it again: `zoo pull {build.short_ref} --role {role}`; if the cache "
+                "is shared, find who writes to it",
+            )
+
+
 def verify(build: Build, root: Path | None = None) -> dict[str, str]:
-    """Rehash every cached file of ``build``: path → "ok", "not cached" or "corrupt (removed)"."""
+    """Rehash every cached file of ``build`` and pass its zips through the gate: path → "ok",
+    "not cached", "corrupt (removed)" or "unsafe (removed): why"."""
     folder = build_path(build, root)
     report = {}
     for entry in build.files:
@@ -220,4 +248,10 @@ def verify(build: Build, root: Path | None = None) -> dict[str, str]:
             report[entry.path] = "corrupt (removed)"
         else:
             report[entry.path] = "ok"
+            if entry.role in GATED_ROLES:
+                try:
+                    check_zip(path)
+                except ZooError as exc:
+                    path.unlink()
+                    report[entry.path] = f"unsafe (removed): {exc}"
     return report

@@ -40,14 +40,14 @@ def _worker_class() -> Any:
             from concrete import fhe
             from concrete.ml.deployment import FHEModelServer
 
-            from zoo.runtime import _check_zip
+            from zoo.gate import check_zip
 
             if hashlib.sha256(server_zip).hexdigest() != sha256:
                 raise IntegrityError("server.zip changed on its way to the worker")
             self.folder = tempfile.mkdtemp(prefix="zoo-worker-")
             path = Path(self.folder) / "server.zip"
             path.write_bytes(server_zip)
-            _check_zip(path)
+            check_zip(path)
             self.server = FHEModelServer(self.folder)
             self.keys = fhe.EvaluationKeys.deserialize(eval_keys)
 

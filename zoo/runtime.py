@@ -4,28 +4,32 @@
     model.predict(images_uint8_nhwc, fhe="execute", top_k=3)
 
 The client side (head, ``client.zip``, keys) and the server side (``server.zip``) load from the
-verified cache; the zips are checked by :func:`zoo.safezip.extract_zip` before concrete-ml opens
-them, and the runtime versions are checked before concrete-ml would fail on them. Client keys are
-generated once per build and kept under ``$ZOO_HOME/keys`` (folder 0700, files 0600); the secret
-key never leaves the client.
+verified cache; the zips pass :func:`zoo.gate.check_zip` (safe extraction, and only the
+serialized types real builds hold) before concrete-ml opens them, and the runtime versions are
+checked before concrete-ml would fail on them. Client keys are generated once per build and kept
+under ``$ZOO_HOME/keys`` (folder 0700, files 0600); the secret key never leaves the client.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import shutil
 import tempfile
 import time
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from zoo import api, config, head, sigpipe, versions
+from zoo import api, cache, config, head, sigpipe, versions
 from zoo.errors import RuntimeMismatchError, ZooError
+from zoo.gate import check_zip
 from zoo.registry import Build
-from zoo.safezip import extract_zip
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")  # fmt: skip
@@ -138,7 +142,8 @@ class Model:
     def _simulate(self, x: np.ndarray) -> np.ndarray:
         """The circuit of server.zip compiled for simulation: same integers, no encryption."""
         if self._simulator is None:
-            self._simulator = _simulator(self.path / "server.zip")
+            with _circuit_tempdir(self):
+                self._simulator = _simulator(self.path / "server.zip")
         server, client = self._simulator
         processing = self.client.model
         q = processing.quantize_input(x)
@@ -168,6 +173,7 @@ def _simulator(server_zip: Path) -> tuple[Any, Any]:
     import jsonpickle
     from concrete import fhe
 
+    check_zip(server_zip)  # before jsonpickle reads its configuration
     with zipfile.ZipFile(server_zip) as archive:
         mlir = archive.read("circuit.mlir").decode()
         options = jsonpickle.loads(archive.read("configuration.json").decode())
@@ -175,10 +181,21 @@ def _simulator(server_zip: Path) -> tuple[Any, Any]:
     return server, fhe.Client(server.client_specs, is_simulated=True)
 
 
-def _check_zip(path: Path) -> None:
-    """Refuse an archive with unsafe members before concrete-ml unpacks it."""
-    with tempfile.TemporaryDirectory() as scratch:
-        extract_zip(path, Path(scratch) / "check")
+@contextlib.contextmanager
+def _circuit_tempdir(owner: Any) -> Iterator[None]:
+    """Make concrete put the folders it unpacks and compiles a circuit into under one folder of
+    ``owner``'s, removed once ``owner`` is collected or the process exits (concrete-python 2.10
+    never removes them: its ``Server.cleanup`` does nothing)."""
+    folder = tempfile.mkdtemp(prefix="zoo-circuit-")
+    remove = weakref.finalize(owner, shutil.rmtree, folder, ignore_errors=True)
+    # Also at exit, registered after concrete's own handler so that it runs first: once a
+    # circuit ran, concrete's runtime teardown ends the process before weakref's exit hook.
+    atexit.register(remove)
+    saved, tempfile.tempdir = tempfile.tempdir, folder
+    try:
+        yield
+    finally:
+        tempfile.tempdir = saved
 
 
 def keys_dir(build: Build) -> Path:
@@ -250,6 +267,7 @@ def load(ref: str, role: str = "both", server_url: str | None = None, **pull_kwa
     pull_role = {"both": "all", "client": "client", "server": "server"}[role]
     pulled = api.pull(ref, role=pull_role, **pull_kwargs)
     build, path = pulled.build, pulled.path
+    cache.check_hashes(build, pull_role, pull_kwargs.get("cache_root"))
     problems = versions.mismatches(build.runtime)
     if problems:
         raise RuntimeMismatchError(
@@ -263,14 +281,15 @@ def load(ref: str, role: str = "both", server_url: str | None = None, **pull_kwa
 
     if role in ("client", "both"):
         started = time.perf_counter()
-        _check_zip(path / "client.zip")
+        check_zip(path / "client.zip")
         keys = keys_dir(build)
         model.client = FHEModelClient(str(path), key_dir=str(keys))
         model.timings["client_load_seconds"] = time.perf_counter() - started
     if role in ("server", "both"):
         started = time.perf_counter()
-        _check_zip(path / "server.zip")
-        model.server = FHEModelServer(str(path))
+        check_zip(path / "server.zip")
+        with _circuit_tempdir(model):
+            model.server = FHEModelServer(str(path))
         model.timings["server_load_seconds"] = time.perf_counter() - started
     if server_url is not None:
         from zoo.remote import RemoteServer

@@ -13,7 +13,8 @@ Rejected (`UnsafeArchiveError`, naming the archive and the member):
   collide on case-insensitive file systems), and a member that is both a file and the parent
   directory of another member;
 * more than ``max_members`` entries, a member whose declared size exceeds ``max_member_bytes``,
-  declared sizes summing past ``max_total_bytes``;
+  declared sizes summing past ``max_total_bytes``, a member over 1 MiB that declares more than
+  ``max_ratio`` times its compressed size (a zip bomb within the size limits);
 * a member that yields more bytes than its header declares, or more than the limits, while it
   is streamed (a lying header), and data that fails its CRC or does not decompress.
 
@@ -36,6 +37,7 @@ from zoo.errors import UnsafeArchiveError, ZooError
 DEFAULT_MAX_MEMBER_BYTES = 2 * 1024**3
 DEFAULT_MAX_TOTAL_BYTES = 8 * 1024**3
 DEFAULT_MAX_MEMBERS = 10_000
+RATIO_FLOOR_BYTES = 1024**2  # smaller members are never refused for their compression ratio
 _CHUNK_BYTES = 1024 * 1024
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
 _HINT = (
@@ -89,9 +91,14 @@ def _check_type(zip_path: Path, info: zipfile.ZipInfo) -> None:
 
 
 def _check_sizes(
-    zip_path: Path, infos: list[zipfile.ZipInfo], max_member_bytes: int, max_total_bytes: int
+    zip_path: Path,
+    infos: list[zipfile.ZipInfo],
+    max_member_bytes: int,
+    max_total_bytes: int,
+    max_ratio: float | None = None,
 ) -> None:
-    """Reject members or archives whose declared sizes exceed the limits."""
+    """Reject members or archives whose declared sizes exceed the limits (streaming then holds
+    each member to its declared size)."""
     total = 0
     for info in infos:
         if info.file_size > max_member_bytes:
@@ -99,6 +106,14 @@ def _check_sizes(
                 zip_path,
                 info.filename,
                 f"it declares {info.file_size} bytes, over the {max_member_bytes}-byte limit",
+            )
+        ratio = info.file_size / max(info.compress_size, 1)
+        if max_ratio is not None and info.file_size > RATIO_FLOOR_BYTES and ratio > max_ratio:
+            raise _unsafe(
+                zip_path,
+                info.filename,
+                f"it expands {ratio:.0f}-fold ({info.compress_size} to {info.file_size} bytes), "
+                f"over the {max_ratio:.0f}-fold limit",
             )
         total += info.file_size
         if total > max_total_bytes:
@@ -216,6 +231,7 @@ def extract_zip(
     max_member_bytes: int = DEFAULT_MAX_MEMBER_BYTES,
     max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES,
     max_members: int = DEFAULT_MAX_MEMBERS,
+    max_ratio: float | None = None,
 ) -> list[Path]:
     """Extract ``zip_path`` into ``dest`` safely and atomically.
 
@@ -226,6 +242,7 @@ def extract_zip(
         max_member_bytes: largest size allowed for one member.
         max_total_bytes: largest total size allowed for the archive's members.
         max_members: largest number of entries allowed.
+        max_ratio: largest expansion (declared over compressed size) of a member over 1 MiB.
 
     Returns:
         The extracted files (not directories) under ``dest``, sorted.
@@ -243,7 +260,7 @@ def extract_zip(
             with zipfile.ZipFile(zip_path) as archive:
                 infos = archive.infolist()
                 plan = _plan(zip_path, infos, max_members)
-                _check_sizes(zip_path, infos, max_member_bytes, max_total_bytes)
+                _check_sizes(zip_path, infos, max_member_bytes, max_total_bytes, max_ratio)
                 files = _extract_into(
                     zip_path, archive, plan, tmp, (max_member_bytes, max_total_bytes)
                 )
