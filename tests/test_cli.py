@@ -50,7 +50,7 @@ def test_publish_pull_info_list_verify_cache_as_json(
     [
         (["info", "cifar10-split-tyni"], 3, "did you mean cifar10-split-tiny"),
         (["pull", "cifar10-split-tiny"], 3, "has no published build"),
-        (["pull", "cifar10-split-tiny@zz"], 3, "not hexadecimal"),
+        (["pull", "cifar10-split-tiny@zz"], 2, "not hexadecimal"),
         (["verify", "cifar10-split-8bit"], 3, "nothing of cifar10-split-8bit is cached"),
     ],
 )

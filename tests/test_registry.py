@@ -10,7 +10,7 @@ import pytest
 
 from zoo import registry as reg
 from zoo import versions
-from zoo.errors import NotFoundError, RegistryError, RuntimeMismatchError
+from zoo.errors import InputError, NotFoundError, RegistryError, RuntimeMismatchError
 
 ROOT = Path(__file__).resolve().parent.parent
 HAVE = {"concrete-ml": "1.9.0", "concrete-python": "2.10.0", "python": "3.11"}
@@ -105,7 +105,7 @@ def test_split_ref(ref: str, expected: tuple) -> None:
 
 @pytest.mark.parametrize("ref", ["", "@abc", "x@", "x@a@b", "x@XYZ1234"])
 def test_split_ref_rejects(ref: str) -> None:
-    with pytest.raises(NotFoundError):
+    with pytest.raises(InputError):  # bad input: exit code 2
         reg.split_ref(ref)
 
 

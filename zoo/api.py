@@ -299,13 +299,21 @@ def cache_remove(
     return cache.remove(entries)
 
 
-def cache_prune(registry_path: Path | None = None, cache_root: Path | None = None) -> dict:
-    """Drop cached builds this runtime cannot load, yanked ones, orphans, and leftover staging
-    folders."""
-    entries = [e for e in cache_list(registry_path, cache_root) if e.status != "ok"]
+def cache_prune(
+    registry_path: Path | None = None, cache_root: Path | None = None, orphans: bool = False
+) -> dict:
+    """Drop cached builds this runtime cannot load, yanked ones, and leftover staging folders.
+
+    Builds this registry does not pin (orphans) may belong to another registry that shares the
+    cache: they are kept and listed unless ``orphans`` is set."""
+    found = cache_list(registry_path, cache_root)
+    entries = [e for e in found if e.status != "ok" and (orphans or e.status != "orphan")]
     freed = cache.remove(entries)
     return {
         "removed": [f"{e.variant}@{e.revision[:12]} ({e.status})" for e in entries],
+        "kept_orphans": []
+        if orphans
+        else [f"{e.variant}@{e.revision[:12]}" for e in found if e.status == "orphan"],
         "freed_bytes": freed,
         "staging_removed": cache.clean_tmp(cache_root),
     }

@@ -194,7 +194,8 @@ def remove(entries: list[CachedBuild]) -> int:
     freed = 0
     for entry in entries:
         shutil.rmtree(entry.path, ignore_errors=True)
-        freed += entry.size
+        if not entry.path.exists():  # a read-only cache keeps it: nothing was freed
+            freed += entry.size
         parent = entry.path.parent
         if parent.is_dir() and not any(parent.iterdir()):
             parent.rmdir()

@@ -7,6 +7,7 @@ code: 1 generic, 2 usage, 3 not found / bad registry, 4 integrity, 5 runtime mis
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import sys
@@ -27,6 +28,8 @@ REGISTRY = click.option(
     help="registry file (default: $ZOO_REGISTRY or the project's registry.json)",
 )
 JSON = click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
+#: Disk full, quota, read-only or forbidden: the user's to fix, so one line and a hint.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def _size(n: int | None) -> str:
@@ -61,6 +64,15 @@ def handles_errors(command: Callable[..., Any]) -> Callable[..., Any]:
                 if exc.hint:
                     click.echo(f"hint: {exc.hint}", err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:
+            if exc.errno not in DISK_ERRNOS:
+                raise
+            where = f" ({exc.filename})" if exc.filename else ""
+            click.echo(f"error: {exc.strerror}{where}", err=True)
+            hint = ("free disk space or make $ZOO_HOME (or the file named) writable, then run "
+                    "the command again; nothing half-written was kept")  # fmt: skip
+            click.echo(f"hint: {hint}", err=True)
+            sys.exit(1)
 
     return wrapper
 
@@ -445,13 +457,13 @@ def predict(ref: str, images: tuple[Path, ...], fhe: str, top_k: int, server_url
 @main.command("serve")
 @click.argument("ref")
 @click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--key-store", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="where received evaluation keys go (default "
                    "$ZOO_HOME/server-keys/VARIANT/REVISION)")
 @click.option("--max-key-bytes", type=int, default=None,
               help="largest evaluation-key upload accepted (default 4 GiB)")
-@click.option("--max-keys", type=int, default=None,
+@click.option("--max-keys", type=click.IntRange(min=1), default=None,
               help="evaluation keys kept; the least recently used go first (default 8)")
 @REGISTRY
 @JSON
@@ -652,15 +664,21 @@ def cache_rm(ref: str | None, everything: bool, registry_path: Path | None, as_j
 
 
 @cache_group.command("prune")
+@click.option(
+    "--orphans",
+    is_flag=True,
+    help="also remove builds this registry does not pin (another registry may)",
+)
 @REGISTRY
 @JSON
 @handles_errors
-def cache_prune(registry_path: Path | None, as_json: bool) -> None:
-    """Remove builds this runtime cannot load, orphans and interrupted downloads."""
-    data = api.cache_prune(registry_path)
-    _emit(
-        as_json, data, lambda: "\n".join(data["removed"] + [f"freed {_size(data['freed_bytes'])}"])
-    )
+def cache_prune(orphans: bool, registry_path: Path | None, as_json: bool) -> None:
+    """Remove builds this runtime cannot load, yanked builds and interrupted downloads."""
+    data = api.cache_prune(registry_path, orphans=orphans)
+    kept = [f"kept {ref}: not pinned by this registry (--orphans removes it)"
+            for ref in data["kept_orphans"]]  # fmt: skip
+    freed = f"freed {_size(data['freed_bytes'])}"
+    _emit(as_json, data, lambda: "\n".join(data["removed"] + kept + [freed]))
 
 
 if __name__ == "__main__":

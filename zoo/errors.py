@@ -16,6 +16,12 @@ class ZooError(Exception):
         self.hint = hint
 
 
+class InputError(ZooError):
+    """Bad input or usage: a malformed name, an image of the wrong shape, a bad option."""
+
+    exit_code = 2
+
+
 class RegistryError(ZooError):
     """registry.json is missing or fails its schema."""
 

@@ -120,7 +120,11 @@ class _ResultsFile:
                     hint="pass --results to write another file, or remove this one",
                 )
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = path.open("a" if found is not None else "w")
+        # decrypted logits: readable by their owner only, like the keys
+        mode = os.O_APPEND if found is not None else os.O_TRUNC
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | mode, 0o600)
+        os.chmod(path, 0o600)
+        self._handle = os.fdopen(fd, "a" if found is not None else "w")
         if found is None:
             self.append({"run": header})
         elif not text.endswith("\n"):

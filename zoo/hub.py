@@ -19,16 +19,34 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from zoo import config
-from zoo.errors import HubError, IntegrityError, NotFoundError
-from zoo.hashing import copy_hashed
+from zoo.errors import HubError, InputError, IntegrityError, NotFoundError
+from zoo.hashing import copy_hashed, sha256_file
 from zoo.registry import FileEntry, HubRef
+
+#: A repository name on a hub: ORG/REPO, as the registry schema allows it.
+REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+#: A staging folder or file older than this belongs to a publish that was killed.
+STALE_SECONDS = 3600
+
+
+def remove_stale(folder: Path) -> None:
+    """Remove what killed publishes left in ``folder`` (``.tmp-*`` older than an hour)."""
+    for stale in folder.glob(".tmp-*"):
+        with contextlib.suppress(OSError):
+            if time.time() - stale.lstat().st_mtime > STALE_SECONDS:
+                if stale.is_dir() and not stale.is_symlink():
+                    shutil.rmtree(stale)
+                else:
+                    stale.unlink()
 
 
 class Hub(Protocol):
@@ -81,9 +99,11 @@ class LocalHub:
         """Copy files (verifying them) into a temp folder, then rename it into place."""
         revision = content_revision([entry for _, entry in files])
         final = self.revision_dir(repo, revision)
-        if final.is_dir():
-            return revision  # content-addressed: the same bytes are already published
         final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale(final.parent)
+        if final.is_dir():  # content-addressed: the same bytes, unless damaged since
+            self._repair(final, files)
+            return revision
         staging = final.parent / f".tmp-{uuid.uuid4().hex}"
         staging.mkdir()
         try:
@@ -105,6 +125,20 @@ class LocalHub:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return revision
+
+    @staticmethod
+    def _repair(final: Path, files: list[tuple[Path, FileEntry]]) -> None:
+        """Replace the files of a published revision that no longer match their pins."""
+        for source, entry in files:
+            target = final / entry.path
+            if target.is_file() and sha256_file(target) == entry.sha256:
+                continue
+            tmp = final / f".tmp-{uuid.uuid4().hex}"
+            try:
+                shutil.copyfile(source, tmp)
+                os.replace(tmp, target)
+            finally:
+                tmp.unlink(missing_ok=True)
 
     def download(
         self, repo: str, revision: str, entries: list[FileEntry], staging: Path, progress: bool
@@ -249,11 +283,14 @@ def parse_hub(spec: str, variant: str, registry_path: Path | None = None) -> tup
 
         return ReleaseStore.beside(registry_path), f"zoo/{variant}"
     if spec.startswith("hf://"):
-        repo = spec[len("hf://") :].strip("/")
-        if repo.count("/") != 1 or not all(repo.split("/")):
-            raise NotFoundError(f"bad hub {spec!r}", hint="write it as hf://ORG/REPO")
+        repo = spec[len("hf://") :]
+        if not REPO_RE.fullmatch(repo) or ".." in repo:
+            raise InputError(
+                f"bad hub {spec!r}",
+                hint="write it as hf://ORG/REPO (letters, digits, '.', '_' and '-')",
+            )
         return HfHub.default(), repo
-    raise NotFoundError(f"unknown hub {spec!r}", hint="use `releases`, `local` or `hf://ORG/REPO`")
+    raise InputError(f"unknown hub {spec!r}", hint="use `releases`, `local` or `hf://ORG/REPO`")
 
 
 def hub_for(ref: HubRef, endpoint: str | None = None, hub_dir: Path | None = None) -> Hub:

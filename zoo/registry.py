@@ -18,7 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from zoo import config, versions
-from zoo.errors import NotFoundError, RegistryError, RuntimeMismatchError, YankedError
+from zoo.errors import (
+    InputError,
+    NotFoundError,
+    RegistryError,
+    RuntimeMismatchError,
+    YankedError,
+)
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "registry.schema.json"
 ROLES_FOR = {
@@ -172,6 +178,15 @@ def parse(document: dict[str, Any], path: Path) -> Registry:
             f"{path} fails its schema ({len(problems)} problem(s)):\n  {listing}",
             hint="fix the fields above, or restore the file with `git checkout registry.json`",
         )
+    duplicates = [
+        f"$.variants.{name}.builds[{i}]: file {listed!r} is listed twice"
+        for name, variant in document["variants"].items()
+        for i, build in enumerate(variant["builds"])
+        for listed in {f["path"] for f in build["files"]}
+        if sum(f["path"] == listed for f in build["files"]) > 1
+    ]
+    if duplicates:
+        raise RegistryError(f"{path} fails its schema:\n  " + "\n  ".join(duplicates))
     variants = {}
     for name, raw in sorted(document["variants"].items()):
         variants[name] = Variant(
@@ -192,17 +207,31 @@ def load(path: Path | None = None) -> Registry:
     """Load and validate the registry (default: :func:`zoo.config.registry_path`)."""
     path = Path(path) if path is not None else config.registry_path()
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise RegistryError(
             f"registry file {path} does not exist",
             hint="pass --registry PATH or set ZOO_REGISTRY",
+        ) from None
+    except IsADirectoryError:
+        raise RegistryError(
+            f"{path} is a directory, not a registry file", hint="pass the registry.json in it"
+        ) from None
+    except UnicodeDecodeError as exc:
+        raise RegistryError(
+            f"{path} is not UTF-8 text (byte {exc.start})",
+            hint="restore it with `git checkout registry.json`",
         ) from None
     try:
         document = json.loads(text)
     except json.JSONDecodeError as exc:
         raise RegistryError(
             f"{path} is not valid JSON: line {exc.lineno} column {exc.colno}: {exc.msg}",
+            hint="restore it with `git checkout registry.json`",
+        ) from None
+    except RecursionError:
+        raise RegistryError(
+            f"{path} nests too deeply to be a registry",
             hint="restore it with `git checkout registry.json`",
         ) from None
     return parse(document, path)
@@ -234,11 +263,11 @@ def split_ref(ref: str) -> tuple[str, str | None]:
     """``"VARIANT@REV"`` → ``("VARIANT", "REV")``; ``"VARIANT"`` → ``("VARIANT", None)``."""
     name, sep, revision = ref.partition("@")
     if not name or (sep and not revision) or "@" in revision:
-        raise NotFoundError(
+        raise InputError(
             f"cannot parse {ref!r}", hint="name a build as VARIANT or VARIANT@REVISION"
         )
     if revision and not all(c in "0123456789abcdef" for c in revision):
-        raise NotFoundError(
+        raise InputError(
             f"revision {revision!r} is not hexadecimal",
             hint="use the revision shown by `zoo info VARIANT` (a prefix of 7+ characters works)",
         )

@@ -45,13 +45,14 @@ class ReleaseStore:
 
     def publish(self, repo: str, files: list[tuple[Path, FileEntry]], message: str) -> str:
         """Store every file not yet stored; return the build's content revision."""
-        from zoo.hub import content_revision
+        from zoo.hub import content_revision, remove_stale
 
         for source, entry in files:
             target = self.blob(entry.sha256)
-            if target.is_file() and target.stat().st_size == entry.size:
-                continue  # content-addressed: these bytes are stored already
             target.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale(target.parent)
+            if target.is_file() and sha256_file(target) == entry.sha256:
+                continue  # content-addressed: these bytes are stored already
             tmp = target.parent / f".tmp-{uuid.uuid4().hex}"
             try:
                 with open(source, "rb") as src, open(tmp, "wb") as dst:

@@ -27,18 +27,12 @@ from typing import Any
 import numpy as np
 
 from zoo import api, cache, config, head, sigpipe, versions
-from zoo.errors import RuntimeMismatchError, ZooError
+from zoo.errors import InputError, RuntimeMismatchError
 from zoo.gate import check_zip
 from zoo.registry import Build
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")  # fmt: skip
-
-
-class InputError(ZooError):
-    """Images of the wrong shape, type or layout."""
-
-    exit_code = 2
 
 
 def as_images(images: Any) -> np.ndarray:

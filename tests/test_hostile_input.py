@@ -1,0 +1,138 @@
+"""Bad input ends in one line, a hint and the promised exit code, never a traceback; and the
+repairs of the store's edges (re-publishing a damaged revision, killed publishes, read-only
+caches, orphans, private results). Each case failed before its fix (issue #20, "Low")."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import zoo
+from zoo import cache, evaluate, hub
+from zoo import registry as reg
+from zoo.cli import main
+
+VARIANT = "cifar10-split-tiny"
+
+
+def _run(*args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args))
+    return result.exit_code, result.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[" * 200_000 + "]" * 200_000, "nests too deeply"),
+        (b"\xff\xfe{}", "not UTF-8"),
+        (None, "is a directory"),
+    ],
+)
+def test_a_broken_registry_is_one_line(tmp_path: Path, content: object, message: str) -> None:
+    path = tmp_path / "registry.json"
+    if content is None:
+        path.mkdir()
+    elif isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    code, err = _run("list", "--registry", str(path))
+    assert code == 3 and message in err and "Traceback" not in err
+
+
+def test_a_registry_listing_a_file_twice_or_dot_dot_is_refused(registry_file: Path) -> None:
+    document = json.loads(registry_file.read_text())
+    entry = {"path": "..", "role": "card", "size": 1, "sha256": "sha256:" + "0" * 64}
+    build = {"revision": "0" * 64, "hubs": [], "profile": "smoke", "files": [entry],
+             "runtime": {"concrete-ml": "1.9.0", "concrete-python": "2.10.0", "python": "3.11",
+                         "torch": "2.3.1", "brevitas": "0.10.2"},
+             "metrics": {}, "circuit": {"max_bit_width": 1, "pbs_count": 0}}  # fmt: skip
+    document["variants"][VARIANT]["builds"] = [build]
+    registry_file.write_text(json.dumps(document))
+    with pytest.raises(zoo.api.reg.RegistryError, match=r"'\.\.' does not match"):
+        reg.load(registry_file)
+    manifest_entry = dict(entry, path="manifest.json", role="manifest")
+    build["files"] = [manifest_entry, manifest_entry]
+    registry_file.write_text(json.dumps(document))
+    with pytest.raises(zoo.api.reg.RegistryError, match="listed twice"):
+        reg.load(registry_file)
+
+
+@pytest.mark.parametrize("ref", ["x@", "x@a@b", "cifar10-split-tiny@xyz!"])
+def test_malformed_names_are_usage_errors(zoo_home: Path, ref: str) -> None:
+    code, err = _run("pull", ref)
+    assert code == 2 and ("cannot parse" in err or "not hexadecimal" in err)
+
+
+@pytest.mark.parametrize("spec", ["hf://../x", "hf://org/../x", "hf://a", "ftp://x"])
+def test_bad_hub_specs_are_usage_errors(
+    zoo_home: Path, registry_file: Path, build_dir: Path, spec: str
+) -> None:
+    code, err = _run("publish", str(build_dir), "--hub", spec)
+    assert code == 2 and "hub" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("args", [["--max-keys", "0"], ["--port", "99999"]])
+def test_serve_checks_its_options_before_loading(zoo_home: Path, args: list[str]) -> None:
+    code, err = _run("serve", "cifar10-split-tiny@" + "0" * 64, *args)
+    assert code == 2 and "Invalid value" in err  # click's usage error, before any pull
+
+
+@pytest.mark.parametrize("number", [errno.ENOSPC, errno.EROFS])
+def test_a_full_or_read_only_disk_is_one_line(
+    zoo_home: Path, registry_file: Path, build_dir: Path, monkeypatch: pytest.MonkeyPatch,
+    number: int,
+) -> None:  # fmt: skip
+    zoo.publish(build_dir, "local")
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError(number, os.strerror(number), str(zoo_home / "cache"))
+
+    monkeypatch.setattr(cache, "fetch", fail)
+    code, err = _run("pull", VARIANT)
+    assert code == 1 and os.strerror(number) in err and "writable" in err
+    assert "Traceback" not in err
+
+
+def test_republishing_repairs_a_damaged_local_revision(
+    zoo_home: Path, registry_file: Path, build_dir: Path
+) -> None:
+    build = zoo.publish(build_dir, "local")
+    (local,) = build.hubs
+    folder = zoo_home / "hub" / local.repo / "revisions" / local.revision
+    damaged = folder / "server.zip"
+    damaged.write_bytes(b"x" * damaged.stat().st_size)
+    stale = folder.parent / ".tmp-killed"
+    stale.mkdir()
+    old = time.time() - 2 * hub.STALE_SECONDS
+    os.utime(stale, (old, old))
+    fresh = folder.parent / ".tmp-running"
+    fresh.mkdir()
+    zoo.publish(build_dir, "local")
+    assert damaged.read_bytes() == (build_dir / "server.zip").read_bytes()
+    assert not stale.exists() and fresh.exists()  # a publish in progress is left alone
+    assert zoo.pull(VARIANT).source == "local"
+
+
+def test_cache_rm_counts_only_what_it_removed(
+    zoo_home: Path, registry_file: Path, build_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    zoo.publish(build_dir, "local")
+    zoo.pull(VARIANT)
+    monkeypatch.setattr(cache.shutil, "rmtree", lambda *a, **k: None)  # a read-only cache
+    assert zoo.cache_remove(VARIANT) == 0
+
+
+def test_results_files_are_private(tmp_path: Path) -> None:
+    path = tmp_path / "results.jsonl"
+    results = evaluate._ResultsFile(path, {"build": "x"}, resume=False)
+    results.append({"index": 0})
+    results.close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
