@@ -136,3 +136,15 @@ def test_results_files_are_private(tmp_path: Path) -> None:
     results.append({"index": 0})
     results.close()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_serve_refuses_an_open_address_without_a_token(
+    zoo_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ZOO_SERVE_TOKEN", raising=False)
+    code, err = _run("serve", "cifar10-split-tiny@" + "0" * 64, "--host", "0.0.0.0")
+    assert code == 2 and "without a token" in err and "--token-file" in err
+    short = tmp_path / "tokens"
+    short.write_text("# comment\nsecret\n")
+    code, err = _run("serve", VARIANT, "--host", "0.0.0.0", "--token-file", str(short))
+    assert code == 2 and "shorter than 16 characters" in err

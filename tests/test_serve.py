@@ -10,6 +10,7 @@ FHE (about 1-2 minutes here); every other request is refused before any FHE runs
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -19,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -56,7 +58,8 @@ class Served:
 
     @property
     def key_store(self) -> Path:
-        return self.server_home / "server-keys" / TINY / self.build.revision
+        """The key store of the token-less client (the only one of this server)."""
+        return self.server_home / "server-keys" / TINY / self.build.revision / "local"
 
     def stored(self) -> list[Path]:
         return sorted(p for p in self.key_store.iterdir() if p.is_file())
@@ -110,19 +113,27 @@ def served(tmp_path_factory: pytest.TempPathFactory, cifar_dir: Path) -> Iterato
         out = builder.build(TINY, profile="smoke", data_dir=cifar_dir, out_dir=root / "build")
         build = zoo.publish(out, "local")
         shutil.copytree(client_home / "hub", server_home / "hub")  # the server's own machine
-        url, log = f"http://127.0.0.1:{_free_port()}", root / "server.log"
-        command = [sys.executable, "-m", "zoo.cli", "serve", TINY, "--port", url.rsplit(":", 1)[1],
-                   "--max-key-bytes", str(MAX_KEY_BYTES)]  # fmt: skip
-        with log.open("wb") as sink:
-            env = {**os.environ, "ZOO_HOME": str(server_home)}
-            proc = subprocess.Popen(
-                command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        try:
-            _wait_for_health(url, proc, log)
-            yield Served(url, build, root, client_home, server_home, log)
-        finally:
-            _stop(proc)
+        with _server(server_home, root / "server.log") as (url, _):
+            yield Served(url, build, root, client_home, server_home, root / "server.log")
+
+
+@contextlib.contextmanager
+def _server(home: Path, log: Path, *args: str) -> Iterator[tuple[str, subprocess.Popen]]:
+    """A `zoo serve` process of the tiny build (from the hub of ``home``): its URL and process."""
+    url = f"http://127.0.0.1:{_free_port()}"
+    command = [sys.executable, "-m", "zoo.cli", "serve", TINY, "--port", url.rsplit(":", 1)[1],
+               "--max-key-bytes", str(MAX_KEY_BYTES), *args]  # fmt: skip
+    with log.open("wb") as sink:
+        env = {**os.environ, "ZOO_HOME": str(home)}
+        env.pop("ZOO_SERVE_TOKEN", None)
+        proc = subprocess.Popen(
+            command, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        _wait_for_health(url, proc, log)
+        yield url, proc
+    finally:
+        _stop(proc)
 
 
 @pytest.fixture(scope="module")
@@ -168,7 +179,7 @@ def test_server_holds_only_the_evaluation_keys(served: Served, client: runtime.M
     assert hashlib.sha256(data).hexdigest() == key_id
     assert data == client.client.get_serialized_evaluation_keys()
     assert oct(stored[0].stat().st_mode & 0o777) == "0o600"
-    for folder in (served.server_home / "server-keys", served.key_store):
+    for folder in (served.server_home / "server-keys", served.key_store.parent, served.key_store):
         assert oct(folder.stat().st_mode & 0o777) == "0o700"
     # The client's secret keys (concrete writes them as secretKey_N) appear nowhere on the server.
     secrets = list((served.client_home / "keys").rglob("secretKey*"))
@@ -289,3 +300,122 @@ def test_key_store_is_content_addressed_and_evicts_the_least_recently_used(
     refused.write(b"garbage")
     store.discard(refused)
     assert not any(store.incoming.iterdir())
+
+
+# --- access control and bounds (issue #20) --------------------------------------------------
+
+TOKENS = ("alice-" + "a" * 26, "bob-" + "b" * 28)
+
+
+@pytest.fixture(scope="module")
+def guarded(served: Served) -> Iterator[str]:
+    """A second server of the same build with two tokens, one key per client, one slot."""
+    home = served.root / "guarded-home"
+    shutil.copytree(served.server_home / "hub", home / "hub")
+    tokens = served.root / "tokens.txt"
+    tokens.write_text("# one per client\n" + "\n".join(TOKENS) + "\n")
+    with _server(home, served.root / "guarded.log", "--token-file", str(tokens),
+                 "--max-keys", "1", "--max-concurrent", "1") as (url, _):  # fmt: skip
+        yield url
+
+
+def _remote(url: str, build: Build, token: str | None) -> RemoteServer:
+    return RemoteServer(url, build, token=token)
+
+
+def test_tokens_are_required_and_each_client_has_its_own_keys(
+    guarded: str, served: Served, client: runtime.Model
+) -> None:
+    keys = client.client.get_serialized_evaluation_keys()
+    assert requests.get(f"{guarded}/health", timeout=10).status_code == 200
+    for method, path in (("GET", "/info"), ("POST", "/keys"), ("POST", "/run?key_id=" + "a" * 64),
+                         ("HEAD", "/keys/" + "a" * 64)):  # fmt: skip
+        for auth in ({}, {"Authorization": "Bearer " + "x" * 32}, {"Authorization": TOKENS[0]}):
+            headers = {REVISION_HEADER: served.build.revision, **auth}
+            response = requests.request(method, guarded + path, data=b"x", headers=headers,
+                                        timeout=10)  # fmt: skip
+            assert response.status_code == 401, (method, path, auth, response.text)
+            assert response.headers["WWW-Authenticate"] == "Bearer"
+    with pytest.raises(ServerError, match="401") as info:
+        _remote(guarded, served.build, None).upload_keys(keys)
+    assert "ZOO_SERVE_TOKEN" in info.value.hint
+
+    def held(token: str, key_id: str) -> bool:
+        auth = {"Authorization": f"Bearer {token}"}
+        return requests.head(f"{guarded}/keys/{key_id}", headers=auth, timeout=10).ok
+
+    alice, bob = (_remote(guarded, served.build, t) for t in TOKENS)
+    key_id = alice.upload_keys(keys)
+    assert not held(TOKENS[1], key_id)  # another client's store
+    assert bob.upload_keys(keys) == key_id  # bob's own copy, in bob's store (max 1 key each)
+    assert held(TOKENS[0], key_id) and held(TOKENS[1], key_id)  # bob evicted nothing of alice's
+
+
+def test_one_slot_past_the_bound_is_a_503_with_retry_after(guarded: str, served: Served) -> None:
+    headers = {REVISION_HEADER: served.build.revision, "Authorization": f"Bearer {TOKENS[0]}"}
+    started, release = threading.Event(), threading.Event()
+
+    def slow_body() -> Iterator[bytes]:
+        yield b"x" * 1024
+        started.set()
+        release.wait(60)
+        yield b"x" * 1024
+
+    holder = threading.Thread(target=lambda: requests.post(
+        f"{guarded}/keys", data=slow_body(), headers=headers, timeout=120))  # fmt: skip
+    holder.start()
+    try:
+        assert started.wait(30)
+        time.sleep(1)  # the server has the first chunk: the slot is taken
+        busy = requests.post(f"{guarded}/keys", data=b"y" * 4096, headers=headers, timeout=30)
+        assert busy.status_code == 503 and busy.headers["Retry-After"].isdigit()
+        assert "busy" in busy.json()["detail"]
+    finally:
+        release.set()
+        holder.join(120)
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_memory_stays_bounded_under_eight_concurrent_uploads(
+    served: Served, client: runtime.Model, tmp_path: Path
+) -> None:
+    """8 clients send 32 MiB bodies to /run at once: with two slots and bodies streamed to
+    files, the server's resident memory grows by a few bodies, not eight of them twice."""
+    home = tmp_path / "home"
+    shutil.copytree(served.server_home / "hub", home / "hub")
+    with _server(home, tmp_path / "log", "--max-concurrent", "2") as (url, proc):
+        remote = RemoteServer(url, served.build)
+        key_id = remote.upload_keys(client.client.get_serialized_evaluation_keys())
+        body = np.random.default_rng(1).bytes(32 << 20)
+        baseline, peak, done = _rss_kib(proc.pid), [0], threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], _rss_kib(proc.pid))
+                time.sleep(0.02)
+
+        def post() -> int:
+            return requests.post(f"{url}/run", params={"key_id": key_id}, data=body,
+                                 headers={REVISION_HEADER: served.build.revision},
+                                 timeout=300).status_code  # fmt: skip
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        codes: list[int] = []
+        threads = [threading.Thread(target=lambda: codes.append(post())) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(300)
+        done.set()
+        sampler.join()
+    grown_mib = (peak[0] - baseline) / 1024
+    print(f"8 concurrent 32 MiB /run bodies: server RSS +{grown_mib:.0f} MiB, codes {codes}")
+    assert sorted(set(codes)) <= [400, 503] and 503 in codes
+    assert grown_mib < 4 * 32, f"resident memory grew by {grown_mib:.0f} MiB"

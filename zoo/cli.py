@@ -464,17 +464,31 @@ def predict(ref: str, images: tuple[Path, ...], fhe: str, top_k: int, server_url
 @click.option("--max-key-bytes", type=int, default=None,
               help="largest evaluation-key upload accepted (default 4 GiB)")
 @click.option("--max-keys", type=click.IntRange(min=1), default=None,
-              help="evaluation keys kept; the least recently used go first (default 8)")
+              help="evaluation keys kept per client; the least recently used go first "
+                   "(default 8)")
+@click.option("--max-concurrent", type=click.IntRange(min=1), default=None,
+              help="uploads and runs at once; more get 503 + Retry-After (default 2)")
+@click.option("--token-file", type=click.Path(path_type=Path, dir_okay=False, exists=True),
+              default=None, help="bearer tokens, one per line (also $ZOO_SERVE_TOKEN); needed "
+                                 "to bind a non-loopback --host")
+@click.option("--ssl-keyfile", type=click.Path(path_type=Path, exists=True), default=None)
+@click.option("--ssl-certfile", type=click.Path(path_type=Path, exists=True), default=None)
 @REGISTRY
 @JSON
 @handles_errors
 def serve_cmd(ref: str, host: str, port: int, key_store: Path | None, max_key_bytes: int | None,
-              max_keys: int | None, registry_path: Path | None, as_json: bool) -> None:
+              max_keys: int | None, max_concurrent: int | None, token_file: Path | None,
+              ssl_keyfile: Path | None, ssl_certfile: Path | None, registry_path: Path | None,
+              as_json: bool) -> None:
     """Serve a build's FHE circuit over HTTP for `zoo predict --server` (the server side only:
     it receives evaluation keys and ciphertexts, never a secret key)."""
     from zoo import serve
 
-    limits = {"max_key_bytes": max_key_bytes, "max_keys": max_keys}
+    tokens = serve.load_tokens(token_file)
+    serve.check_exposure(host, tokens)  # before loading anything
+    limits = {"max_key_bytes": max_key_bytes, "max_keys": max_keys,
+              "max_concurrent": max_concurrent, "ssl_keyfile": ssl_keyfile,
+              "ssl_certfile": ssl_certfile}
     kwargs = {k: v for k, v in limits.items() if v is not None}
 
     def announce(data: dict[str, Any]) -> None:
@@ -482,7 +496,7 @@ def serve_cmd(ref: str, host: str, port: int, key_store: Path | None, max_key_by
               f"{data['url']} (evaluation keys in {data['key_store']})")
 
     serve.serve(ref, host, port, announce=announce, registry_path=registry_path,
-                key_store=key_store, **kwargs)
+                key_store=key_store, tokens=tokens, **kwargs)
 # fmt: on
 
 

@@ -12,6 +12,7 @@ uploaded once (the server names them by their sha256, and is asked first whether
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from typing import Any
 
@@ -27,19 +28,27 @@ HINTS = {
     400: "the server refused what this client sent; see the detail above",
     404: "check the URL (a `zoo serve` server answers GET /health)",
     409: "the client and the server must run the same build",
+    401: "set ZOO_SERVE_TOKEN to a token the server accepts (its --token-file)",
     413: "restart the server with a larger --max-key-bytes",
+    503: "the server is busy with other clients: retry in a while",
 }
+TOKEN_ENV = "ZOO_SERVE_TOKEN"
 
 
 class RemoteServer:
     """Runs a build's FHE circuit on a `zoo serve` server at ``url``."""
 
-    def __init__(self, url: str, build: Build, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, url: str, build: Build, *, timeout: float = 30.0, token: str | None = None
+    ) -> None:
         self.url = url.rstrip("/")
         self.build = build
         self.timeout = timeout  # connect, and every request but /run (FHE takes minutes)
         self.session = requests.Session()
         self.session.headers[REVISION_HEADER] = build.revision
+        token = token or os.environ.get(TOKEN_ENV, "").strip()
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
         self.seconds: list[float] = []  # server-side FHE time of each run
         self._checked = False
         self._uploaded: set[str] = set()

@@ -16,10 +16,25 @@ evaluation keys and ciphertexts: it never sees a secret key, an image or a resul
 ``POST`` requests carry ``X-Zoo-Revision: <full revision>`` (409 if it is not the served build).
 Errors are JSON ``{"detail": "what went wrong: what to do"}`` with a 4xx status for bad requests.
 The circuit runs in a child process (:mod:`zoo.fhe_worker`), one request at a time.
+
+Access: with tokens (``--token-file``, one per line, and/or ``$ZOO_SERVE_TOKEN``) every endpoint
+but ``/health`` needs ``Authorization: Bearer TOKEN`` (401 otherwise; compared in constant
+time), and each token has its own key store and quota of ``max_keys``, so one client cannot
+evict another's keys. Without tokens the server binds loopback addresses only. Uploads and runs
+are bounded (``max_concurrent`` at once, 503 with ``Retry-After`` past it) and request bodies
+are streamed to files, never held whole in memory beyond the running one. TLS: put it in front
+(uvicorn's ``--ssl-keyfile``/``--ssl-certfile`` through ``serve(..., ssl_*)``, or a reverse
+proxy).
 """
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import os
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -30,8 +45,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from zoo import config
+from zoo.errors import InputError
 from zoo.fhe_worker import FheWorker, WorkerCrashed, WorkerRefused, describe_exit
 from zoo.keystore import KeyIdError, KeyStore, make_private
+from zoo.remote import TOKEN_ENV
 
 REVISION_HEADER = "X-Zoo-Revision"
 SECONDS_HEADER = "X-Zoo-Seconds"
@@ -39,6 +56,46 @@ DEFAULT_MAX_KEY_BYTES = 4 << 30  # cifar10-split-tiny: 255 MiB serialized
 DEFAULT_MAX_KEYS = 8
 DEFAULT_MAX_INPUT_BYTES = 256 << 20  # cifar10-split-tiny: 75 KiB per image
 DRAIN_BYTES = 64 << 20  # read this much past a limit so the client gets the 413, not a reset
+DEFAULT_MAX_CONCURRENT = 2  # uploads and runs at once: one circuit runs, one request waits
+RETRY_AFTER_SECONDS = 30
+MIN_TOKEN_CHARS = 16
+
+
+def load_tokens(token_file: Path | None = None) -> list[str]:
+    """The bearer tokens: lines of ``token_file`` (``#`` comments and blank lines skipped) and
+    ``$ZOO_SERVE_TOKEN``; each at least 16 characters."""
+    lines = Path(token_file).read_text().splitlines() if token_file else []
+    tokens = [t.strip() for t in lines if t.strip() and not t.lstrip().startswith("#")]
+    if os.environ.get(TOKEN_ENV, "").strip():
+        tokens.append(os.environ[TOKEN_ENV].strip())
+    short = [i + 1 for i, t in enumerate(tokens) if len(t) < MIN_TOKEN_CHARS]
+    if short:
+        raise InputError(
+            f"token(s) {short} are shorter than {MIN_TOKEN_CHARS} characters",
+            hint="make them with `python -c 'import secrets; print(secrets.token_urlsafe(32))'`",
+        )
+    return tokens
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (or ``localhost``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, tokens: list[str]) -> None:
+    """Refuse to serve on a non-loopback address without tokens."""
+    if tokens or is_loopback(host):
+        return
+    raise InputError(
+        f"refusing to serve on {host} without a token: anyone who reaches it could upload keys "
+        "and run circuits",
+        hint=f"pass --token-file FILE (or set {TOKEN_ENV}), or bind 127.0.0.1",
+    )
 
 
 def min_key_bytes(server: Any) -> int:
@@ -115,13 +172,16 @@ def create_app(
     max_keys: int = DEFAULT_MAX_KEYS,
     max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
     max_cached_keys: int = 2,
+    tokens: list[str] | None = None,
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT,
 ) -> FastAPI:
     """The HTTP app that runs the circuit of build ``ref`` (VARIANT or VARIANT@REV).
 
     Loads (pulling through the verified cache if needed) only the server side. Evaluation keys
     are kept in ``key_store`` (default ``$ZOO_HOME/server-keys/VARIANT/REVISION``), at most
     ``max_keys`` of at most ``max_key_bytes`` each; the worker keeps ``max_cached_keys``
-    deserialized in memory.
+    deserialized in memory. With ``tokens``, each token is a client with a key store of its own
+    (``key_store/<sha256 of the token, 16 hex>``); without, one client (``key_store/local``).
     """
     from zoo import runtime
 
@@ -129,11 +189,15 @@ def create_app(
     build = model.build
     if key_store is None:
         key_store = default_key_store(build.variant, build.revision)
-    store = KeyStore(make_private(Path(key_store)), max_keys)
+    root = make_private(Path(key_store))
+    clients = {hashlib.sha256(t.encode()).hexdigest()[:16]: t.encode() for t in tokens or []}
+    stores: dict[str, KeyStore] = {}
     worker = FheWorker(build.ref, registry_path, max_cached_keys)
     least_key_bytes = min_key_bytes(model.server)
+    slots = asyncio.Semaphore(max_concurrent)
     limits = {"max_key_bytes": max_key_bytes, "max_keys": max_keys,
-              "max_input_bytes": max_input_bytes}  # fmt: skip
+              "max_input_bytes": max_input_bytes, "max_concurrent": max_concurrent,
+              "tokens": len(clients)}  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -144,7 +208,42 @@ def create_app(
             worker.close()
 
     app = FastAPI(title=f"zoo serve {build.short_ref}", lifespan=lifespan)
-    app.state.build, app.state.store, app.state.limits = build, store, limits
+    app.state.build, app.state.key_store, app.state.limits = build, root, limits
+
+    def client_store(request: Request) -> KeyStore:
+        """The key store of the request's client; 401 without a known bearer token."""
+        client = "local"
+        if clients:
+            scheme, _, sent = request.headers.get("authorization", "").partition(" ")
+            given = sent.strip().encode() if scheme.lower() == "bearer" else b""
+            matches = [c for c, token in clients.items() if hmac.compare_digest(given, token)]
+            if not matches:
+                raise HTTPException(
+                    401, "missing or unknown bearer token: send Authorization: Bearer TOKEN "
+                    f"(zoo predict reads it from {TOKEN_ENV})",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )  # fmt: skip
+            client = matches[0]
+        if client not in stores:
+            stores[client] = KeyStore(make_private(root / client, root), max_keys)
+        return stores[client]
+
+    @asynccontextmanager
+    async def slot(request: Request) -> AsyncIterator[None]:
+        """One of the ``max_concurrent`` upload/run slots, or a 503 at once (the body read and
+        dropped first, so that the client gets the answer, not a reset)."""
+        if slots.locked():
+            seen = 0
+            async for chunk in request.stream():
+                seen += len(chunk)
+                if seen > max(max_key_bytes, max_input_bytes) + DRAIN_BYTES:
+                    break
+            raise HTTPException(
+                503, f"busy: {max_concurrent} uploads or runs are in progress; retry later",
+                headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+            )  # fmt: skip
+        async with slots:
+            yield
 
     @app.exception_handler(KeyIdError)
     async def bad_key_id(request: Request, exc: KeyIdError) -> JSONResponse:
@@ -176,13 +275,19 @@ def create_app(
         return {"status": "ok", "variant": build.variant, "revision": build.revision}
 
     @app.get("/info")
-    def info() -> dict[str, Any]:
+    def info(request: Request) -> dict[str, Any]:
+        client_store(request)
         return {**model.meta, "variant": build.variant, "revision": build.revision,
                 "limits": limits}  # fmt: skip
 
     @app.post("/keys")
     async def upload_keys(request: Request) -> dict[str, Any]:
+        store = client_store(request)
         check_revision(request)
+        async with slot(request):
+            return await _store_keys(request, store)
+
+    async def _store_keys(request: Request, store: KeyStore) -> dict[str, Any]:
         incoming = store.begin()
         try:
             await _receive(request, max_key_bytes, incoming.write, "evaluation keys",
@@ -203,8 +308,8 @@ def create_app(
             store.discard(incoming)  # no-op once committed
 
     @app.api_route("/keys/{key_id}", methods=["GET", "HEAD"])
-    def key_status(key_id: str) -> dict[str, Any]:
-        path = store.get(key_id)
+    def key_status(key_id: str, request: Request) -> dict[str, Any]:
+        path = client_store(request).get(key_id)
         if path is None:
             raise HTTPException(
                 404,
@@ -215,6 +320,7 @@ def create_app(
 
     @app.post("/run")
     async def run(request: Request) -> Response:
+        store = client_store(request)
         check_revision(request)
         key_id = request.query_params.get("key_id")
         if not key_id:
@@ -230,15 +336,17 @@ def create_app(
                 f"no evaluation keys {key_id} here (never uploaded, or "
                 "evicted): upload them with POST /keys, then retry",
             )
-        chunks: list[bytes] = []
-        await _receive(request, max_input_bytes, chunks.append, "encrypted input",
-                       "this server takes one encrypted image per request")  # fmt: skip
-        body = b"".join(chunks)
-        if not body:
-            raise HTTPException(
-                400, "empty body: send FHEModelClient.quantize_encrypt_serialize() of one image"
-            )
-        result, seconds = await run_in_threadpool(_worker_call, worker.run, key_id, path, body)
+        async with slot(request):
+            with tempfile.TemporaryFile(dir=store.incoming) as spool:
+                await _receive(request, max_input_bytes, spool.write, "encrypted input",
+                               "this server takes one encrypted image per request")  # fmt: skip
+                spool.seek(0)
+                body = spool.read()
+            if not body:
+                raise HTTPException(
+                    400, "empty body: send FHEModelClient.quantize_encrypt_serialize() of one image"
+                )
+            result, seconds = await run_in_threadpool(_worker_call, worker.run, key_id, path, body)
         return Response(result, media_type="application/octet-stream",
                         headers={SECONDS_HEADER: f"{seconds:.3f}"})  # fmt: skip
 
@@ -250,7 +358,7 @@ def describe(app: FastAPI, host: str, port: int) -> dict[str, Any]:
     netloc = f"[{host}]" if ":" in host else host
     build = app.state.build
     return {"url": f"http://{netloc}:{port}", "variant": build.variant,
-            "revision": build.revision, "key_store": str(app.state.store.folder),
+            "revision": build.revision, "key_store": str(app.state.key_store),
             **app.state.limits}  # fmt: skip
 
 
@@ -263,10 +371,13 @@ def serve(
     log_level: str = "info",
     **kwargs: Any,
 ) -> None:
-    """Load build ``ref`` and serve it until interrupted (``kwargs`` go to :func:`create_app`)."""
+    """Load build ``ref`` and serve it until interrupted (``kwargs`` go to :func:`create_app`;
+    ``ssl_keyfile`` / ``ssl_certfile`` among them go to uvicorn, for HTTPS)."""
     import uvicorn
 
+    check_exposure(host, kwargs.get("tokens") or [])
+    tls = {k: kwargs.pop(k) for k in ("ssl_keyfile", "ssl_certfile") if k in kwargs}
     app = create_app(ref, **kwargs)
     if announce is not None:
         announce(describe(app, host, port))
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, **tls)
