@@ -18,6 +18,7 @@ import zoo
 from zoo import cache, evaluate, hub
 from zoo import registry as reg
 from zoo.cli import main
+from zoo.releases import ReleaseStore
 
 VARIANT = "cifar10-split-tiny"
 
@@ -99,6 +100,11 @@ def test_a_full_or_read_only_disk_is_one_line(
     code, err = _run("pull", VARIANT)
     assert code == 1 and os.strerror(number) in err and "writable" in err
     assert "Traceback" not in err
+    before = registry_file.read_bytes()
+    monkeypatch.setattr(ReleaseStore, "publish", fail)
+    code, err = _run("publish", str(build_dir))
+    assert code == 1 and os.strerror(number) in err and "Traceback" not in err
+    assert registry_file.read_bytes() == before
 
 
 def test_republishing_repairs_a_damaged_local_revision(

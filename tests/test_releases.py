@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import stat
 import zipfile
 from pathlib import Path
 
@@ -118,6 +119,7 @@ def test_republishing_keeps_what_was_recorded(
     assert again.raw["published"] == first.raw["published"]
     assert [h.kind for h in again.hubs] == ["local"]
     assert len(reg.load(registry_file).variant(VARIANT).builds) == 1
+    assert stat.S_IMODE(registry_file.stat().st_mode) == 0o644  # a catalogue: readable by all
 
 
 def _yank(registry_file: Path, reason: str) -> None:
