@@ -24,7 +24,8 @@ import zoo
 from zoo import api, bundle, cache, manifest
 from zoo import registry as reg
 from zoo.cli import main
-from zoo.errors import IntegrityError
+from zoo.errors import IntegrityError, ZooError
+from zoo.fhe_worker import FheWorker
 from zoo.gate import UnsafeArtifactError, check_zip
 from zoo.releases import ReleaseStore
 
@@ -156,6 +157,8 @@ def test_every_command_refuses_a_pinned_hostile_build(
         zoo.load(TINY, role="server")
     result = runner.invoke(main, ["serve", TINY, "--port", "0"])
     assert result.exit_code == 4, result.output
+    with pytest.raises(ZooError, match="could not load .* UnsafeArtifactError"):
+        FheWorker(f"{TINY}@{build.revision}").start()  # the server's child, on its own
     report = zoo.verify(TINY)[build.revision]
     assert report["server.zip"].startswith("unsafe (removed)")
     assert not (cache.build_path(build) / "server.zip").exists()

@@ -15,7 +15,6 @@ from zoo import cache, config, cost, hub, manifest, releases, versions
 from zoo import registry as reg
 from zoo.errors import HubError, NotFoundError, RuntimeMismatchError, ZooError
 from zoo.gate import check_zip
-from zoo.releases import ReleaseStore
 
 
 def list_variants(registry_path: Path | None = None) -> list[dict[str, Any]]:
@@ -123,7 +122,8 @@ def pull(
     if offline:
         return cache.require_cached(build, role, cache_root)
     sources = [(hub.hub_for(h, endpoint, hub_dir), h.repo, h.revision) for h in build.hubs]
-    sources.append((ReleaseStore.beside(registry.path), f"zoo/{build.variant}", build.revision))
+    store = releases.ReleaseStore.beside(registry.path)  # last: files by sha256, any build
+    sources.append((store, f"zoo/{build.variant}", build.revision))
     failures: list[ZooError] = []
     for source, repo, revision in sources:
         try:
@@ -169,11 +169,9 @@ def catalog_entry(document: dict[str, Any], files: list[reg.FileEntry]) -> dict[
     }
 
 
-def merge_entry(old: dict[str, Any] | None, new: dict[str, Any]) -> dict[str, Any]:
+def merge_entry(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """A re-publish of the same revision: the new hubs are added, and everything recorded
     before (measured metrics, timings, first publish date) is kept; the build is live again."""
-    if old is None:
-        return new
     hubs = list(old["hubs"])
     known = {(h["kind"], h["repo"]) for h in hubs}
     hubs += [h for h in new["hubs"] if (h["kind"], h["repo"]) not in known]
@@ -268,7 +266,7 @@ def verify(ref: str, registry_path: Path | None = None, cache_root: Path | None 
 def releases_check(registry_path: Path | None = None) -> dict[str, Any]:
     """Rehash the release store's files of every live (not yanked) build of the registry."""
     registry = reg.load(registry_path)
-    store = ReleaseStore.beside(registry.path)
+    store = releases.ReleaseStore.beside(registry.path)
     blobs, size = store.size()
     builds = {
         b.short_ref: store.check(b)
