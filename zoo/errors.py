@@ -48,6 +48,10 @@ class UnsafeArchiveError(IntegrityError):
     """A zip archive that tries to escape its destination or exceed limits."""
 
 
+class UnsafeArtifactError(IntegrityError):
+    """A zip of a build holds what the artifact gate does not allow to be deserialized."""
+
+
 class RuntimeMismatchError(ZooError):
     """No build matches the installed concrete-ml / concrete-python / Python versions."""
 

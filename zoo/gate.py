@@ -27,7 +27,7 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from zoo.errors import IntegrityError
+from zoo.errors import UnsafeArtifactError
 from zoo.safezip import extract_zip
 
 CONFIGURATION = "concrete.fhe.compilation.configuration."
@@ -54,10 +54,6 @@ MAX_DEPTH = 64
 MAX_MEMBER_BYTES = 256 * 1024**2
 MAX_TOTAL_BYTES = 512 * 1024**2
 MAX_RATIO = 100
-
-
-class UnsafeArtifactError(IntegrityError):
-    """A zip of a build holds what the gate does not allow to be deserialized."""
 
 
 def _refuse(archive: Path, member: str, problem: str) -> UnsafeArtifactError:
