@@ -29,12 +29,14 @@ $(DATA)/cifar-10-batches-py/.complete: | install
 	$(PY) $(SHARED_DATA)/materialize_cifar.py $(DATA)
 
 # The main job, end to end: pull the flagship's full build from the release store (releases/,
-# verified against its pins) and measure it in FHE simulation on real test images; build
-# cifar10-split-tiny, publish it to the local hub (into a scratch registry), pull it back from
-# there (after emptying the cache), and classify real CIFAR-10 test images in real FHE.
+# verified against its pins) and measure it in FHE simulation on real test images; pull
+# cifar10-split-tiny the same way, build it again (the same bytes), publish it to the local hub
+# (into a scratch registry), pull it back from there (after emptying the cache), and classify
+# real CIFAR-10 test images in real FHE.
 demo: install data
 	$(ZOO) pull cifar10-split-8bit
-	$(ZOO) eval cifar10-split-8bit --fhe simulate -n 200
+	$(ZOO) eval cifar10-split-8bit --fhe simulate -n 100
+	$(ZOO) pull cifar10-split-tiny
 	$(ZOO) build cifar10-split-tiny --profile smoke --out build-out/demo --resume
 	cp registry.json build-out/demo-registry.json
 	$(ZOO) publish build-out/demo --hub local --registry build-out/demo-registry.json

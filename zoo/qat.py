@@ -34,6 +34,11 @@ class BitWidthBoundError(BuildError):
 # --- config ---------------------------------------------------------------------------------
 
 
+#: Profile keys a variant may set through ``profile_overrides`` though no profile has them:
+#: ``n_simulate``, how many of the test images the build simulates in FHE (default: all).
+OPTIONAL_PROFILE_KEYS = frozenset({"n_simulate"})
+
+
 def merge_params(
     family: str,
     archs: dict[str, dict[str, Any]],
@@ -60,7 +65,7 @@ def merge_params(
         arch[key] = value
     prof = dict(profiles[profile])
     prof.update(profile_overrides.get((arch_name, profile), {}))
-    unknown = set(overrides) - set(prof)
+    unknown = set(overrides) - set(prof) - OPTIONAL_PROFILE_KEYS
     if unknown:
         raise ValueError(f"unknown profile keys in profile_overrides: {sorted(unknown)}")
     prof.update(overrides)
@@ -202,7 +207,7 @@ def train_epoch(
 #: among them: the float stage's cosine spans it.
 NOT_TRAINING = frozenset(
     {"p_error", "rounding_threshold_bits", "max_bit_width", "output_bits", "n_calib",
-     "eval_batch_size", "epochs", "qat_epochs", "clear_blocks"}
+     "eval_batch_size", "epochs", "qat_epochs", "clear_blocks", "n_simulate"}
 )  # fmt: skip
 
 
