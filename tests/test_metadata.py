@@ -8,6 +8,7 @@ from pathlib import Path
 
 from zoo import registry as reg
 from zoo.hub import content_revision
+from zoo.qat import OPTIONAL_PROFILE_KEYS
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED_ROLES = {"head", "weights", "client", "server", "manifest", "card"}
@@ -44,13 +45,10 @@ def _variant_problems(variant: reg.Variant, registry: reg.Registry) -> list[str]
             problems.append(f"{name}: its unrounded base {base} is not catalogued")
         else:
             # Compile settings only: rounding, p_error, the bit-width bound (approximate
-            # rounding keeps one more bit before it rounds: cifar10-split-8bit-r4 needs 9) and
-            # how many blocks the client runs.
-            compile_only = ("rounding_threshold_bits", "p_error", "max_bit_width", "clear_blocks")
-            base_params = {k: v for k, v in registry.variants[base].recipe["params"].items()
-                           if k not in compile_only}  # fmt: skip
-            own = {k: v for k, v in variant.recipe["params"].items() if k not in compile_only}
-            if own != base_params:
+            # rounding keeps one more bit before it rounds: cifar10-split-8bit-r4 needs 9), how
+            # many blocks the client runs, and how many test images the build simulates.
+            base_params = _training_params(registry.variants[base].recipe["params"])
+            if _training_params(variant.recipe["params"]) != base_params:
                 problems.append(f"{name}: params differ from {base}'s beyond compile settings")
     bound = variant.recipe["params"].get("max_bit_width")
     revisions = [b.revision for b in variant.builds]
@@ -80,6 +78,15 @@ def _variant_problems(variant: reg.Variant, registry: reg.Registry) -> list[str]
             if len(hub.revision) != {"local": 64, "hf": 40}[hub.kind]:
                 problems.append(f"{where}: {hub.kind} revision {hub.revision} has the wrong form")
     return problems
+
+
+def _training_params(params: dict) -> dict:
+    """A variant's params without what only compilation and evaluation read."""
+    compile_only = ("rounding_threshold_bits", "p_error", "max_bit_width", "clear_blocks")
+    own = {k: v for k, v in params.items() if k not in compile_only}
+    overrides = {k: v for k, v in own.pop("profile_overrides", {}).items()
+                 if k not in OPTIONAL_PROFILE_KEYS}  # fmt: skip
+    return {**own, "profile_overrides": overrides} if overrides else own
 
 
 def test_every_variant_and_build_has_complete_metadata() -> None:
