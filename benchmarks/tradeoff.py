@@ -58,6 +58,7 @@ def rows(registry: reg.Registry) -> list[dict[str, Any]]:
                 "yanked": build.yanked,
                 "profile": build.profile,
                 "n_test_images": metrics.get("n_test_images"),
+                "n_simulated_images": metrics.get("n_simulated_images"),
                 "clear_top1": metrics.get("clear_top1"),
                 "fhe_simulation_top1": metrics.get("fhe_simulation_top1"),
                 "fhe_execute_top1": metrics.get("fhe_execute_top1"),
@@ -185,8 +186,11 @@ def markdown(table: list[dict[str, Any]], registry: reg.Registry) -> str:
             measured += " (on another machine: no error computed)"
         keys = row["eval_key_bytes"]
         profile = row["profile"] + (" (yanked)" if row["yanked"] else "")
+        images = str(row["n_test_images"])
+        if row["n_simulated_images"]:
+            images += f" ({row['n_simulated_images']} simulated)"
         lines.append(
-            f"| `{name}` | {profile} | {row['n_test_images']} | "
+            f"| `{name}` | {profile} | {images} | "
             f"{_num(row['clear_top1'], 4)} | {_num(row['fhe_simulation_top1'], 4)} | {real} | "
             f"{row['max_bit_width']} | {row['pbs_count']:,} ({by_width}) | "
             f"{'≥ ' if row['estimate_is_lower_bound'] else ''}"
