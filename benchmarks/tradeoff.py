@@ -41,8 +41,7 @@ def rows(registry: reg.Registry) -> list[dict[str, Any]]:
     for variant in registry.variants.values():
         if not variant.builds:
             continue
-        live = [b for b in variant.builds if not b.yanked]
-        build = (live or variant.builds)[-1]
+        build = (variant.live or variant.builds)[-1]
         metrics, circuit, timings = build.metrics, build.circuit, build.raw.get("timings", {})
         estimate = cost.breakdown(circuit)
         measured = metrics.get("fhe_execute_seconds_per_image")

@@ -24,7 +24,7 @@ def list_variants(registry_path: Path | None = None) -> list[dict[str, Any]]:
     calibration = cost.current_calibration()
     rows = []
     for variant in registry.variants.values():
-        live = [b for b in variant.builds if not b.yanked]
+        live = variant.live
         build = live[-1] if live else None
         metrics = build.metrics if build else {}
         circuit = build.circuit if build else {}
@@ -268,12 +268,7 @@ def releases_check(registry_path: Path | None = None) -> dict[str, Any]:
     registry = reg.load(registry_path)
     store = releases.ReleaseStore.beside(registry.path)
     blobs, size = store.size()
-    builds = {
-        b.short_ref: store.check(b)
-        for v in registry.variants.values()
-        for b in v.builds
-        if not b.yanked
-    }
+    builds = {b.short_ref: store.check(b) for v in registry.variants.values() for b in v.live}
     return {"store": str(store.root), "blobs": blobs, "bytes": size, "builds": builds}
 
 

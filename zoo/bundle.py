@@ -27,6 +27,7 @@ from typing import Any
 from zoo import api, cache, hub, manifest
 from zoo import registry as reg
 from zoo.errors import IntegrityError, NotFoundError, UnsafeArchiveError
+from zoo.gate import check_zip
 from zoo.hashing import sha256_file
 from zoo.safezip import extract_zip
 
@@ -171,6 +172,8 @@ def import_bundle(
                     f"{path}: {member} ({entry.path}) does not match its pin {entry.sha256}",
                     hint="the bundle is corrupt or was tampered with; nothing was imported",
                 )
+            if entry.role in cache.GATED_ROLES:
+                check_zip(blob)  # here too, so that no build enters the cache before all pass
         source = _Extracted(root)
         for build in builds:
             cache.fetch(build, "all", source, repo="", revision=build.revision, root=cache_root)

@@ -219,13 +219,18 @@ def clean_tmp(root: Path | None = None) -> int:
     return removed
 
 
+def _intact(path: Path, entry: FileEntry) -> bool:
+    """Whether ``path`` still holds the pinned bytes of ``entry`` (size, then sha256)."""
+    return path.stat().st_size == entry.size and sha256_file(path) == entry.sha256
+
+
 def check_hashes(build: Build, role: str, root: Path | None = None) -> None:
     """Rehash the cached files ``role`` needs before they are used (they are small: pooch
     rehashes on every fetch too); a file changed since its pull is removed and named."""
     folder = build_path(build, root)
     for entry in build.files_for(role):
         path = folder / entry.path
-        if path.stat().st_size != entry.size or sha256_file(path) != entry.sha256:
+        if not _intact(path, entry):
             path.unlink()
             raise IntegrityError(
                 f"{path} changed since it was pulled and verified (it is not {entry.sha256}); "
@@ -244,7 +249,7 @@ def verify(build: Build, root: Path | None = None) -> dict[str, str]:
         path = folder / entry.path
         if not path.is_file():
             report[entry.path] = "not cached"
-        elif path.stat().st_size != entry.size or sha256_file(path) != entry.sha256:
+        elif not _intact(path, entry):
             path.unlink()
             report[entry.path] = "corrupt (removed)"
         else:

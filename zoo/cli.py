@@ -377,17 +377,16 @@ def releases() -> None:
 def releases_check(registry_path: Path | None, as_json: bool) -> None:
     """Rehash every live build's files in the store; exit 4 if any is missing or wrong."""
     data = api.releases_check(registry_path)
-    gaps = {ref: r for ref, r in data["builds"].items() if any(v != "ok" for v in r.values())}
+    bad = {ref: {p: why for p, why in report.items() if why != "ok"}
+           for ref, report in data["builds"].items()}  # fmt: skip
 
     def text() -> str:
         lines = [f"{data['store']}: {data['blobs']} blobs, {_size(data['bytes'])}"]
-        for ref, report in data["builds"].items():
-            bad = {p: why for p, why in report.items() if why != "ok"}
-            lines.append(f"{ref}: " + ("ok" if not bad else json.dumps(bad)))
+        lines += [f"{ref}: " + (json.dumps(b) if b else "ok") for ref, b in bad.items()]
         return "\n".join(lines)
 
     _emit(as_json, data, text)
-    if gaps:
+    if any(bad.values()):
         click.echo("hint: publish each build with `zoo publish BUILD_DIR --hub releases`, or "
                    "yank it in registry.json with a reason", err=True)  # fmt: skip
         sys.exit(4)

@@ -112,6 +112,11 @@ class Variant:
     builds: tuple[Build, ...]
     raw: dict[str, Any] = field(repr=False, compare=False)
 
+    @property
+    def live(self) -> tuple[Build, ...]:
+        """The builds that are not yanked, oldest first."""
+        return tuple(b for b in self.builds if not b.yanked)
+
 
 @dataclass(frozen=True)
 class Registry:
@@ -320,7 +325,7 @@ def resolve(
                 hint=versions.install_hint(build.runtime),
             )
         return build
-    live = [b for b in variant.builds if allow_yanked or not b.yanked]
+    live = variant.builds if allow_yanked else variant.live
     if not live:
         reasons = "; ".join(f"{b.revision[:12]}: {b.yanked}" for b in variant.builds)
         raise YankedError(

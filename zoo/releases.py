@@ -95,10 +95,10 @@ class ReleaseStore:
                 report[entry.path] = "missing"
             elif path.stat().st_size != entry.size:
                 report[entry.path] = f"{path.stat().st_size} bytes, pinned {entry.size}"
-            elif sha256_file(path) != entry.sha256:
-                report[entry.path] = f"hash {sha256_file(path)}, pinned {entry.sha256}"
             else:
-                report[entry.path] = "ok"
+                digest = sha256_file(path)
+                ok = digest == entry.sha256
+                report[entry.path] = "ok" if ok else f"hash {digest}, pinned {entry.sha256}"
         return report
 
     def size(self) -> tuple[int, int]:
