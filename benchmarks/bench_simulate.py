@@ -24,14 +24,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from zoo import kernels  # noqa: E402
+from zoo.build import kernels  # noqa: E402
+from zoo.cost import machine  # noqa: E402
 
 kernels.pin()  # before torch starts: a `--build-missing` rebuild must use the pinned kernels
 
-from zoo import api, config, runtime  # noqa: E402
-from zoo import registry as reg  # noqa: E402
-from zoo.data import load_split  # noqa: E402
+from zoo import api, config  # noqa: E402
+from zoo.build.data import load_split  # noqa: E402
+from zoo.catalog import registry as reg  # noqa: E402
 from zoo.errors import ZooError  # noqa: E402
+from zoo.fhe import runtime  # noqa: E402
 
 DEFAULT_VARIANTS = ("cifar10-split-tiny", "cifar10-split-tiny-r4", "cifar10-cnv-2w2a")
 OUT = ROOT / "benchmarks" / "results" / "simulate.json"
@@ -83,7 +85,7 @@ def main() -> None:
         print(json.dumps(row), flush=True)
     result = {
         "command": "benchmarks/bench_simulate.py " + " ".join(sys.argv[1:]),
-        "machine": kernels.cpu(),
+        "machine": machine.cpu(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "rows": rows,
         "skipped": skipped,

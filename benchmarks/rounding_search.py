@@ -1,6 +1,6 @@
 """Search the cheap end of a trained split-CNV build: recompile its weights with rounded PBS
 (``rounding_threshold_bits``) and other ``p_error`` values, price each circuit with the cost model
-(`zoo.cost`, calibrated by `zoo bench pbs`) and measure its FHE-simulated accuracy.
+(`zoo.cost.model`, calibrated by `zoo bench pbs`) and measure its FHE-simulated accuracy.
 
 No retraining: the encrypted part is loaded from the build's ``weights.safetensors`` and its
 inputs come from the build's own clear head (``head.safetensors``), exactly what a client sends.
@@ -34,9 +34,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from zoo import config, cost, head  # noqa: E402
-from zoo import registry as reg  # noqa: E402
-from zoo.build import load_recipe  # noqa: E402
+from zoo import config  # noqa: E402
+from zoo.build.run import load_recipe  # noqa: E402
+from zoo.catalog import registry as reg  # noqa: E402
+from zoo.cost import model as cost  # noqa: E402
+from zoo.fhe import head  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -69,7 +71,7 @@ def compile_setting(
     encrypted: Any, arch: dict[str, Any], setting: dict[str, Any], calib: Any, work: Path
 ) -> Any:
     """The build's circuit recompiled with the setting's rounding and p_error."""
-    from zoo.qat import compile_qat
+    from zoo.build.training import compile_qat
 
     arch = {**arch, **{k: setting[k] for k in ("rounding_threshold_bits", "p_error")}}
     return compile_qat(encrypted, calib, arch, work / "search.onnx")
@@ -84,8 +86,8 @@ def evaluate_setting(
     work: Path,
 ) -> dict[str, Any]:
     """Compile one setting, price it, simulate it on the test images."""
-    from zoo.package import circuit_statistics
-    from zoo.qat import fhe_logits, topk_accuracy
+    from zoo.build.package import circuit_statistics
+    from zoo.build.training import fhe_logits, topk_accuracy
 
     t0 = time.perf_counter()
     qmodule = compile_setting(encrypted, arch, setting, calib, work)
@@ -114,7 +116,7 @@ def evaluate_setting(
 
 def per_layer(qmodule: Any, test: tuple[Any, Any]) -> list[dict[str, Any]]:
     """Clear-quantized top-1 with every op rounded, then with one op's rounding removed."""
-    from zoo.qat import topk_accuracy
+    from zoo.build.training import topk_accuracy
 
     def top1() -> float:
         return topk_accuracy(qmodule.forward(test[0], fhe="disable"), test[1], ks=(1,))[1]
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="JSON lines (appended)")
     args = parser.parse_args(argv)
 
-    from zoo.data import load_cifar10
+    from zoo.build.data import load_cifar10
 
     variant = reg.load().variant(args.variant)
     recipe = load_recipe(variant.recipe["module"])

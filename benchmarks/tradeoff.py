@@ -1,5 +1,5 @@
 """The accuracy–latency picture of every pinned build, from registry.json (measured by
-`zoo build` and `zoo eval`) and the cost model (`zoo.cost`, calibrated by `zoo bench pbs`).
+`zoo build` and `zoo eval`) and the cost model (`zoo.cost.model`, calibrated by `zoo bench pbs`).
 
 Writes benchmarks/results/tradeoff.json (one row per variant: profile, top-1 clear / FHE
 simulation / real FHE, PBS count, estimated and measured real-FHE seconds per image here with
@@ -26,8 +26,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from zoo import cost  # noqa: E402
-from zoo import registry as reg  # noqa: E402
+from zoo.catalog import registry as reg  # noqa: E402
+from zoo.cost import model as cost  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 REFERENCE_CPUS = 128

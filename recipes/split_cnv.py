@@ -62,11 +62,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from zoo import head as zoo_head
-from zoo import kernels
-from zoo.build import BuildContext, RecipeResult
-from zoo.data import load_cifar10
-from zoo.qat import (
+from zoo.build import kernels
+from zoo.build.data import load_cifar10
+from zoo.build.run import BuildContext, RecipeResult
+from zoo.build.training import (
     TORCH_THREADS,
     accuracy_metrics,
     check_bit_width,
@@ -86,6 +85,7 @@ from zoo.qat import (
     topk_accuracy,
     train_epoch,
 )
+from zoo.fhe import head as zoo_head
 
 # --------------------------------------------------------------------------------------------
 # Configuration

@@ -53,12 +53,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from zoo import head as zoo_head
-from zoo import kernels
-from zoo.build import BuildContext, RecipeResult
-from zoo.data import PartialDatasetError, load_cifar10, load_cifar100_split, require_complete
-from zoo.errors import BuildError
-from zoo.qat import (
+from zoo.build import kernels
+from zoo.build.data import load_cifar10, load_cifar100_split, require_complete
+from zoo.build.run import BuildContext, RecipeResult
+from zoo.build.training import (
     TORCH_THREADS,
     accuracy_metrics,
     check_bit_width,
@@ -78,6 +76,8 @@ from zoo.qat import (
     topk_accuracy,
     train_epoch,
 )
+from zoo.errors import BuildError, PartialDatasetError
+from zoo.fhe import head as zoo_head
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -314,7 +314,7 @@ def load_init(model: FloatVGG11, path: Path) -> dict[str, Any]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from zoo.hashing import sha256_file
+    from zoo.store.hashing import sha256_file
 
     try:
         tensors = load_file(str(path))
@@ -439,7 +439,7 @@ def export_head(model: QuantVGG11, cfg: dict[str, Any]) -> tuple[dict, dict]:
     tensors["input.mean"] = torch.tensor(data["mean"], dtype=torch.float32)
     tensors["input.std"] = torch.tensor(data["std"], dtype=torch.float32)
     config = {
-        "format": "split-cnv-head/1",  # the op-list format zoo.head runs, whatever the family
+        "format": "split-cnv-head/1",  # the op-list format zoo.fhe.head runs, whatever the family
         "input": head_input_config(data["mean"], data["std"]),
         "ops": [op],
         "output": {

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from zoo import kernels, manifest, versions
+from zoo.build import kernels
+from zoo.catalog import manifest, versions
 
 kernels.pin()  # before any test module imports torch: builds here are the pinned kind
 ROOT = Path(__file__).resolve().parent.parent
@@ -110,7 +111,7 @@ def cifar_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def build_hashes(build_dir: Path) -> dict[str, str]:
     """sha256 of every file of a build directory (report.json is not part of the build)."""
-    from zoo.hashing import sha256_file
+    from zoo.store.hashing import sha256_file
 
     return {
         p.name: sha256_file(p)

@@ -12,11 +12,12 @@ import pytest
 from conftest import build_hashes
 
 import zoo
-from zoo import build as builder
-from zoo import head, manifest, runtime, sigpipe
-from zoo import registry as reg
-from zoo.data import load_cifar10
+from zoo.build import run as builder
+from zoo.build.data import load_cifar10
+from zoo.catalog import manifest
+from zoo.catalog import registry as reg
 from zoo.errors import BuildError, IntegrityError
+from zoo.fhe import head, runtime, sigpipe
 
 TINY = "cifar10-split-tiny"
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import zoo
-from zoo import cache, manifest
-from zoo import registry as reg
+from zoo.catalog import manifest
+from zoo.catalog import registry as reg
 from zoo.errors import (
     IntegrityError,
     NotFoundError,
@@ -20,6 +20,7 @@ from zoo.errors import (
     RegistryError,
     RuntimeMismatchError,
 )
+from zoo.store import cache
 
 VARIANT = "cifar10-split-tiny"
 

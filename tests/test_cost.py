@@ -17,8 +17,11 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from zoo import cost, kernels, sigpipe, versions
+from zoo.catalog import versions
 from zoo.cli import main
+from zoo.cost import machine
+from zoo.cost import model as cost
+from zoo.fhe import sigpipe
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -138,7 +141,7 @@ def test_shipped_default_describes_its_machine() -> None:
 
 
 def test_a_calibration_from_another_kind_of_machine_says_so(zoo_home: Path) -> None:
-    here = kernels.cpu()
+    here = machine.cpu()
     same = {"machine": {**here, "cpu_model": "renamed"}}
     assert cost.other_machine(same) is None  # instruction set and cores decide, not the name
     wider = {"machine": {**here, "isa": "avx512"}}
@@ -262,7 +265,7 @@ def test_bench_pbs_really_runs_and_writes_a_calibration(zoo_home: Path) -> None:
     assert data["path"] == str(path) and path.is_file()
     stored = json.loads(path.read_text())
     assert stored["machine"]["cpu_model"] and stored["machine"]["cpu_count"] >= 1
-    assert stored["machine"]["isa"] == kernels.cpu()["isa"]
+    assert stored["machine"]["isa"] == machine.cpu()["isa"]
     assert stored["versions"]["concrete-python"] == versions.installed()["concrete-python"]
     assert stored["versions"]["concrete-ml"] == versions.installed()["concrete-ml"]
     assert stored["created"] and stored["p_error"] == 2**-40
@@ -356,7 +359,7 @@ def test_fit_wop_recovers_its_coefficients_apart_from_the_classic_fit() -> None:
 
 
 def test_bench_wop_circuit_is_really_compiled_as_wop_and_timed(zoo_home: Path) -> None:
-    from zoo import bench
+    from zoo.cost import bench
 
     spec = bench.PointSpec("wop", 4, (2,))
     (point,) = bench.measure([spec], repetitions=1)

@@ -1,4 +1,4 @@
-"""The CIFAR loader (zoo.data) on the real materialized archives."""
+"""The CIFAR loader (zoo.build.data) on the real materialized archives."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from zoo import data
+from zoo import errors
+from zoo.build import data
 
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
@@ -67,7 +68,7 @@ def test_cifar100_partial_is_detected(cifar_dir: Path) -> None:
     assert yc.max() < 20
     split = data.load_cifar100_split(cifar_dir, "train")
     assert not split.is_complete and split.n < 50_000
-    with pytest.raises(data.PartialDatasetError, match="partial"):
+    with pytest.raises(errors.PartialDatasetError, match="partial"):
         data.require_complete(split)
 
 
@@ -100,13 +101,13 @@ def test_restricted_unpickler_refuses_code(tmp_path: Path) -> None:
     """A pickle that calls os.system is refused before anything runs."""
     path = tmp_path / "data_batch_1"
     path.write_bytes(pickle.dumps({b"data": _Evil(), b"labels": [0]}))
-    with pytest.raises(data.UnsafePickleError, match="system"):
+    with pytest.raises(errors.UnsafePickleError, match="system"):
         data.restricted_load(path)
     # The same file inside a data directory fails the load the same way.
     root = tmp_path / "d" / data.CIFAR10_DIRNAME
     root.mkdir(parents=True)
     path.replace(root / "test_batch")
-    with pytest.raises(data.UnsafePickleError):
+    with pytest.raises(errors.UnsafePickleError):
         data.load_cifar10(tmp_path / "d", "test")
 
 
@@ -117,7 +118,7 @@ def test_restricted_unpickler_refuses_other_globals(tmp_path: Path, target: str)
     payload = f"c{module}\n{name}\n(S'1'\ntR.".encode()  # protocol-0 GLOBAL + REDUCE
     path = tmp_path / "p"
     path.write_bytes(payload)
-    with pytest.raises(data.UnsafePickleError):
+    with pytest.raises(errors.UnsafePickleError):
         data.restricted_load(path)
 
 
@@ -147,8 +148,8 @@ def test_fingerprint() -> None:
 
 
 def test_data_module_does_not_import_torch() -> None:
-    """Listing commands stay fast: zoo.data needs numpy only."""
-    code = "import sys, zoo.data; assert 'torch' not in sys.modules"
+    """Listing commands stay fast: zoo.build.data needs numpy only."""
+    code = "import sys, zoo.build.data; assert 'torch' not in sys.modules"
     subprocess.run(
         [sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent
     )

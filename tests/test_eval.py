@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 
 import zoo
-from zoo import build as builder
-from zoo import cost, evaluate, kernels, runtime
-from zoo import registry as reg
+from zoo.build import run as builder
+from zoo.catalog import registry as reg
+from zoo.cost import machine
+from zoo.cost import model as cost
 from zoo.errors import ZooError
+from zoo.fhe import evaluate, runtime
 
 TINY = "cifar10-split-tiny"
 
@@ -196,10 +198,10 @@ def test_ray_backend_real_fhe_survives_a_killed_worker(
     assert sorted(r["index"] for r in records) == [0, 1]
     for record in records:
         assert np.argmax(record["execute"]) == np.argmax(record["simulate"])
-        assert record["seconds"] > 0 and record["machine"] == kernels.cpu()  # a local cluster
+        assert record["seconds"] > 0 and record["machine"] == machine.cpu()  # a local cluster
         assert record["cpu_steal"] is None  # measured where the circuit runs: not on Ray
     recorded = reg.load(registry_file).variant(TINY).builds[-1].metrics  # --record
     assert recorded["fhe_execute_n_images"] == 2 and recorded["fhe_execute_agreement"] == 1.0
     assert recorded["fhe_execute_top1"] == summary["execute_top1"]
     assert recorded.get("keygen_seconds") == summary.get("keygen_seconds")  # when generated here
-    assert recorded["fhe_execute_machine"] == cost.describe_machine(kernels.cpu())  # where it ran
+    assert recorded["fhe_execute_machine"] == cost.describe_machine(machine.cpu())  # where it ran

@@ -21,13 +21,15 @@ from click.testing import CliRunner
 from conftest import ROOT
 
 import zoo
-from zoo import api, bundle, cache, manifest
-from zoo import registry as reg
+from zoo import api
+from zoo.catalog import manifest
+from zoo.catalog import registry as reg
 from zoo.cli import main
 from zoo.errors import IntegrityError, ZooError
-from zoo.fhe_worker import FheWorker
-from zoo.gate import UnsafeArtifactError, check_zip
-from zoo.releases import ReleaseStore
+from zoo.fhe.worker import FheWorker
+from zoo.store import bundle, cache
+from zoo.store.gate import UnsafeArtifactError, check_zip
+from zoo.store.releases import ReleaseStore
 
 TINY = "cifar10-split-tiny"
 PROJECT = reg.load(ROOT / "registry.json")

@@ -15,10 +15,11 @@ import pytest
 from click.testing import CliRunner
 
 import zoo
-from zoo import cache, evaluate, hub
-from zoo import registry as reg
+from zoo.catalog import registry as reg
 from zoo.cli import main
-from zoo.releases import ReleaseStore
+from zoo.fhe import evaluate
+from zoo.store import cache, hub
+from zoo.store.releases import ReleaseStore
 
 VARIANT = "cifar10-split-tiny"
 

@@ -16,10 +16,10 @@ import pytest
 from conftest import make_build_dir
 
 import zoo
-from zoo import manifest
-from zoo import registry as reg
+from zoo.catalog import manifest
+from zoo.catalog import registry as reg
 from zoo.errors import HubError, IntegrityError, NotFoundError, OfflineError
-from zoo.hub import content_revision
+from zoo.store.hub import content_revision
 
 VARIANT = "cifar10-split-tiny"
 REPO = "zoo-test/cifar10-split-tiny"
@@ -65,7 +65,7 @@ def test_publish_fails_if_someone_pushed_meanwhile(
     build_dir: Path,
     tmp_path: Path,  # noqa: ANN001
 ) -> None:
-    from zoo.hub import HfHub
+    from zoo.store.hub import HfHub
 
     hub = HfHub(hf_env.endpoint, hf_env.token)
     zoo.publish(build_dir, f"hf://{REPO}")

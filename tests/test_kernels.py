@@ -10,10 +10,13 @@ import sys
 import pytest
 import torch
 
-from zoo import kernels
+from zoo.build import kernels
+from zoo.cost import machine
 from zoo.errors import BuildError
 
-RECORD = "import json; from zoo import kernels; kernels.pin(); print(json.dumps(kernels.check()))"
+RECORD = (
+    "import json; from zoo.build import kernels; kernels.pin(); print(json.dumps(kernels.check()))"
+)
 
 
 def _record_in_fresh_process(**env: str) -> dict[str, str]:
@@ -44,16 +47,16 @@ def test_a_build_refuses_kernels_above_the_pin(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     with pytest.raises(BuildError, match="AVX512 kernels") as info:
         kernels.check()
-    assert "zoo.kernels.pin()" in info.value.hint
+    assert "zoo.build.kernels.pin()" in info.value.hint
 
 
 def test_steal_is_the_share_of_cpu_time_given_to_other_guests() -> None:
-    assert kernels.steal((10, 1_000), (60, 1_200)) == 0.25
-    assert kernels.steal((10, 1_000), (10, 1_000)) is None  # no time passed: nothing to tell
-    assert kernels.steal(None, (10, 1_000)) is None
+    assert machine.steal((10, 1_000), (60, 1_200)) == 0.25
+    assert machine.steal((10, 1_000), (10, 1_000)) is None  # no time passed: nothing to tell
+    assert machine.steal(None, (10, 1_000)) is None
     # /proc/stat's first line: user nice system idle iowait irq softirq steal guest guest_nice
     stat = "cpu  700 1 100 150 20 0 4 25 9 9\ncpu0 350 0 50 75 10 0 2 12 0 0\n"
-    assert kernels.cpu_ticks(stat) == (25, 1_000)  # guest time is in user time: not twice
-    assert kernels.cpu_ticks("intr 12 3") is None and kernels.cpu_ticks("") is None
+    assert machine.cpu_ticks(stat) == (25, 1_000)  # guest time is in user time: not twice
+    assert machine.cpu_ticks("intr 12 3") is None and machine.cpu_ticks("") is None
     if sys.platform.startswith("linux"):
-        assert kernels.cpu_ticks() is not None
+        assert machine.cpu_ticks() is not None

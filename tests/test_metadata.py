@@ -6,9 +6,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from zoo import registry as reg
-from zoo.hub import content_revision
-from zoo.qat import OPTIONAL_PROFILE_KEYS
+from zoo.build.training import OPTIONAL_PROFILE_KEYS
+from zoo.catalog import registry as reg
+from zoo.store.hub import content_revision
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIRED_ROLES = {"head", "weights", "client", "server", "manifest", "card"}
@@ -97,7 +97,7 @@ def test_every_variant_and_build_has_complete_metadata() -> None:
 
 def test_every_variant_resolves_with_its_recipe() -> None:
     """The registry's params name a real arch and real keys, for every profile."""
-    from zoo.build import load_recipe
+    from zoo.build.run import load_recipe
 
     problems = []
     for variant in reg.load(ROOT / "registry.json").variants.values():

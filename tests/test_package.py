@@ -1,4 +1,4 @@
-"""zoo.package: deterministic client/server zips of a real compiled model, and real FHE on them.
+"""Deterministic client/server zips of a real compiled model, and real FHE on them.
 
 The model is tiny (3-bit input, one 4->4 3x3 conv with 2-bit weights, one linear layer, exact
 4-bit rounding), so compiling takes under a second and key generation a couple of seconds.
@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # for the script mode
     sys.path.insert(0, str(ROOT))
 
-from zoo.package import (  # noqa: E402
+from zoo.build.package import (  # noqa: E402
     ZIP_DATE_TIME,
     canonical_skops_bytes,
     circuit_statistics,

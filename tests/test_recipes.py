@@ -11,11 +11,12 @@ import pytest
 from conftest import build_hashes
 
 import zoo
-from zoo import build as builder
-from zoo import manifest, runtime
-from zoo import registry as reg
-from zoo.data import load_cifar10, load_cifar100_split
+from zoo.build import run as builder
+from zoo.build.data import load_cifar10, load_cifar100_split
+from zoo.catalog import manifest
+from zoo.catalog import registry as reg
 from zoo.errors import BuildError
+from zoo.fhe import runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,7 +99,7 @@ def test_vgg11_smoke_build_from_init_records_it_and_trains_from_it(
     import torch
     from safetensors.torch import save_file
 
-    from zoo.hashing import sha256_file
+    from zoo.store.hashing import sha256_file
 
     vgg = builder.load_recipe("recipes/vgg11_qat.py")
     torch.manual_seed(7)  # another starting point than the recipe's own (seed 0)

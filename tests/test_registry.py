@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from zoo import registry as reg
-from zoo import versions
+from zoo.catalog import registry as reg
+from zoo.catalog import versions
 from zoo.errors import InputError, NotFoundError, RegistryError, RuntimeMismatchError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -159,7 +159,7 @@ def test_installed_versions_are_read_without_importing_torch() -> None:
     import subprocess
     import sys
 
-    code = "import sys, zoo.versions as v; v.installed(); print('torch' in sys.modules)"
+    code = "import sys, zoo.catalog.versions as v; v.installed(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
     assert versions.installed()["python"].count(".") == 1

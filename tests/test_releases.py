@@ -16,10 +16,12 @@ import pytest
 from conftest import ROOT, make_build_dir
 
 import zoo
-from zoo import api, bundle, cache, manifest
-from zoo import registry as reg
+from zoo import api
+from zoo.catalog import manifest
+from zoo.catalog import registry as reg
 from zoo.errors import IntegrityError, NotFoundError, UnsafeArchiveError, YankedError
-from zoo.releases import ReleaseStore
+from zoo.store import bundle, cache
+from zoo.store.releases import ReleaseStore
 
 VARIANT = "cifar10-split-tiny"
 

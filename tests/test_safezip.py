@@ -1,4 +1,4 @@
-"""zoo.safezip: hostile archives are rejected and leave nothing behind; good ones extract."""
+"""zoo.store.safezip: hostile archives are rejected and leave nothing behind; good ones extract."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from zoo.errors import UnsafeArchiveError, ZooError
-from zoo.safezip import extract_zip
+from zoo.store.safezip import extract_zip
 
 
 def make_zip(path: Path, members: list[tuple[str | zipfile.ZipInfo, bytes]]) -> Path:

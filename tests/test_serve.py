@@ -31,14 +31,14 @@ import requests
 from click.testing import CliRunner
 
 import zoo
-from zoo import build as builder
-from zoo import runtime, serve
+from zoo.build import run as builder
+from zoo.build.data import load_cifar10
+from zoo.catalog.registry import Build
 from zoo.cli import main
-from zoo.data import load_cifar10
-from zoo.errors import ServerError
-from zoo.keystore import KeyIdError, KeyStore
-from zoo.registry import Build
-from zoo.remote import REVISION_HEADER, RemoteServer
+from zoo.errors import KeyIdError, ServerError
+from zoo.fhe import runtime, serve
+from zoo.fhe.keystore import KeyStore
+from zoo.fhe.remote import REVISION_HEADER, RemoteServer
 
 TINY = "cifar10-split-tiny"
 ROOT = Path(__file__).resolve().parent.parent

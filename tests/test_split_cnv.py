@@ -15,9 +15,9 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from zoo.data import load_cifar10
-from zoo.errors import BuildError
-from zoo.qat import BitWidthBoundError, load_checkpoint, save_checkpoint
+from zoo.build.data import load_cifar10
+from zoo.build.training import load_checkpoint, save_checkpoint
+from zoo.errors import BitWidthBoundError, BuildError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,7 +48,7 @@ TINY_PROFILE = {
 
 @dataclass
 class Ctx:
-    """Stand-in for zoo.build.BuildContext."""
+    """Stand-in for zoo.build.run.BuildContext."""
 
     work_dir: Path
     data_dir: Path

@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from zoo import build as builder
+from zoo.build import run as builder
 from zoo.errors import BuildError
-from zoo.hashing import sha256_file
+from zoo.store.hashing import sha256_file
 
 vgg = builder.load_recipe("recipes/vgg11_qat.py")
 

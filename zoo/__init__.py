@@ -6,8 +6,8 @@
     model = zoo.load("cifar10-split-tiny")          # head, FHE client and server, manifest
     model.predict("cat.png", fhe="execute")         # real FHE; "simulate" for the fast check
 
-The public functions live in :mod:`zoo.api`, :mod:`zoo.runtime` (``load``, ``keygen``),
-:mod:`zoo.build`, and :func:`zoo.evaluate.evaluate`; they are imported
+The public functions live in :mod:`zoo.api`, :mod:`zoo.fhe.runtime` (``load``, ``keygen``),
+:mod:`zoo.build.run`, and :func:`zoo.fhe.evaluate.evaluate`; they are imported
 on first use so that ``import zoo`` stays cheap.
 """
 
@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 _API = {"list_variants", "info", "pull", "publish", "verify", "cache_list", "cache_remove",
         "cache_prune"}  # fmt: skip
 _RUNTIME = {"load", "keygen"}
-__all__ = sorted(_API | _RUNTIME | {"build"})
+__all__ = sorted(_API | _RUNTIME)
 
 
 def __getattr__(name: str) -> Any:
@@ -28,11 +28,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(api, name)
     if name in _RUNTIME:
-        from zoo import runtime
+        from zoo.fhe import runtime
 
         return getattr(runtime, name)
-    if name == "build":
-        from zoo.build import build
-
-        return build
     raise AttributeError(f"module 'zoo' has no attribute {name!r}")

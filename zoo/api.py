@@ -11,10 +11,13 @@ import datetime as _dt
 from pathlib import Path
 from typing import Any
 
-from zoo import cache, config, cost, hub, manifest, releases, versions
-from zoo import registry as reg
+from zoo import config
+from zoo.catalog import manifest, versions
+from zoo.catalog import registry as reg
+from zoo.cost import model as cost
 from zoo.errors import HubError, NotFoundError, RuntimeMismatchError, ZooError
-from zoo.gate import check_zip
+from zoo.store import cache, hub, releases
+from zoo.store.gate import check_zip
 
 
 def list_variants(registry_path: Path | None = None) -> list[dict[str, Any]]:
@@ -134,7 +137,7 @@ def pull(
         except (NotFoundError, HubError) as exc:
             failures.append(exc)
     if build_missing:
-        from zoo.build import rebuild_into_cache  # heavy: torch, concrete-ml
+        from zoo.build.run import rebuild_into_cache  # heavy: torch, concrete-ml
 
         return rebuild_into_cache(
             build, registry, role=role, cache_root=cache_root, data_dir=data_dir

@@ -17,7 +17,8 @@ from typing import Any
 
 import click
 
-from zoo import api, cost
+from zoo import api
+from zoo.cost import model as cost
 from zoo.errors import ZooError
 
 REGISTRY = click.option(
@@ -285,7 +286,7 @@ def build_cmd(variant: str, profile: str, data_dir: Path | None, out_dir: Path |
               seed: int | None, resume: bool, device: str, init: Path | None,
               check_rev: str | None, registry_path: Path | None, as_json: bool) -> None:
     """Build a variant from its recipe into a build directory that `zoo publish` accepts."""
-    from zoo import build as builder
+    from zoo.build import run as builder
 
     if check_rev:
         out, report = builder.check(f"{variant}@{check_rev}", data_dir=data_dir,
@@ -338,7 +339,7 @@ def bundle() -> None:
 @handles_errors
 def bundle_export(refs: tuple[str, ...], out: Path, registry_path: Path | None, as_json: bool):
     """Write builds (VARIANT or VARIANT@REV, pulled first if needed) into one bundle file."""
-    from zoo import bundle as bundles
+    from zoo.store import bundle as bundles
 
     data = bundles.export(list(refs), out, registry_path)
     _emit(as_json, data, lambda: f"wrote {', '.join(data['builds'])} to {data['path']} "
@@ -357,7 +358,7 @@ def bundle_export(refs: tuple[str, ...], out: Path, registry_path: Path | None, 
 @handles_errors
 def bundle_import(path: Path, trust: bool, registry_path: Path | None, as_json: bool) -> None:
     """Verify a bundle against the registry's pins and put its builds into the cache."""
-    from zoo import bundle as bundles
+    from zoo.store import bundle as bundles
 
     data = bundles.import_bundle(path, trust=trust, registry_path=registry_path)
     added = data["added_to_registry"]
@@ -431,7 +432,7 @@ def predict(ref: str, images: tuple[Path, ...], fhe: str, top_k: int, server_url
             registry_path: Path | None, as_json: bool) -> None:  # fmt: skip
     """Classify 32x32 PNG/JPEG images: clear head, then the encrypted circuit (here, or on
     a `zoo serve` server with --server: encrypted here, run there, decrypted here)."""
-    from zoo import runtime
+    from zoo.fhe import runtime
 
     if server_url and fhe != "execute":
         raise click.UsageError("--server runs real FHE: use --fhe execute with it (simulation "
@@ -481,7 +482,7 @@ def serve_cmd(ref: str, host: str, port: int, key_store: Path | None, max_key_by
               as_json: bool) -> None:
     """Serve a build's FHE circuit over HTTP for `zoo predict --server` (the server side only:
     it receives evaluation keys and ciphertexts, never a secret key)."""
-    from zoo import serve
+    from zoo.fhe import serve
 
     tokens = serve.load_tokens(token_file)
     serve.check_exposure(host, tokens)  # before loading anything
@@ -542,7 +543,7 @@ def eval_cmd(ref: str, fhe: str, n_images: int, seed: int | None, data_dir: Path
              registry_path: Path | None, as_json: bool) -> None:  # fmt: skip
     """Top-1/2/3 on CIFAR-10 test images; real FHE also reports agreement with simulation,
     image by image. Every image is appended to the results file as it finishes."""
-    from zoo import evaluate
+    from zoo.fhe import evaluate
 
     result = evaluate.evaluate(
         ref, fhe=fhe, n_images=n_images, seed=seed, data_dir=data_dir, registry_path=registry_path,
@@ -560,7 +561,7 @@ def eval_cmd(ref: str, fhe: str, n_images: int, seed: int | None, data_dir: Path
 @handles_errors
 def keygen(ref: str, force: bool, registry_path: Path | None, as_json: bool) -> None:
     """Generate the client keys of a build once (or reuse them) and report their size."""
-    from zoo import runtime
+    from zoo.fhe import runtime
 
     info = runtime.keygen(ref, force=force, registry_path=registry_path)
     data = {**info.__dict__, "path": str(info.path)}
@@ -600,7 +601,7 @@ def bench_group() -> None:
 def bench_pbs(max_bits: int, min_bits: int, repetitions: int, out_path: Path | None,
               note: str | None, wop: bool, add_wop: bool, as_json: bool) -> None:
     """Time programmable bootstraps per crypto parameter set and fit the cost model."""
-    from zoo import bench
+    from zoo.cost import bench
 
     if min_bits > max_bits:
         raise click.UsageError("--min-bits must not exceed --max-bits")

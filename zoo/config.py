@@ -1,14 +1,12 @@
 """Where `zoo` keeps things, read from the environment at call time (never at import).
 
-| variable          | default                          | meaning                                   |
-|-------------------|----------------------------------|-------------------------------------------|
-| ``ZOO_HOME``      | ``~/.cache/zoo``                 | root of hub, cache and keys               |
-| ``ZOO_REGISTRY``  | the project's ``registry.json``  | the catalogue of variants                 |
-| ``ZOO_RELEASES``  | ``releases/`` beside the registry | the release store (:mod:`zoo.releases`)  |
-| ``ZOO_OFFLINE``   | unset                            | ``1``: never touch the network            |
-| ``ZOO_HF_ENDPOINT`` | ``https://huggingface.co``     | endpoint of the Hugging Face protocol hub |
-| ``HF_TOKEN``      | unset                            | token for the Hugging Face protocol hub   |
-| ``ZOO_DATA_DIR``  | ``$ZOO_HOME/data``               | CIFAR in the official python layout       |
+- ``ZOO_HOME``: root of hub, cache and keys (default ``~/.cache/zoo``)
+- ``ZOO_REGISTRY``: the catalogue of variants (default: the project's ``registry.json``)
+- ``ZOO_RELEASES``: the release store (default: ``releases/`` beside the registry)
+- ``ZOO_OFFLINE``: ``1`` never touches the network
+- ``ZOO_HF_ENDPOINT``: the Hugging Face protocol hub (default ``https://huggingface.co``)
+- ``HF_TOKEN``: its token
+- ``ZOO_DATA_DIR``: CIFAR in the official python layout (default ``$ZOO_HOME/data``)
 """
 
 from __future__ import annotations

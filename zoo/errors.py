@@ -5,6 +5,8 @@ The CLI turns them into one line plus the hint, and exits with the class's ``exi
 
 from __future__ import annotations
 
+import pickle
+
 
 class ZooError(Exception):
     """Base class: a failure the user can act on."""
@@ -20,6 +22,10 @@ class InputError(ZooError):
     """Bad input or usage: a malformed name, an image of the wrong shape, a bad option."""
 
     exit_code = 2
+
+
+class KeyIdError(InputError):
+    """A key id that is not 64 lowercase hex digits (the sha256 of the keys)."""
 
 
 class RegistryError(ZooError):
@@ -38,6 +44,10 @@ class YankedError(NotFoundError):
     """A build withdrawn from the registry (its entry says why)."""
 
 
+class PartialDatasetError(NotFoundError):
+    """The full data set is required but only a partial copy is present."""
+
+
 class IntegrityError(ZooError):
     """Bytes that do not match their pinned size or sha256."""
 
@@ -50,6 +60,10 @@ class UnsafeArchiveError(IntegrityError):
 
 class UnsafeArtifactError(IntegrityError):
     """A zip of a build holds what the artifact gate does not allow to be deserialized."""
+
+
+class UnsafePickleError(IntegrityError, pickle.UnpicklingError):
+    """A CIFAR pickle that references a global outside the allow-list."""
 
 
 class RuntimeMismatchError(ZooError):
@@ -74,6 +88,10 @@ class BuildError(ZooError):
     """A build failed a check (bit-width bound, manifest mismatch, data missing)."""
 
     exit_code = 8
+
+
+class BitWidthBoundError(BuildError):
+    """The compiled circuit needs wider integers than the variant's accumulator bound."""
 
 
 class ServerError(ZooError):

@@ -16,17 +16,11 @@ import time
 from pathlib import Path
 from typing import BinaryIO
 
-from zoo.errors import ZooError
+from zoo.errors import KeyIdError
 
 KEY_ID = re.compile(r"[0-9a-f]{64}")
 INCOMING = ".incoming"
 STALE_SECONDS = 3600  # an upload left half-written by a killed server
-
-
-class KeyIdError(ZooError):
-    """A key id that is not 64 lowercase hex digits (the sha256 of the keys)."""
-
-    exit_code = 2
 
 
 def check_key_id(key_id: str) -> str:

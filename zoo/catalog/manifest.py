@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from zoo.catalog.registry import FileEntry, validate
 from zoo.errors import BuildError, IntegrityError
-from zoo.hashing import sha256_file
-from zoo.registry import FileEntry, validate
+from zoo.store.hashing import sha256_file
 
 MANIFEST = "manifest.json"
 ROLE_OF = {

@@ -19,15 +19,16 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from zoo import config, versions
+from zoo import config
+from zoo.catalog import versions
+from zoo.catalog.registry import Build, FileEntry, Registry
 from zoo.errors import IntegrityError, OfflineError, ZooError
-from zoo.gate import check_zip
-from zoo.hashing import sha256_file
-from zoo.registry import Build, FileEntry, Registry
+from zoo.store.gate import check_zip
+from zoo.store.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 LOCK_TIMEOUT_S = 3600
-#: Files that concrete deserializes: they pass :func:`zoo.gate.check_zip` before they are kept.
+#: Files that concrete deserializes: they pass :func:`~zoo.store.gate.check_zip` before kept.
 GATED_ROLES = ("client", "server")
 
 
@@ -97,7 +98,7 @@ def _verify_into(staged: Path, entry: FileEntry, final: Path) -> None:
 def fetch(
     build: Build,
     role: str,
-    hub,  # noqa: ANN001 - zoo.hub.Hub
+    hub,  # noqa: ANN001 - zoo.store.hub.Hub
     *,
     repo: str,
     revision: str,

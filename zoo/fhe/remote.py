@@ -1,10 +1,10 @@
 """The client's handle on a `zoo serve` server: it stands in for concrete-ml's FHEModelServer.
 
-    model = zoo.runtime.load("cifar10-split-tiny", role="client", server_url="http://host:8000")
+    model = zoo.fhe.runtime.load("cifar10-split-tiny", role="client", server_url="http://host:8000")
     model.predict(images, fhe="execute")        # encrypts here, runs there, decrypts here
 
 :class:`RemoteServer` has ``run(serialized_input, serialized_eval_keys) -> bytes``, the same
-call as ``FHEModelServer.run``, so :meth:`zoo.runtime.Model.logits` works unchanged. Only
+call as ``FHEModelServer.run``, so :meth:`zoo.fhe.runtime.Model.logits` works unchanged. Only
 evaluation keys and ciphertexts are sent; the secret key never leaves the client. The keys are
 uploaded once (the server names them by their sha256, and is asked first whether it has them).
 """
@@ -18,8 +18,8 @@ from typing import Any
 
 import requests
 
+from zoo.catalog.registry import Build
 from zoo.errors import ServerError
-from zoo.registry import Build
 
 REVISION_HEADER = "X-Zoo-Revision"
 SECONDS_HEADER = "X-Zoo-Seconds"

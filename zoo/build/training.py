@@ -17,18 +17,14 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from zoo import sigpipe
-from zoo.data import CIFAR10_DIRNAME, fingerprint
-from zoo.errors import BuildError
+from zoo.build.data import CIFAR10_DIRNAME, fingerprint
+from zoo.errors import BitWidthBoundError, BuildError
+from zoo.fhe import sigpipe
 
 #: Torch intra-op threads; fixed so that float reductions happen in the same order.
 TORCH_THREADS = 2
 #: Images per call of the compiled circuit in simulation / execution.
 SIM_EVAL_BATCH = 500
-
-
-class BitWidthBoundError(BuildError):
-    """The compiled circuit needs wider integers than the variant's accumulator bound."""
 
 
 # --- config ---------------------------------------------------------------------------------

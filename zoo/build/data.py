@@ -26,6 +26,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from zoo.errors import PartialDatasetError, UnsafePickleError
+
 __all__ = [
     "CIFAR_URL",
     "CIFAR10_DIRNAME",
@@ -34,9 +36,7 @@ __all__ = [
     "CIFAR100_TRAIN_SIZE",
     "CIFAR100_TEST_SIZE",
     "CifarSplit",
-    "PartialDatasetError",
     "RestrictedUnpickler",
-    "UnsafePickleError",
     "cifar_class_names",
     "fingerprint",
     "load_cifar10",
@@ -75,14 +75,6 @@ _ALLOWED_GLOBALS: frozenset[tuple[str, str]] = frozenset(
         ("_codecs", "encode"),
     }
 )
-
-
-class UnsafePickleError(pickle.UnpicklingError):
-    """Raised when a pickle references a global outside the CIFAR allow-list."""
-
-
-class PartialDatasetError(RuntimeError):
-    """Raised when the full data set is required but only a partial copy is present."""
 
 
 class RestrictedUnpickler(pickle.Unpickler):

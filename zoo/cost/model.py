@@ -16,7 +16,7 @@ step. The bit width only matters through the parameters the optimizer picks for 
 (more, cheaper PBS) is priced right, which a per-width table cannot do. ``overhead`` is the
 fixed cost of one run with PBS (~60 ms here; a run without PBS costs ~1 ms).
 
-Why this formula: `zoo bench pbs` (:mod:`zoo.bench`) times level-1 and level-2 bootstraps at
+Why this formula: `zoo bench pbs` (:mod:`zoo.cost.bench`) times level-1 and level-2 bootstraps at
 polynomial sizes 512..32768 with our builds' ``p_error``, including exactly the parameter sets
 of our convolutions, one circuit at a time with layer-sized circuits (hundreds of PBS). On the
 11 points of the project's first quiet 2-core machine (until 2026-12-01, its instruction set
@@ -78,7 +78,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from zoo import config, kernels, versions
+from zoo import config
+from zoo.catalog import versions
+from zoo.cost import machine
 
 DEFAULT_SECONDS_PER_PBS = {4: 0.019, 6: 0.070, 8: 0.530}
 DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "calibration" / "default.json"
@@ -219,7 +221,7 @@ def other_machine(document: dict[str, Any], here: dict[str, Any] | None = None) 
     project's AVX2 machine than on the one before it, most likely an AVX-512 one) and the core
     count; a calibration made elsewhere says so instead of silently misleading.
     """
-    here = kernels.cpu() if here is None else here
+    here = machine.cpu() if here is None else here
     theirs = document.get("machine") or {}
     if all(theirs.get(k) == here[k] for k in ("isa", "cpu_count")):
         return None

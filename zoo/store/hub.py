@@ -6,7 +6,7 @@
 - :class:`HfHub`: the Hugging Face Hub protocol through ``huggingface_hub``; a publish is one
   ``create_commit`` with ``parent_commit`` (it fails if someone pushed meanwhile) and every
   download names an explicit 40-hex revision.
-- :class:`zoo.releases.ReleaseStore`: ``releases/`` in the source tree, files by sha256; the
+- :class:`zoo.store.releases.ReleaseStore`: ``releases/`` in the source tree, files by sha256; the
   store a fresh clone pulls from when no hub holds a build.
 
 This is the only module that imports ``huggingface_hub`` (lazily: listing and warm pulls never
@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Protocol
 
 from zoo import config
+from zoo.catalog.registry import FileEntry, HubRef
 from zoo.errors import HubError, InputError, IntegrityError, NotFoundError
-from zoo.hashing import copy_hashed, sha256_file
-from zoo.registry import FileEntry, HubRef
+from zoo.store.hashing import copy_hashed, sha256_file
 
 #: A repository name on a hub: ORG/REPO, as the registry schema allows it.
 REPO_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -279,7 +279,7 @@ def parse_hub(spec: str, variant: str, registry_path: Path | None = None) -> tup
     if spec == "local":
         return LocalHub.default(), f"zoo/{variant}"
     if spec == "releases":
-        from zoo.releases import ReleaseStore
+        from zoo.store.releases import ReleaseStore
 
         return ReleaseStore.beside(registry_path), f"zoo/{variant}"
     if spec.startswith("hf://"):

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from zoo import config
+from zoo.catalog.registry import Build, FileEntry
 from zoo.errors import IntegrityError, NotFoundError
-from zoo.hashing import copy_hashed, sha256_file
-from zoo.registry import Build, FileEntry
+from zoo.store.hashing import copy_hashed, sha256_file
 
 KIND = "releases"
 
@@ -45,7 +45,7 @@ class ReleaseStore:
 
     def publish(self, repo: str, files: list[tuple[Path, FileEntry]], message: str) -> str:
         """Store every file not yet stored; return the build's content revision."""
-        from zoo.hub import content_revision, remove_stale
+        from zoo.store.hub import content_revision, remove_stale
 
         for source, entry in files:
             target = self.blob(entry.sha256)

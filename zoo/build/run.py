@@ -15,7 +15,7 @@ plus what is *not* reproducible and therefore not part of the pinned build: ``re
 simulation, whose PBS-error RNG concrete does not let us seed; ``zoo publish`` copies them into
 the registry)
 and ``work/`` (checkpoints, logs). Same recipe, profile, seed, data, runtime and device (CPU
-kernels held to AVX2 by :mod:`zoo.kernels`) ⇒ the same bytes for every pinned file;
+kernels held to AVX2 by :mod:`zoo.build.kernels`) ⇒ the same bytes for every pinned file;
 :func:`check` and ``--build-missing`` rely on it.
 """
 
@@ -35,9 +35,13 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from zoo import cache, card, config, kernels, manifest, versions
-from zoo import registry as reg
+from zoo import config
+from zoo.build import kernels
+from zoo.catalog import card, manifest, versions
+from zoo.catalog import registry as reg
+from zoo.cost import machine
 from zoo.errors import BuildError, IntegrityError
+from zoo.store import cache
 
 log = logging.getLogger(__name__)
 PROFILES = ("full", "quick", "smoke")
@@ -64,7 +68,7 @@ class RecipeResult:
     """What a recipe's ``build(ctx)`` returns: everything the packaging step needs."""
 
     head: dict[str, Any]  # tensors of head.safetensors
-    head_config: dict[str, Any]  # its metadata: how the client runs it (zoo.head)
+    head_config: dict[str, Any]  # its metadata: how the client runs it (zoo.fhe.head)
     weights: dict[str, Any]  # tensors of weights.safetensors
     quantized_module: Any  # the compiled concrete-ml model
     metrics: dict[str, Any]
@@ -87,7 +91,7 @@ def load_recipe(module: str) -> ModuleType:
 
 
 def _logger(work_dir: Path) -> logging.Logger:
-    logger = logging.getLogger(f"zoo.build.{work_dir}")
+    logger = logging.getLogger(f"zoo.build.run.{work_dir}")
     logger.setLevel(logging.INFO)
     logger.propagate = False
     if not logger.handlers:
@@ -140,7 +144,7 @@ def build(
     one (``ACCEPTS_INIT``); its sha256 enters the recipe's config, hence the manifest.
     """
     kernels.pin()  # before the recipe imports torch
-    from zoo.package import circuit_statistics, write_fhe_zips
+    from zoo.build.package import circuit_statistics, write_fhe_zips
 
     entry = reg.load(registry_path).variant(variant)
     if profile not in entry.recipe["profiles"]:
@@ -214,7 +218,7 @@ def build(
         "variant": variant,
         "profile": profile,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "host": {"machine": platform.machine(), **kernels.cpu()},
+        "host": {"machine": platform.machine(), **machine.cpu()},
         "stages": result.stages,
         "metrics": sampled,
         "timings": timings,

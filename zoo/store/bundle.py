@@ -7,7 +7,7 @@ A bundle is a zip archive (members stored, not compressed: the files are compres
 
 ``export`` pulls the builds (from the cache when they are there) and writes the archive through a
 temporary file. ``import_bundle`` trusts nothing in it: the archive is extracted by
-:func:`zoo.safezip.extract_zip` (no ``..`` paths, links or oversized members), every file is
+:func:`zoo.store.safezip.extract_zip` (no ``..`` paths, links or oversized members), every file is
 checked against the importing registry's pins, and a build that registry does not know is added
 only with ``trust=True``, after its content revision is recomputed from its file listing. Files
 enter the cache through the same verified rename as a hub download; nothing is written to cache
@@ -24,12 +24,14 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from zoo import api, cache, hub, manifest
-from zoo import registry as reg
+from zoo import api
+from zoo.catalog import manifest
+from zoo.catalog import registry as reg
 from zoo.errors import IntegrityError, NotFoundError, UnsafeArchiveError
-from zoo.gate import check_zip
-from zoo.hashing import sha256_file
-from zoo.safezip import extract_zip
+from zoo.store import cache, hub
+from zoo.store.gate import check_zip
+from zoo.store.hashing import sha256_file
+from zoo.store.safezip import extract_zip
 
 FORMAT = "zoo-bundle"
 VERSION = 1
@@ -128,7 +130,7 @@ def _plan(
 
 
 class _Extracted:
-    """A hub over an extracted bundle (files by sha256), for :func:`zoo.cache.fetch`."""
+    """A hub over an extracted bundle (files by sha256), for :func:`zoo.store.cache.fetch`."""
 
     kind = "bundle"
 

@@ -5,7 +5,7 @@ with ``jsonpickle.loads``, which can build any object and call any function; con
 ``client.zip``'s ``serialized_processing.json`` with its own decoder, which hands ``type`` values
 to skops. A sha256 pin only proves these are the bytes the registry's author chose, so before
 anything deserializes them, :func:`check_zip` extracts the archive safely
-(:func:`zoo.safezip.extract_zip`), parses every JSON member with the plain ``json`` module and
+(:func:`zoo.store.safezip.extract_zip`), parses every JSON member with the plain ``json`` module and
 accepts only what real concrete-ml 1.9 builds contain (sizes and compression ratios included):
 
 - jsonpickle ``py/reduce`` of one of :data:`ENUM_TYPES` with plain arguments (an enum member),
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from zoo.errors import UnsafeArtifactError
-from zoo.safezip import extract_zip
+from zoo.store.safezip import extract_zip
 
 CONFIGURATION = "concrete.fhe.compilation.configuration."
 #: Enum classes that concrete's configuration.json rebuilds with ``py/reduce``.

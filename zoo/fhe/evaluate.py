@@ -14,12 +14,12 @@ keeps its seconds apart: the summary's ``execute_seconds_per_image`` is that of 
 its ``machine`` (this one, when it ran images of the sample), and ``execute_seconds_by_machine``
 lists every machine. Records written before records named their machine take the machine of
 the summary that closed their run. ``cpu_steal`` is the share of CPU time the hypervisor gave to
-other guests while the image ran here (:func:`zoo.kernels.steal`; None on Ray): a time measured
+other guests while the image ran here (``machine.steal``; None on Ray): a time measured
 while it was high is not the machine's; the summary gives the largest as ``cpu_steal_max``.
 
 Real FHE also runs the simulation of each image and reports their agreement image by image:
 the measurement no reference published. ``backend="ray"`` spreads the encrypted runs over a Ray
-cluster (:mod:`zoo.cluster`); encryption and decryption stay here, with the secret key.
+cluster (:mod:`zoo.fhe.cluster`); encryption and decryption stay here, with the secret key.
 """
 
 from __future__ import annotations
@@ -33,10 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from zoo import api, config, cost, kernels, runtime, sigpipe
-from zoo import registry as reg
-from zoo.data import fingerprint, load_split
+from zoo import api, config
+from zoo.build.data import fingerprint, load_split
+from zoo.catalog import registry as reg
+from zoo.cost import model as cost
+from zoo.cost.machine import cpu, cpu_ticks, steal
 from zoo.errors import ZooError
+from zoo.fhe import runtime, sigpipe
 
 KEY_TIMINGS = ("keygen_seconds", "keys_load_seconds")
 #: Images simulated per results-file append (simulation is cheap; real FHE appends per image).
@@ -244,7 +247,7 @@ def evaluate(
     )
     # where the circuit runs: this machine, unless Ray runs it on a cluster it joins
     joins = backend == "ray" and (address is not None or "RAY_ADDRESS" in os.environ)
-    machine = None if joins else kernels.cpu()
+    machine = None if joins else cpu()
     out = _ResultsFile(path, header, resume)
     pending = [int(i) for i in indices if int(i) not in out.done]
     if stop_after is not None:
@@ -352,7 +355,7 @@ def _executed(
         for i, index in enumerate(pending)
     )
     if backend == "ray":
-        from zoo import cluster
+        from zoo.fhe import cluster
 
         for index, result, seconds in cluster.run(
             model.path, keys, ciphertexts, address=address, workers=workers
@@ -360,10 +363,10 @@ def _executed(
             yield record(index, result, seconds, None)
         return
     for index, ciphertext in ciphertexts:
-        start, ticks = time.perf_counter(), kernels.cpu_ticks()
+        start, ticks = time.perf_counter(), cpu_ticks()
         try:
             result = model.server.run(ciphertext, keys)
         finally:
             sigpipe.restore()
         seconds = time.perf_counter() - start
-        yield record(index, result, seconds, kernels.steal(ticks, kernels.cpu_ticks()))
+        yield record(index, result, seconds, steal(ticks, cpu_ticks()))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from zoo.registry import Variant
+from zoo.catalog.registry import Variant
 
 DATASET_IDS = {"cifar10": "cifar10", "cifar100": "cifar100"}
 MODES = (("clear", "clear: float head + Brevitas"), ("fhe_simulation", "FHE simulation"),

@@ -17,7 +17,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from zoo import config, versions
+from zoo import config
+from zoo.catalog import versions
 from zoo.errors import (
     InputError,
     NotFoundError,

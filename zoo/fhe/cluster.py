@@ -21,8 +21,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from zoo import sigpipe
 from zoo.errors import IntegrityError, ZooError
+from zoo.fhe import sigpipe
 
 #: How often Ray may restart a crashed worker, and retry the task it was running.
 RETRIES = 3
@@ -40,7 +40,7 @@ def _worker_class() -> Any:
             from concrete import fhe
             from concrete.ml.deployment import FHEModelServer
 
-            from zoo.gate import check_zip
+            from zoo.store.gate import check_zip
 
             if hashlib.sha256(server_zip).hexdigest() != sha256:
                 raise IntegrityError("server.zip changed on its way to the worker")

@@ -16,12 +16,12 @@ of our builds:
   896, level 2, base log 15 at 6 bits, as in ``cifar10-split-tiny``).
 
 A 2-bit lookup on a single element measures the fixed cost of a run with PBS, which the fit
-(:func:`zoo.cost.fit`) separates from the per-PBS cost.
+(:func:`zoo.cost.model.fit`) separates from the per-PBS cost.
 
-With ``wop=True`` a third kind, ``wop``, times WoP-PBS lookups (see :mod:`zoo.cost`): a lookup
+With ``wop=True`` a third kind, ``wop``, times WoP-PBS lookups (see :mod:`zoo.cost.model`): a lookup
 of ``bits`` bits over ``m`` elements beside one 12-bit lookup, which makes concrete compile every
 lookup of the circuit as WoP-PBS, as in a circuit with wide accumulators (the unrounded VGG11).
-They get a fit of their own (:func:`zoo.cost.fit_wop`). numpy and concrete are imported inside
+They get a fit of their own (:func:`zoo.cost.model.fit_wop`). numpy and concrete are imported inside
 the functions only.
 """
 
@@ -38,7 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from zoo import cost, kernels, sigpipe, versions
+from zoo.catalog import versions
+from zoo.cost import model as cost
+from zoo.cost.machine import cpu, cpu_ticks, steal
+from zoo.errors import RuntimeMismatchError
+from zoo.fhe import sigpipe
 
 BUILD_P_ERROR = 2**-40  # recipes/split_cnv.py ARCHS[*]["p_error"]
 MIN_BITS, MAX_BITS = 2, 8
@@ -153,9 +157,10 @@ def _compile(spec: PointSpec, seed: int = 0) -> tuple[Any, Any]:
         inputset = [(x, z.astype(np.int64)) for x, z in zip(inputset, anchors)]
     circuit = function.compile(inputset, p_error=BUILD_P_ERROR, global_p_error=None)
     if spec.kind == "wop" and not circuit.statistics.get("packing_key_switch_count"):
-        raise RuntimeError(
+        raise RuntimeMismatchError(
             f"{spec.name}: concrete compiled the {WOP_ANCHOR_BITS}-bit lookup without WoP-PBS; "
-            "this concrete-python chooses otherwise, so the WoP benchmark does not apply"
+            "this concrete-python chooses otherwise, so the WoP benchmark does not apply",
+            hint="run `zoo bench pbs` without --wop / --add-wop",
         )
     return circuit, inputset[0]
 
@@ -194,12 +199,12 @@ def _args(value: Any) -> tuple[Any, ...]:
 
 
 def _statistics(circuit: Any) -> dict[str, Any]:
-    from zoo.package import _jsonable_statistic
+    from zoo.build.package import jsonable_statistic
 
     raw = dict(circuit.statistics)
     keep = ("programmable_bootstrap_count", "programmable_bootstrap_count_per_parameter",
             "key_switch_count", "key_switch_count_per_parameter")  # fmt: skip
-    return {key: _jsonable_statistic(key, raw[key]) for key in keep if key in raw}
+    return {key: jsonable_statistic(key, raw[key]) for key in keep if key in raw}
 
 
 def _point(prepared: _Prepared) -> dict[str, Any]:
@@ -262,9 +267,9 @@ def measure(
 
 
 def machine() -> dict[str, Any]:
-    """This CPU (:func:`zoo.kernels.cpu`) and what concrete is allowed to use on it."""
+    """This CPU (:func:`zoo.cost.machine.cpu`) and what concrete is allowed to use on it."""
     return {
-        **kernels.cpu(),
+        **cpu(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "platform": platform.platform(),
         "load_average": [round(x, 2) for x in os.getloadavg()],
@@ -281,7 +286,7 @@ def run_pbs_bench(
     wop: bool = False,
     add_wop: bool = False,
 ) -> tuple[dict[str, Any], Path]:
-    """Measure the benchmark circuits, fit :mod:`zoo.cost`'s model and save the calibration.
+    """Measure the benchmark circuits, fit :mod:`zoo.cost.model`'s model and save the calibration.
 
     Args:
         max_bits / min_bits: range of lookup bit widths (8-bit keygen is the slow part).
@@ -298,7 +303,7 @@ def run_pbs_bench(
     """
     say = progress or (lambda line: None)
     out = Path(out) if out else cost.user_calibration_path()
-    started, ticks = time.perf_counter(), kernels.cpu_ticks()
+    started, ticks = time.perf_counter(), cpu_ticks()
     before = machine()
     base: dict[str, Any] = {}
     if add_wop:
@@ -328,7 +333,7 @@ def run_pbs_bench(
         "machine": {
             **before,
             "load_average_after": machine()["load_average"],
-            "cpu_steal": kernels.steal(ticks, kernels.cpu_ticks()),
+            "cpu_steal": steal(ticks, cpu_ticks()),
         },
         "versions": {k: versions.installed()[k] for k in versions.BINDING},
         "p_error": BUILD_P_ERROR,

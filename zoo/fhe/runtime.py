@@ -1,10 +1,10 @@
 """Run a pulled build: clear head → quantize → encrypt → FHE circuit → decrypt → top-k.
 
-    model = zoo.runtime.load("cifar10-split-tiny")
+    model = zoo.fhe.runtime.load("cifar10-split-tiny")
     model.predict(images_uint8_nhwc, fhe="execute", top_k=3)
 
 The client side (head, ``client.zip``, keys) and the server side (``server.zip``) load from the
-verified cache; the zips pass :func:`zoo.gate.check_zip` (safe extraction, and only the
+verified cache; the zips pass :func:`zoo.store.gate.check_zip` (safe extraction, and only the
 serialized types real builds hold) before concrete-ml opens them, and the runtime versions are
 checked before concrete-ml would fail on them. Client keys are generated once per build and kept
 under ``$ZOO_HOME/keys`` (folder 0700, files 0600); the secret key never leaves the client.
@@ -26,10 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from zoo import api, cache, config, head, sigpipe, versions
+from zoo import api, config
+from zoo.catalog import versions
+from zoo.catalog.registry import Build
 from zoo.errors import InputError, RuntimeMismatchError
-from zoo.gate import check_zip
-from zoo.registry import Build
+from zoo.fhe import head, sigpipe
+from zoo.store import cache
+from zoo.store.gate import check_zip
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")  # fmt: skip
@@ -251,7 +254,7 @@ def load(ref: str, role: str = "both", server_url: str | None = None, **pull_kwa
     """Pull (if needed) and load a build for ``role``: client, server or both.
 
     With ``server_url`` (and ``role="client"``), the circuit runs on that `zoo serve` server:
-    ``model.server`` is a :class:`zoo.remote.RemoteServer`.
+    ``model.server`` is a :class:`zoo.fhe.remote.RemoteServer`.
     """
     if server_url is not None and role != "client":
         raise InputError("server_url goes with role='client'", hint="load(ref, role='client', "
@@ -286,7 +289,7 @@ def load(ref: str, role: str = "both", server_url: str | None = None, **pull_kwa
             model.server = FHEModelServer(str(path))
         model.timings["server_load_seconds"] = time.perf_counter() - started
     if server_url is not None:
-        from zoo.remote import RemoteServer
+        from zoo.fhe.remote import RemoteServer
 
         model.server = RemoteServer(server_url, build)
     return model

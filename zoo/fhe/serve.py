@@ -15,7 +15,7 @@ evaluation keys and ciphertexts: it never sees a secret key, an image or a resul
 
 ``POST`` requests carry ``X-Zoo-Revision: <full revision>`` (409 if it is not the served build).
 Errors are JSON ``{"detail": "what went wrong: what to do"}`` with a 4xx status for bad requests.
-The circuit runs in a child process (:mod:`zoo.fhe_worker`), one request at a time.
+The circuit runs in a child process (:mod:`zoo.fhe.worker`), one request at a time.
 
 Access: with tokens (``--token-file``, one per line, and/or ``$ZOO_SERVE_TOKEN``) every endpoint
 but ``/health`` needs ``Authorization: Bearer TOKEN`` (401 otherwise; compared in constant
@@ -45,10 +45,10 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from zoo import config
-from zoo.errors import InputError
-from zoo.fhe_worker import FheWorker, WorkerCrashed, WorkerRefused, describe_exit
-from zoo.keystore import KeyIdError, KeyStore, make_private
-from zoo.remote import TOKEN_ENV
+from zoo.errors import InputError, KeyIdError
+from zoo.fhe.keystore import KeyStore, make_private
+from zoo.fhe.remote import TOKEN_ENV
+from zoo.fhe.worker import FheWorker, WorkerCrashed, WorkerRefused, describe_exit
 
 REVISION_HEADER = "X-Zoo-Revision"
 SECONDS_HEADER = "X-Zoo-Seconds"
@@ -183,7 +183,7 @@ def create_app(
     deserialized in memory. With ``tokens``, each token is a client with a key store of its own
     (``key_store/<sha256 of the token, 16 hex>``); without, one client (``key_store/local``).
     """
-    from zoo import runtime
+    from zoo.fhe import runtime
 
     model = runtime.load(ref, role="server", registry_path=registry_path)
     build = model.build

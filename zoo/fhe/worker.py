@@ -23,8 +23,8 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import IO, Any
 
-from zoo import sigpipe
 from zoo.errors import ZooError
+from zoo.fhe import sigpipe
 
 FRAME = struct.Struct(">IQ")  # header length, payload length
 CRASH_SIGNALS = {signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
@@ -103,7 +103,7 @@ class FheWorker:
             raise ZooError("the FHE worker is shut down")
         if self._proc is not None and self._proc.poll() is None:
             return self._proc
-        command = [sys.executable, "-m", "zoo.fhe_worker", self.ref,
+        command = [sys.executable, "-m", "zoo.fhe.worker", self.ref,
                    "--max-cached-keys", str(self.max_cached_keys)]  # fmt: skip
         if self.registry_path is not None:
             command += ["--registry", str(self.registry_path)]
@@ -217,14 +217,14 @@ def _serve(model: Any, keys: _Keys, header: dict[str, Any], payload: bytes) -> t
     finally:
         sigpipe.restore()
     seconds = time.perf_counter() - started
-    print(f"zoo.fhe_worker: ran the circuit for key {header['key_id'][:12]} in {seconds:.1f} s",
+    print(f"zoo.fhe.worker: ran the circuit for key {header['key_id'][:12]} in {seconds:.1f} s",
           file=sys.stderr, flush=True)  # fmt: skip
     return {"status": "ok", "seconds": seconds}, result
 
 
 def main(argv: list[str] | None = None) -> int:
     """Child entry point: load the build's server side, then answer frames until stdin ends."""
-    parser = argparse.ArgumentParser(prog="python -m zoo.fhe_worker")
+    parser = argparse.ArgumentParser(prog="python -m zoo.fhe.worker")
     parser.add_argument("ref")
     parser.add_argument("--registry", type=Path, default=None)
     parser.add_argument("--max-cached-keys", type=int, default=2)
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     replies = os.fdopen(os.dup(1), "wb")
     os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
     os.dup2(2, 1)  # prints from concrete or torch must not corrupt the frames
-    from zoo import runtime
+    from zoo.fhe import runtime
 
     try:
         model = runtime.load(args.ref, role="server", registry_path=args.registry, offline=True)

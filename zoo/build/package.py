@@ -330,7 +330,7 @@ def _parameter_rows(value: dict[Any, Any]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda row: _parameter_key(row["parameter"]))
 
 
-def _jsonable_statistic(name: str, value: Any) -> Any:
+def jsonable_statistic(name: str, value: Any) -> Any:
     """Convert one concrete statistic to JSON-able data, using its name to know its shape.
 
     ``*_per_parameter`` dicts (keyed by key-parameter objects) become lists of
@@ -468,7 +468,7 @@ def circuit_statistics(quantized_module: Any) -> dict[str, Any]:
     """
     circuit = quantized_module.fhe_circuit
     raw = dict(circuit.statistics)
-    stats = {key: _jsonable_statistic(key, value) for key, value in raw.items()}
+    stats = {key: jsonable_statistic(key, value) for key, value in raw.items()}
     max_width = int(circuit.graph.maximum_integer_bit_width())
     pbs_count = int(raw.get("programmable_bootstrap_count", 0))
     by_width, unattributed = _pbs_by_bit_width(circuit, pbs_count, max_width)

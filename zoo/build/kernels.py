@@ -1,0 +1,47 @@
+"""CPU kernels held to one instruction set, so that builds are bit for bit the same on any x86-64.
+
+torch (ATen), oneDNN, MKL and numpy's OpenBLAS pick their kernels by the CPU's instruction set,
+and kernels of different widths round differently. A build holds all four to AVX2, which every
+x86-64 machine of the last decade runs. The libraries read these variables when they start, so
+:func:`pin` must run before torch and numpy are imported (``zoo build`` does it first thing), and
+:func:`check` refuses a build in a process where it came too late. A variable already set in the
+environment is left as it is (and recorded as it is).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from zoo.errors import BuildError
+
+#: What each library is held to (x86-64; elsewhere the variables are harmless and ignored).
+PINS = {
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "DNNL_MAX_CPU_ISA": "AVX2",
+    "MKL_CBWR": "AVX2",
+    "OPENBLAS_CORETYPE": "Haswell",
+}
+#: torch's capabilities above the pin: seeing one means torch started before :func:`pin`.
+ABOVE_PIN = ("AVX512",)
+
+
+def pin() -> None:
+    """Set the variables of :data:`PINS` that are not set yet (before torch/numpy start)."""
+    for name, value in PINS.items():
+        os.environ.setdefault(name, value)
+
+
+def check() -> dict[str, Any]:
+    """The kernels this process really uses, for the build's config; refuse unpinned ones."""
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith(ABOVE_PIN):
+        raise BuildError(
+            f"torch runs its {capability} kernels in this process, so the build would not "
+            "reproduce on AVX2 machines",
+            hint="build with `zoo build` (a fresh process), or call zoo.build.kernels.pin() "
+            "before importing torch",
+        )
+    return {"torch": capability, **{name: os.environ.get(name) for name in PINS}}
