@@ -15,7 +15,7 @@ The model is split in two (Concrete ML's ``cifar_brevitas_with_model_splitting``
    and the first layer is where quantization hurts most, so it stays in float. Its output is
    quantized by a Brevitas ``QuantIdentity`` (signed, narrow range, ``in_bits`` bits). That
    quantized tensor is the input of the encrypted part. The shipped head has BatchNorm folded
-   into the convolution; :func:`head_forward` reruns it from the saved tensors alone.
+   into the convolution; :func:`zoo.fhe.head.forward` reruns it from the saved tensors alone.
 2. **Encrypted part (server, FHE).** Everything after it, with 2-bit (ternary) weights and
    2-bit activations (``QuantConv2d`` / ``QuantLinear`` / ``QuantIdentity``), compiled by
    ``compile_brevitas_qat_model``.
@@ -67,12 +67,10 @@ from zoo.build.data import load_cifar10
 from zoo.build.run import BuildContext, RecipeResult
 from zoo.build.training import (
     TORCH_THREADS,
-    accuracy_metrics,
-    check_bit_width,
+    Stages,
     cifar10_name,
-    compile_qat,
     data_record,
-    fhe_logits,
+    finish,
     head_input_config,
     jsonable,
     load_checkpoint,
@@ -85,7 +83,6 @@ from zoo.build.training import (
     topk_accuracy,
     train_epoch,
 )
-from zoo.fhe import head as zoo_head
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -339,7 +336,7 @@ class TensorNorm(nn.Module):
 class ClearHead(nn.Module):
     """First conv + BatchNorm in float (+ optional hardtanh and average pool): the client part.
 
-    In eval mode it computes exactly what :func:`head_forward` computes from the exported
+    In eval mode it computes exactly what :func:`zoo.fhe.head.forward` computes from the exported
     tensors: a convolution with BatchNorm folded in.
     """
 
@@ -508,6 +505,14 @@ def encrypted_part(model: SplitCNV, arch: dict[str, Any]) -> nn.Module:
     """What the circuit computes: the encrypted part, less the blocks the client runs."""
     start = _clear_end(arch)
     return model.encrypted if start < 0 else EncryptedTail(model.encrypted, start)
+
+
+def torch_module(cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> nn.Module:
+    """A build's Brevitas module from its resolved config and ``weights.safetensors``: what the
+    circuit computes, from the head's output to the logits (eval mode)."""
+    model = SplitCNV(cfg["arch"])
+    model.encrypted.load_state_dict(weights)
+    return encrypted_part(model, cfg["arch"]).eval()
 
 
 def fanin_mask(weight: torch.Tensor, k: int) -> torch.Tensor:
@@ -791,9 +796,6 @@ def _head_out_shape(arch: dict[str, Any], blocks: int = 0) -> list[int]:
     return [channels, size, size]
 
 
-head_forward = zoo_head.forward  # the client's head: one implementation, in zoo
-
-
 # --------------------------------------------------------------------------------------------
 # The build
 # --------------------------------------------------------------------------------------------
@@ -804,15 +806,14 @@ def build(ctx: BuildContext) -> RecipeResult:
     cfg = resolve_config(ctx.variant, ctx.params, ctx.profile, ctx.seed)
     arch, prof = cfg["arch"], cfg["profile"]
     Path(ctx.work_dir).mkdir(parents=True, exist_ok=True)
-    stages: dict[str, dict[str, Any]] = {}
+    stages = Stages()
     seed_everything(ctx.seed, ctx.device)
 
     # 1. Data: the official CIFAR-10 archive (first n_train / n_test images, official order).
-    t0 = time.perf_counter()
-    train_x, train_y = subset(*load_cifar10(ctx.data_dir, "train"), prof["n_train"])
-    test_x, test_y = subset(*load_cifar10(ctx.data_dir, "test"), prof["n_test"])
-    data = data_record(cifar10_name(ctx.data_dir), (train_x, train_y), (test_x, test_y))
-    stages["data"] = {"device": "cpu", "wall_seconds": time.perf_counter() - t0}
+    with stages("data"):
+        train_x, train_y = subset(*load_cifar10(ctx.data_dir, "train"), prof["n_train"])
+        test_x, test_y = subset(*load_cifar10(ctx.data_dir, "test"), prof["n_test"])
+        data = data_record(cifar10_name(ctx.data_dir), (train_x, train_y), (test_x, test_y))
     ctx.log.info("data: %d train, %d test images", len(train_y), len(test_y))
 
     # 2. Model.
@@ -821,61 +822,33 @@ def build(ctx: BuildContext) -> RecipeResult:
     ctx.log.info("model %s: %d parameters", cfg["arch_name"], n_params)
 
     # 3. Train (QAT + fan-in pruning).
-    t0 = time.perf_counter()
-    history = train(model, train_x, train_y, cfg, ctx, monitor=(test_x, test_y))
-    train_seconds = time.perf_counter() - t0
-    stages["train"] = {"device": ctx.device, "wall_seconds": train_seconds}
+    with stages("train", ctx.device):
+        history = train(model, train_x, train_y, cfg, ctx, monitor=(test_x, test_y))
     model.eval()
 
     # 4. Evaluate in the clear (float head + Brevitas), on CPU.
-    t0 = time.perf_counter()
     bs = prof["eval_batch_size"]
-    clear = clear_logits(model, test_x, bs)
-    clear_acc = topk_accuracy(clear, test_y)
-    stages["evaluate_clear"] = {"device": "cpu", "wall_seconds": time.perf_counter() - t0}
+    with stages("evaluate_clear"):
+        clear = clear_logits(model, test_x, bs)
+        clear_acc = topk_accuracy(clear, test_y)
     ctx.log.info("clear top-1/2/3: %.4f %.4f %.4f", clear_acc[1], clear_acc[2], clear_acc[3])
 
-    # 5. Compile the encrypted part, calibrated on head outputs of training images.
-    t0 = time.perf_counter()
-    calib = head_outputs(model, train_x[: prof["n_calib"]], bs, _clear_end(arch))
-    encrypted = encrypted_part(model, arch)
-    qmodule = compile_qat(encrypted, calib, arch, Path(ctx.work_dir) / "encrypted.onnx")
-    compile_seconds = time.perf_counter() - t0
-    stages["compile"] = {"device": "cpu", "wall_seconds": compile_seconds}
-    width = check_bit_width(qmodule, arch["max_bit_width"])
-    ctx.log.info("compiled: max bit width %d (bound %d)", width, arch["max_bit_width"])
-
-    # 6. Evaluate under FHE simulation, from the exported head (what a client runs), on the
-    #    first ``n_simulate`` test images (all by default).
-    t0 = time.perf_counter()
-    head, head_config = export_head(model, arch)
-    n_sim = prof.get("n_simulate") or len(test_y)
-    fhe_in = head_forward(head, head_config, test_x[:n_sim])
-    sim = fhe_logits(qmodule, fhe_in, "simulate")
-    metrics = accuracy_metrics(clear[:n_sim], sim, test_y[:n_sim])
-    if n_sim < len(test_y):  # the clear model is measured on all of them
-        metrics.update({f"clear_top{k}": clear_acc[k] for k in (1, 2, 3)})
-        metrics.update(n_test_images=len(test_y), n_simulated_images=n_sim)
-    stages["evaluate_fhe_simulation"] = {"device": "cpu", "wall_seconds": time.perf_counter() - t0}
-    ctx.log.info("FHE-sim top-1/2/3: %.4f %.4f %.4f", *(metrics[f"fhe_simulation_top{k}"]
-                                                       for k in (1, 2, 3)))  # fmt: skip
-    metrics.update({
-        "max_bit_width": width,
-        "max_bit_width_bound": arch["max_bit_width"],
-        "max_nonzero_fanin": max_fanin(model),
-        "n_parameters": n_params,
-        "train_history": history,
-        "train_seconds": train_seconds,
-        "compile_seconds": compile_seconds,
-    })  # fmt: skip
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.encrypted.state_dict().items()}
-    return RecipeResult(
-        head=head,
-        head_config=head_config,
-        weights=weights,
-        quantized_module=qmodule,
-        metrics=metrics,
-        config=cfg,
-        stages=stages,
+    # 5-6. What the client runs in the clear stays out of the circuit: compile the encrypted
+    # part, calibrated on head outputs of training images, and simulate it from the exported head.
+    return finish(
+        ctx, stages, cfg,
+        circuit=encrypted_part(model, arch),
+        calibration=head_outputs(model, train_x[: prof["n_calib"]], bs, _clear_end(arch)),
+        onnx_name="encrypted.onnx",
+        export_head=lambda: export_head(model, arch),
+        clear=clear,
+        test=(test_x, test_y),
+        weights=model.encrypted.state_dict(),
         data=data,
-    )
+        metrics={
+            "max_nonzero_fanin": max_fanin(model),
+            "n_parameters": n_params,
+            "train_history": history,
+            "train_seconds": stages.seconds("train"),
+        },
+    )  # fmt: skip

@@ -58,12 +58,10 @@ from zoo.build.data import load_cifar10, load_cifar100_split, require_complete
 from zoo.build.run import BuildContext, RecipeResult
 from zoo.build.training import (
     TORCH_THREADS,
-    accuracy_metrics,
-    check_bit_width,
+    Stages,
     cifar10_name,
-    compile_qat,
     data_record,
-    fhe_logits,
+    finish,
     head_input_config,
     jsonable,
     load_checkpoint,
@@ -77,7 +75,6 @@ from zoo.build.training import (
     train_epoch,
 )
 from zoo.errors import BuildError, PartialDatasetError
-from zoo.fhe import head as zoo_head
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -419,6 +416,15 @@ def train_stage(
 # --------------------------------------------------------------------------------------------
 
 
+def torch_module(cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> nn.Module:
+    """A build's Brevitas module from its resolved config and ``weights.safetensors``: what the
+    circuit computes, from the head's output (the quantized image) to the logits (eval mode)."""
+    model = QuantVGG11(cfg["data"]["num_classes"], cfg["arch"]["bits"],
+                       cfg["profile"]["width_divisor"])  # fmt: skip
+    model.load_state_dict(weights)
+    return model.eval()
+
+
 @torch.no_grad()
 def logits_of(model: nn.Module, images: np.ndarray, cfg: dict[str, Any], batch: int):
     """Clear logits of a float or Brevitas model on uint8 NHWC images (CPU, eval mode)."""
@@ -463,84 +469,62 @@ def build(ctx: BuildContext) -> RecipeResult:
     arch, prof = cfg["arch"], cfg["profile"]
     n_classes = cfg["data"]["num_classes"]
     Path(ctx.work_dir).mkdir(parents=True, exist_ok=True)
-    stages: dict[str, dict[str, Any]] = {}
+    stages = Stages()
     seed_everything(ctx.seed, ctx.device)
 
     # 1. Data.
-    t0 = time.perf_counter()
-    train_x, train_y, test_x, test_y, data = load_data(
-        ctx.data_dir, arch["dataset"], ctx.profile, prof
-    )
-    stages["data"] = {"device": "cpu", "wall_seconds": time.perf_counter() - t0}
+    with stages("data"):
+        train_x, train_y, test_x, test_y, data = load_data(
+            ctx.data_dir, arch["dataset"], ctx.profile, prof
+        )
     ctx.log.info("data: %s, %d train, %d test images", data["dataset"], len(train_y),
                  len(test_y))  # fmt: skip
 
     # 2. Float stage, from scratch or from --init (whose hash then enters the config, and with
     # it the training fingerprint and the manifest).
-    t0 = time.perf_counter()
-    float_model = FloatVGG11(n_classes, prof["width_divisor"])
-    if ctx.init is not None:
-        cfg["init"] = load_init(float_model, ctx.init)
-        ctx.log.info("float stage starts from %s (%s)", ctx.init, cfg["init"]["sha256"])
-    float_history = train_stage("float", float_model, train_x, train_y, cfg, ctx)
-    stages["train_float"] = {"device": ctx.device, "wall_seconds": time.perf_counter() - t0}
+    with stages("train_float", ctx.device):
+        float_model = FloatVGG11(n_classes, prof["width_divisor"])
+        if ctx.init is not None:
+            cfg["init"] = load_init(float_model, ctx.init)
+            ctx.log.info("float stage starts from %s (%s)", ctx.init, cfg["init"]["sha256"])
+        float_history = train_stage("float", float_model, train_x, train_y, cfg, ctx)
 
     # 3. QAT stage, initialised from the float weights.
-    t0 = time.perf_counter()
-    torch.manual_seed(ctx.seed)
-    qmodel = QuantVGG11(n_classes, arch["bits"], prof["width_divisor"])
-    missing, unexpected = qmodel.load_state_dict(float_model.state_dict(), strict=False)
-    if unexpected or any(k.endswith(("weight", "bias")) for k in missing):
-        raise BuildError(f"float -> QAT weight transfer failed: {missing=} {unexpected=}")
-    qat_history = train_stage("qat", qmodel, train_x, train_y, cfg, ctx)
-    stages["train_qat"] = {"device": ctx.device, "wall_seconds": time.perf_counter() - t0}
+    with stages("train_qat", ctx.device):
+        torch.manual_seed(ctx.seed)
+        qmodel = QuantVGG11(n_classes, arch["bits"], prof["width_divisor"])
+        missing, unexpected = qmodel.load_state_dict(float_model.state_dict(), strict=False)
+        if unexpected or any(k.endswith(("weight", "bias")) for k in missing):
+            raise BuildError(f"float -> QAT weight transfer failed: {missing=} {unexpected=}")
+        qat_history = train_stage("qat", qmodel, train_x, train_y, cfg, ctx)
     n_params = sum(p.numel() for p in float_model.parameters())
 
     # 4. Evaluate in the clear: float and Brevitas.
-    t0 = time.perf_counter()
     bs = prof["eval_batch_size"]
-    float_acc = topk_accuracy(logits_of(float_model, test_x, cfg, bs), test_y)
-    clear = logits_of(qmodel, test_x, cfg, bs)
-    clear_acc = topk_accuracy(clear, test_y)
-    stages["evaluate_clear"] = {"device": "cpu", "wall_seconds": time.perf_counter() - t0}
+    with stages("evaluate_clear"):
+        float_acc = topk_accuracy(logits_of(float_model, test_x, cfg, bs), test_y)
+        clear = logits_of(qmodel, test_x, cfg, bs)
+        clear_acc = topk_accuracy(clear, test_y)
     ctx.log.info("float top-1 %.4f; Brevitas top-1/2/3: %.4f %.4f %.4f", float_acc[1],
                  clear_acc[1], clear_acc[2], clear_acc[3])  # fmt: skip
 
-    # 5. Compile, calibrated on normalised training images.
-    t0 = time.perf_counter()
+    # 5-6. Everything after the input quantizer is encrypted: compile the whole model,
+    # calibrated on normalised training images, and simulate it from the exported head.
     mean = torch.tensor(cfg["data"]["mean"], dtype=torch.float32)
     std = torch.tensor(cfg["data"]["std"], dtype=torch.float32)
-    calib = normalize_images(train_x[: prof["n_calib"]], mean, std).numpy()
-    qmodule = compile_qat(qmodel, calib, arch, Path(ctx.work_dir) / "model.onnx")
-    compile_seconds = time.perf_counter() - t0
-    stages["compile"] = {"device": "cpu", "wall_seconds": compile_seconds}
-    width = check_bit_width(qmodule, arch["max_bit_width"])
-    ctx.log.info("compiled: max bit width %d (bound %d)", width, arch["max_bit_width"])
-
-    # 6. FHE simulation, from the exported head (what a client computes).
-    t0 = time.perf_counter()
-    head, head_config = export_head(qmodel, cfg)
-    sim = fhe_logits(qmodule, zoo_head.forward(head, head_config, test_x), "simulate")
-    metrics = accuracy_metrics(clear, sim, test_y)
-    stages["evaluate_fhe_simulation"] = {"device": "cpu", "wall_seconds": time.perf_counter() - t0}
-    ctx.log.info("FHE-sim top-1/2/3: %.4f %.4f %.4f", *(metrics[f"fhe_simulation_top{k}"]
-                                                       for k in (1, 2, 3)))  # fmt: skip
-    metrics.update({
-        "float_top1": float_acc[1],
-        "max_bit_width": width,
-        "max_bit_width_bound": arch["max_bit_width"],
-        "n_parameters": n_params,
-        "train_history": float_history + qat_history,
-        "compile_seconds": compile_seconds,
-    })  # fmt: skip
-    weights = {k: v.detach().cpu().contiguous() for k, v in qmodel.state_dict().items()}
-    return RecipeResult(
-        head=head,
-        head_config=head_config,
-        weights=weights,
-        quantized_module=qmodule,
-        metrics=metrics,
-        config=cfg,
-        stages=stages,
+    return finish(
+        ctx, stages, cfg,
+        circuit=qmodel,
+        calibration=normalize_images(train_x[: prof["n_calib"]], mean, std).numpy(),
+        onnx_name="model.onnx",
+        export_head=lambda: export_head(qmodel, cfg),
+        clear=clear,
+        test=(test_x, test_y),
+        weights=qmodel.state_dict(),
         data=data,
-    )
+        metrics={
+            "float_top1": float_acc[1],
+            "n_parameters": n_params,
+            "train_history": float_history + qat_history,
+        },
+    )  # fmt: skip

@@ -18,6 +18,7 @@ from safetensors.torch import save as st_save
 from zoo.build.data import load_cifar10
 from zoo.build.training import load_checkpoint, save_checkpoint
 from zoo.errors import BitWidthBoundError, BuildError
+from zoo.fhe import head as zoo_head
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,6 +60,7 @@ class Ctx:
     device: str = "cpu"
     resume: bool = False
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("test-split-cnv"))
+    expected: dict[str, float] = field(default_factory=dict)
 
 
 def _train_tiny(
@@ -112,7 +114,7 @@ def test_fanin_mask_limits_rows() -> None:
 
 
 def test_head_forward_reproduces_model_head(cifar_dir: Path, tmp_path: Path) -> None:
-    """head_forward (saved tensors + config only) equals the training model's quantized head
+    """zoo.fhe.head.forward (saved tensors + config only) equals the training model's quantized head
     output exactly on real test images."""
     model, cfg = _train_tiny(cifar_dir, tmp_path / "w", epochs=1)
     model.eval()
@@ -123,7 +125,7 @@ def test_head_forward_reproduces_model_head(cifar_dir: Path, tmp_path: Path) -> 
     tensors = st_load(st_save(tensors))
     x, _ = load_cifar10(cifar_dir, "test")
     images = x[:256]
-    got = sc.head_forward(tensors, config, images)
+    got = zoo_head.forward(tensors, config, images)
     mean = torch.tensor(sc.DATA["mean"])
     std = torch.tensor(sc.DATA["std"])
     with torch.no_grad():
@@ -164,7 +166,7 @@ def test_clear_blocks_move_the_first_encrypted_block_to_the_client(
         "conv2d", "quantize_dequantize", "avg_pool2d", "quantize_dequantize",  # block 1
     ]  # fmt: skip
     images = load_cifar10(cifar_dir, "test")[0][:256]
-    got = sc.head_forward(tensors, config, images)
+    got = zoo_head.forward(tensors, config, images)
     want = sc.head_outputs(model, images, 64, sc._clear_end(arch))
     assert got.shape == want.shape == (256, *config["output"]["shape"][1:]) == (256, 16, 4, 4)
     # Folding BatchNorm into the conv changes float rounding: rare flips at level boundaries.
@@ -233,7 +235,7 @@ def test_small_build_end_to_end(cifar_dir: Path, tmp_path: Path) -> None:
     assert (tmp_path / "work" / "checkpoint.pt").exists()
     # The head shipped to clients feeds the circuit directly.
     x, _ = load_cifar10(cifar_dir, "test")
-    inp = sc.head_forward(r.head, r.head_config, x[:4])
+    inp = zoo_head.forward(r.head, r.head_config, x[:4])
     out = r.quantized_module.forward(inp, fhe="disable")
     assert out.shape == (4, 10)
     assert r.data["n_train"] == 300 and r.data["train_fingerprint"].startswith("sha256:")
@@ -246,7 +248,7 @@ def test_small_build_with_a_clear_block(cifar_dir: Path, tmp_path: Path) -> None
     r = _small_build(cifar_dir, tmp_path, clear_blocks=1)
     assert r.head_config["output"]["shape"] == [None, 16, 4, 4]
     x, _ = load_cifar10(cifar_dir, "test")
-    inp = sc.head_forward(r.head, r.head_config, x[:4])
+    inp = zoo_head.forward(r.head, r.head_config, x[:4])
     assert r.quantized_module.forward(inp, fhe="disable").shape == (4, 10)
     # Each 2-bit activation of the tail is at most one PBS: conv (64 x 2 x 2) and fc (128).
     assert r.quantized_module.fhe_circuit.statistics["programmable_bootstrap_count"] <= 384
@@ -267,7 +269,7 @@ def test_full_fhe_cnv_has_no_clear_layer(cifar_dir: Path) -> None:
     assert config["ops"][0]["bit_width"] == 8 and not config["ops"][0]["narrow_range"]
     assert float(tensors["quant.scale"]) == 2.0**-7  # Q1.7: power-of-two scale
     images, _ = load_cifar10(cifar_dir, "test")
-    got = sc.head_forward(tensors, config, images[:8])
+    got = zoo_head.forward(tensors, config, images[:8])
     mean, std = torch.tensor(sc.DATA["mean"]), torch.tensor(sc.DATA["std"])
     with torch.no_grad():
         want = model.encrypted.input_quant(sc.normalize_images(images[:8], mean, std)).numpy()

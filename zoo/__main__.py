@@ -2,4 +2,4 @@
 
 from zoo.cli import main
 
-main()
+main(prog_name="zoo")  # so that help, errors and completion (_ZOO_COMPLETE) say `zoo`

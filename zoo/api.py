@@ -8,16 +8,38 @@ CLI prints as tables or JSON. None of them imports torch or concrete-ml.
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 from pathlib import Path
 from typing import Any
 
 from zoo import config
+from zoo.catalog import card as cards
 from zoo.catalog import manifest, versions
 from zoo.catalog import registry as reg
 from zoo.cost import model as cost
-from zoo.errors import HubError, NotFoundError, RuntimeMismatchError, ZooError
+from zoo.errors import HubError, InputError, NotFoundError, RuntimeMismatchError, ZooError
 from zoo.store import cache, hub, releases
 from zoo.store.gate import check_zip
+
+log = logging.getLogger(__name__)
+#: Concrete ML's names for where a prediction runs: ``disable`` (the clear model: float head and
+#: the Brevitas module, no encryption), ``simulate`` (the compiled circuit's integers, with its
+#: lookup errors, no encryption) and ``execute`` (real FHE). The API, ``zoo predict`` and
+#: ``zoo eval`` share the default, Concrete ML's.
+FHE_MODES = ("disable", "simulate", "execute")
+DEFAULT_FHE = "disable"
+#: What to pull and load: the client's files, the server's, or all of a build.
+ROLES = ("client", "server", "all")
+
+
+def check_fhe_mode(fhe: str) -> str:
+    """``fhe`` if it is one of :data:`FHE_MODES`, else an :class:`InputError` that lists them."""
+    if fhe not in FHE_MODES:
+        raise InputError(
+            f"unknown fhe mode {fhe!r}: the modes are {', '.join(FHE_MODES)}",
+            hint="disable is the clear model, simulate and execute the circuit",
+        )
+    return fhe
 
 
 def list_variants(registry_path: Path | None = None) -> list[dict[str, Any]]:
@@ -47,6 +69,7 @@ def list_variants(registry_path: Path | None = None) -> list[dict[str, Any]]:
                 # a calibration from another kind of machine: why, else None
                 "est_other_machine": (calibration or {}).get("source", {}).get("other_machine"),
                 "eval_key_bytes": circuit.get("eval_key_bytes"),
+                "eval_key_bytes_serialized": metrics.get("eval_key_bytes_serialized"),
                 "builds": len(live),
                 "yanked": len(variant.builds) - len(live),
             }
@@ -91,6 +114,8 @@ def info(ref: str, registry_path: Path | None = None) -> dict[str, Any]:
                 for role in ("client", "server", "all")
             },
             "eval_key_bytes": build.circuit.get("eval_key_bytes"),
+            "eval_key_bytes_serialized": build.metrics.get("eval_key_bytes_serialized"),
+            "fhe_truth": cards.fhe_truth(build.raw, build.circuit),
             "est_fhe_seconds_per_image": estimate["total_seconds"] if estimate else None,
             "cost": estimate,
             "cached": cached,
@@ -124,18 +149,25 @@ def pull(
         return cache.PullResult(build, cache.build_path(build, cache_root), role)
     if offline:
         return cache.require_cached(build, role, cache_root)
-    sources = [(hub.hub_for(h, endpoint, hub_dir), h.repo, h.revision) for h in build.hubs]
+    sources = [(hub.hub_for(h, endpoint, hub_dir), h.repo, h.revision, f"hub {h.kind}:{h.repo}")
+               for h in build.hubs]  # fmt: skip
     store = releases.ReleaseStore.beside(registry.path)  # last: files by sha256, any build
-    sources.append((store, f"zoo/{build.variant}", build.revision))
+    sources.append(
+        (store, f"zoo/{build.variant}", build.revision, f"the release store {store.root}")
+    )
     failures: list[ZooError] = []
-    for source, repo, revision in sources:
+    for source, repo, revision, label in sources:
         try:
-            return cache.fetch(
+            pulled = cache.fetch(
                 build, role, source, repo=repo, revision=revision, root=cache_root,
                 progress=progress,
             )  # fmt: skip
         except (NotFoundError, HubError) as exc:
+            log.debug("%s: not from %s: %s", build.short_ref, label, exc)
             failures.append(exc)
+            continue
+        log.info("%s (%s): verified from %s", build.short_ref, role, label)
+        return pulled
     if build_missing:
         from zoo.build.run import rebuild_into_cache  # heavy: torch, concrete-ml
 
@@ -251,6 +283,18 @@ def record_metrics(
                 entry["metrics"] = {**entry["metrics"], **metrics}
         registry = reg.save(fresh, registry_path)  # validated: a bad metric changes nothing
     return reg.resolve(registry, build.ref, check_runtime=False, allow_yanked=True)
+
+
+def card(ref: str, registry_path: Path | None = None) -> str:
+    """The model card of a build with its FHE truth: the build's own card plus what the
+    registry holds of it (simulation and real-FHE accuracy with their image counts, seconds
+    per image and where, serialized evaluation-key size). Pulls the build's client files."""
+    import json
+
+    pulled = pull(ref, role="client", registry_path=registry_path)
+    document = json.loads((pulled.path / "manifest.json").read_text())
+    variant = reg.load(registry_path).variant(pulled.build.variant)
+    return cards.render(document, variant, measured=pulled.build.raw)
 
 
 def verify(ref: str, registry_path: Path | None = None, cache_root: Path | None = None) -> dict:

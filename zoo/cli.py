@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import functools
 import json
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +30,12 @@ REGISTRY = click.option(
     help="registry file (default: $ZOO_REGISTRY or the project's registry.json)",
 )
 JSON = click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
+FHE = click.option(
+    "--fhe",
+    type=click.Choice(api.FHE_MODES),
+    default=api.DEFAULT_FHE,
+    help="disable: the clear model; simulate: the circuit without encryption; execute: real FHE",
+)
 #: Disk full, quota, read-only or forbidden: the user's to fix, so one line and a hint.
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
@@ -78,10 +85,52 @@ def handles_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-@click.group()
+def complete_ref(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Shell completion of ``VARIANT`` and ``VARIANT@REV`` from the registry (nothing on error)."""
+    from zoo.catalog import registry as reg
+
+    try:
+        variants = reg.load(ctx.params.get("registry_path")).variants.values()
+    except ZooError:
+        return []
+    names = [v.name for v in variants]
+    if "@" in incomplete:
+        names += [f"{v.name}@{b.revision[:12]}" for v in variants for b in v.live]
+    return sorted(n for n in names if n.startswith(incomplete))
+
+
+REF = click.argument("ref", shell_complete=complete_ref)
+
+
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to the current ``sys.stderr`` (which click's test runner swaps)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+def setup_logging(level: int) -> None:
+    """Show the ``zoo`` loggers' messages at ``level`` and above on stderr, once per process."""
+    logger = logging.getLogger("zoo")
+    logger.setLevel(level)
+    if not any(isinstance(h, _Stderr) for h in logger.handlers):
+        handler = _Stderr()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="concrete-zoo")
-def main() -> None:
-    """zoo: a model zoo for encrypted (FHE) CIFAR inference with Concrete ML."""
+@click.option("-v", "--verbose", is_flag=True, help="debug messages too")
+@click.option("-q", "--quiet", is_flag=True, help="warnings and errors only")
+def main(verbose: bool, quiet: bool) -> None:
+    """zoo: a model zoo for encrypted (FHE) CIFAR inference with Concrete ML.
+
+    Shell completion (variant names too): eval "$(_ZOO_COMPLETE=bash_source zoo)" in ~/.bashrc
+    (zsh_source / fish_source for zsh and fish).
+    """
+    setup_logging(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
 
 
 @main.command("list")
@@ -105,7 +154,7 @@ def list_cmd(registry_path: Path | None, as_json: bool) -> None:
                 _num(r["fhe_execute_top1"]),
                 r["max_bit_width"] or "-",
                 ("≥" if r["est_fhe_lower_bound"] else "") + _num(r["est_fhe_seconds"], "{:.1f}"),
-                _size(r["eval_key_bytes"]),
+                _keys(r["eval_key_bytes_serialized"], r["eval_key_bytes"]),
                 r["builds"] or ("yanked" if r["yanked"] else "no"),
             ]
             for r in rows
@@ -113,11 +162,17 @@ def list_cmd(registry_path: Path | None, as_json: bool) -> None:
         headers = ["variant", "data", "profile", "top1 clear", "top1 sim", "top1 FHE",
                    "max bits", "est. s/img", "eval keys", "builds"]  # fmt: skip
         other = next((r["est_other_machine"] for r in rows if r["est_other_machine"]), None)
-        footer = (f"\nwarning: est. s/img is calibrated on another kind of machine ({other}); "
+        footer = "\neval keys: serialized, what a client uploads (* concrete's in-memory figure)"
+        footer += (f"\nwarning: est. s/img is calibrated on another kind of machine ({other}); "
                   "calibrate this one with `zoo bench pbs`") if other else ""  # fmt: skip
         return tabulate(table, headers=headers) + footer
 
     _emit(as_json, rows, text)
+
+
+def _keys(serialized: int | None, in_memory: int | None) -> str:
+    """Serialized evaluation-key size, else concrete's in-memory figure marked with ``*``."""
+    return _size(serialized) if serialized else f"{_size(in_memory)}*" if in_memory else "-"
 
 
 def _cost_lines(estimate: dict[str, Any] | None) -> list[str]:
@@ -167,7 +222,7 @@ def _cost_lines(estimate: dict[str, Any] | None) -> list[str]:
 
 
 @main.command()
-@click.argument("ref")
+@REF
 @REGISTRY
 @JSON
 @handles_errors
@@ -185,19 +240,20 @@ def info(ref: str, registry_path: Path | None, as_json: bool) -> None:
             where = f"on {hubs} + releases" if hubs else "in releases"
             if build.get("yanked"):
                 where = f"YANKED: {build['yanked']}"
-            lines.append(
-                f"build {build['revision'][:12]} [{build['profile']}] {where}; concrete-ml "
-                f"{build['runtime']['concrete-ml']}: {json.dumps(build['metrics'], sort_keys=True)}"
-            )
+            clear = build["metrics"].get("clear_top1")
+            lines.append(f"build {build['revision'][:12]} [{build['profile']}] {where}; "
+                         f"clear top-1 {_num(clear)}")  # fmt: skip
         resolved = data.get("resolved")
         if resolved:
             sizes = resolved["download_bytes"]
+            lines.append(f"pull would take {resolved['revision'][:12]}:")
+            lines.extend(f"  {what}: {value}" for what, value in resolved["fhe_truth"])
             lines.append(
-                f"pull would take {resolved['revision'][:12]}: download "
-                f"{_size(sizes['client'])} (client) / {_size(sizes['server'])} (server) / "
-                f"{_size(sizes['all'])} (all); eval keys {_size(resolved['eval_key_bytes'])}; "
-                f"est. {_num(resolved['est_fhe_seconds_per_image'], '{:.1f}')} s per image in "
-                f"real FHE; cached: {'yes' if resolved['cached'] else 'no'}"
+                f"  download {_size(sizes['client'])} (client) / {_size(sizes['server'])} "
+                f"(server) / {_size(sizes['all'])} (all); cached: "
+                f"{'yes' if resolved['cached'] else 'no'}\n"
+                f"  est. {_num(resolved['est_fhe_seconds_per_image'], '{:.1f}')} s per image in "
+                "real FHE here"
             )
             lines.extend(_cost_lines(resolved.get("cost")))
         elif data.get("resolve_error"):
@@ -210,7 +266,7 @@ def info(ref: str, registry_path: Path | None, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("ref")
+@REF
 @click.option("--role", type=click.Choice(["client", "server", "all"]), default="all")
 @click.option("--offline", is_flag=True, default=None, help="cache only (also ZOO_OFFLINE=1)")
 @click.option("--endpoint", default=None, help="Hugging Face protocol endpoint (ZOO_HF_ENDPOINT)")
@@ -265,7 +321,7 @@ def pull(
 
 # fmt: off
 @main.command("build")
-@click.argument("variant")
+@click.argument("variant", shell_complete=complete_ref)
 @click.option("--profile", type=click.Choice(["full", "quick", "smoke"]), default="quick")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help="folder with cifar-10-batches-py/ (default $ZOO_DATA_DIR)")
@@ -331,7 +387,7 @@ def bundle() -> None:
 
 
 @bundle.command("export")
-@click.argument("refs", nargs=-1, required=True)
+@click.argument("refs", nargs=-1, required=True, shell_complete=complete_ref)
 @click.option("-o", "--out", "out", type=click.Path(path_type=Path, dir_okay=False), required=True,
               help="the bundle file to write")  # fmt: skip
 @REGISTRY
@@ -394,7 +450,28 @@ def releases_check(registry_path: Path | None, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("ref")
+@REF
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="write the card to this file instead of printing it",
+)
+@REGISTRY
+@handles_errors
+def card(ref: str, output: Path | None, registry_path: Path | None) -> None:
+    """Print a build's model card with its FHE truth: accuracy in simulation and real FHE (with
+    image counts), seconds per image and where, PBS count, serialized evaluation-key size."""
+    text = api.card(ref, registry_path)
+    if output is None:
+        click.echo(text)
+    else:
+        output.write_text(text)
+
+
+@main.command()
+@REF
 @REGISTRY
 @JSON
 @handles_errors
@@ -414,9 +491,9 @@ def verify(ref: str, registry_path: Path | None, as_json: bool) -> None:
 
 
 @main.command()
-@click.argument("ref")
+@REF
 @click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--fhe", type=click.Choice(["simulate", "execute"]), default="execute")
+@FHE
 @click.option("--top-k", type=int, default=3)
 @click.option(
     "--server",
@@ -437,7 +514,7 @@ def predict(ref: str, images: tuple[Path, ...], fhe: str, top_k: int, server_url
     if server_url and fhe != "execute":
         raise click.UsageError("--server runs real FHE: use --fhe execute with it (simulation "
                                "runs locally: drop --server)")  # fmt: skip
-    role = "client" if server_url else "both"
+    role = "client" if server_url else "all"
     model = runtime.load(ref, role=role, server_url=server_url, registry_path=registry_path)
     if server_url:
         model.server.health()  # a wrong or absent server fails now, not after keygen
@@ -455,7 +532,7 @@ def predict(ref: str, images: tuple[Path, ...], fhe: str, top_k: int, server_url
 
 # fmt: off
 @main.command("serve")
-@click.argument("ref")
+@REF
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--key-store", type=click.Path(path_type=Path, file_okay=False), default=None,
@@ -501,8 +578,8 @@ def serve_cmd(ref: str, host: str, port: int, key_store: Path | None, max_key_by
 
 
 @main.command("eval")
-@click.argument("ref")
-@click.option("--fhe", type=click.Choice(["simulate", "execute"]), default="simulate")
+@REF
+@FHE
 @click.option("-n", "n_images", type=int, default=100, help="number of test images")
 @click.option("--seed", type=int, default=None, help="seeded sample (default: first N)")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None)
@@ -550,20 +627,51 @@ def eval_cmd(ref: str, fhe: str, n_images: int, seed: int | None, data_dir: Path
         results=results, resume=resume, backend=backend, address=address, workers=workers,
         progress=not as_json, record=record, stop_after=stop_after,
     )  # fmt: skip
-    _emit(as_json, result, lambda: json.dumps(result, indent=2, sort_keys=True))
+    _emit(as_json, result, lambda: eval_text(result))
+
+
+def eval_text(summary: dict[str, Any]) -> str:
+    """An evaluation summary for people: accuracy, real-FHE agreement and time, results file."""
+    mode = summary["fhe"]
+    lines = [f"{summary['variant']}@{summary['revision'][:12]}, fhe={mode}, "
+             f"{summary['n_images']} test images ({summary['sample']})"]  # fmt: skip
+    for name in ("disable", "simulate", "execute"):
+        if f"{name}_top1" in summary:
+            tops = " / ".join(f"{summary[f'{name}_top{k}']:.4f}" for k in (1, 2, 3))
+            lines.append(f"  {name:8} top-1/2/3 {tops}")
+    if mode == "execute":
+        machine = summary.get("machine") or {}
+        lines.append(
+            f"  agreement with simulation {summary['agreement_with_simulation']:.2f} "
+            f"(disagreeing images: {summary['disagreeing_indices'] or 'none'})\n"
+            f"  {summary['execute_seconds_per_image']:,.1f} s per image on "
+            f"{cost.describe_machine(machine) if machine else 'the Ray cluster'}"
+        )
+    lines.append(f"  results: {summary['results']}")
+    return "\n".join(lines)
 
 
 @main.command()
-@click.argument("ref")
+@REF
 @click.option("--force", is_flag=True, help="throw the build's keys away and make new ones")
+@click.option(
+    "--record",
+    is_flag=True,
+    help="write the serialized key size (and keygen time) into the registry",
+)
 @REGISTRY
 @JSON
 @handles_errors
-def keygen(ref: str, force: bool, registry_path: Path | None, as_json: bool) -> None:
+def keygen(ref: str, force: bool, record: bool, registry_path: Path | None, as_json: bool) -> None:
     """Generate the client keys of a build once (or reuse them) and report their size."""
     from zoo.fhe import runtime
 
     info = runtime.keygen(ref, force=force, registry_path=registry_path)
+    if record:
+        metrics = {"eval_key_bytes_serialized": info.eval_key_bytes}
+        if info.keygen_seconds is not None:
+            metrics["keygen_seconds"] = round(info.keygen_seconds, 3)
+        api.record_metrics(f"{info.variant}@{info.revision}", metrics, registry_path)
     data = {**info.__dict__, "path": str(info.path)}
 
     def text() -> str:

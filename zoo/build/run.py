@@ -61,6 +61,9 @@ class BuildContext:
     resume: bool
     log: logging.Logger
     init: Path | None = None  # --init: weights to start training from (recipes with ACCEPTS_INIT)
+    #: seconds each step took when this variant and profile were last built (``*_seconds`` of
+    #: the registry's timings), for progress bars' ETAs
+    expected: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -91,16 +94,19 @@ def load_recipe(module: str) -> ModuleType:
 
 
 def _logger(work_dir: Path) -> logging.Logger:
-    logger = logging.getLogger(f"zoo.build.run.{work_dir}")
+    """``zoo.build.run.build``'s logger, also writing ``WORK_DIR/build.log`` (the console shows
+    its messages where the application configured ``zoo`` logging, as the CLI does)."""
+    logger = logging.getLogger("zoo.build.run.build")
     logger.setLevel(logging.INFO)
-    logger.propagate = False
+    log_file = str((work_dir / "build.log").resolve())
+    for handler in list(logger.handlers):
+        if getattr(handler, "baseFilename", None) != log_file:
+            logger.removeHandler(handler)
+            handler.close()
     if not logger.handlers:
-        handler = logging.FileHandler(work_dir / "build.log")
+        handler = logging.FileHandler(log_file)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(handler)
-        stream = logging.StreamHandler()
-        stream.setFormatter(logging.Formatter("[zoo build] %(message)s"))
-        logger.addHandler(stream)
     return logger
 
 
@@ -178,6 +184,8 @@ def build(
         variant=variant, params=dict(entry.recipe["params"]), profile=profile, seed=seed,
         data_dir=data_dir, work_dir=work_dir, device=device, resume=resume, log=logger,
         init=Path(init) if init is not None else None,
+        expected=next((b.raw.get("timings", {}) for b in reversed(entry.builds)
+                       if b.profile == profile), {}),
     )  # fmt: skip
     logger.info("building %s (profile %s, seed %d, device %s)", variant, profile, seed, device)
     result = recipe.build(ctx)

@@ -1,25 +1,36 @@
 """Steps shared by the recipes (quantization-aware training for concrete-ml).
 
 Data (subsets, normalisation, augmentation), seeding for bit-for-bit reproducible training,
-atomic checkpoints, top-k accuracy, the circuit's input quantizer as a client-side head op, the
-accumulator bound, and the FHE-simulation pass. Each recipe in ``recipes/`` composes these with
-its own model and schedule. Imports torch: only recipes and tests import this module.
+atomic checkpoints, top-k accuracy, the circuit's input quantizer as a client-side head op, a
+timer of the recipe's stages, and the end every recipe shares (:func:`finish`: compile, hold the
+circuit to its accumulator bound, export the client's head, simulate). Each recipe in
+``recipes/`` composes these with its own data, model and schedule. Imports torch: only recipes
+and tests import this module.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
 
 from zoo.build.data import CIFAR10_DIRNAME, fingerprint
+from zoo.cost import progress
 from zoo.errors import BitWidthBoundError, BuildError
+from zoo.fhe import head as zoo_head
 from zoo.fhe import sigpipe
+
+if TYPE_CHECKING:
+    from zoo.build.run import BuildContext, RecipeResult
 
 #: Torch intra-op threads; fixed so that float reductions happen in the same order.
 TORCH_THREADS = 2
@@ -356,17 +367,104 @@ def check_bit_width(quantized_module: Any, bound: int) -> int:
 
 
 def fhe_logits(quantized_module: Any, x: np.ndarray, fhe: str = "simulate") -> np.ndarray:
-    """The compiled circuit under ``fhe`` ("simulate" or "execute") on its float inputs.
+    """The compiled circuit under ``fhe`` ("simulate" or "execute") on its float inputs, with a
+    progress bar (images, ETA) on a terminal.
 
     Simulation draws PBS errors at rate ``p_error`` from concrete's own generator, which cannot
     be seeded: simulated metrics repeat only when ``p_error`` is small enough that no error is
     ever drawn, so builds put them in report.json, not in the pinned manifest.
     """
+    from tqdm.auto import tqdm
+
+    outs = []
+    bar = tqdm(total=len(x), desc=f"FHE {fhe}", unit="img", disable=None, leave=False)
     try:
-        outs = [
-            quantized_module.forward(np.ascontiguousarray(x[i : i + SIM_EVAL_BATCH]), fhe=fhe)
-            for i in range(0, len(x), SIM_EVAL_BATCH)
-        ]
+        for i in range(0, len(x), SIM_EVAL_BATCH):
+            batch = np.ascontiguousarray(x[i : i + SIM_EVAL_BATCH])
+            outs.append(quantized_module.forward(batch, fhe=fhe))
+            bar.update(len(batch))
     finally:
+        bar.close()
         sigpipe.restore()
     return np.concatenate(outs).astype(np.float32)
+
+
+# --- the recipe's stages and its end ---------------------------------------------------------
+
+
+@dataclass
+class Stages:
+    """Wall seconds and device of each step of a recipe, as ``RecipeResult.stages`` holds them:
+    ``with stages("train", ctx.device): ...``."""
+
+    times: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, device: str = "cpu") -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.times[name] = {"device": device, "wall_seconds": time.perf_counter() - started}
+
+    def seconds(self, name: str) -> float:
+        """Wall seconds of a finished stage."""
+        return self.times[name]["wall_seconds"]
+
+
+def finish(
+    ctx: BuildContext,
+    stages: Stages,
+    cfg: dict[str, Any],
+    *,
+    circuit: torch.nn.Module,
+    calibration: np.ndarray,
+    onnx_name: str,
+    export_head: Callable[[], tuple[dict[str, Any], dict[str, Any]]],
+    clear: np.ndarray,
+    test: tuple[np.ndarray, np.ndarray],
+    weights: dict[str, torch.Tensor],
+    data: dict[str, Any],
+    metrics: dict[str, Any],
+) -> RecipeResult:
+    """The end every recipe shares, after training and the clear evaluation.
+
+    1. Compile ``circuit`` (what runs encrypted), calibrated on ``calibration`` (its inputs for
+       training images), and hold it to the arch's ``max_bit_width``.
+    2. Export the client's head and simulate the circuit from it (what a client computes) on the
+       first ``n_simulate`` test images (the profile's; all by default). ``clear`` holds the
+       clear model's logits on all test images; its accuracy is reported on all of them.
+    3. Collect the result: the recipe's own ``metrics`` join the accuracies and the bit widths.
+    """
+    from zoo.build.run import RecipeResult
+
+    arch, prof = cfg["arch"], cfg["profile"]
+    test_x, test_y = test
+    with stages("compile"), progress.waiting("compile", ctx.expected.get("compile_seconds")):
+        qmodule = compile_qat(circuit, calibration, arch, Path(ctx.work_dir) / onnx_name)
+    width = check_bit_width(qmodule, arch["max_bit_width"])
+    ctx.log.info("compiled: max bit width %d (bound %d)", width, arch["max_bit_width"])
+
+    with stages("evaluate_fhe_simulation"):
+        head, head_config = export_head()
+        n_sim = prof.get("n_simulate") or len(test_y)
+        sim = fhe_logits(qmodule, zoo_head.forward(head, head_config, test_x[:n_sim]))
+        out = accuracy_metrics(clear[:n_sim], sim, test_y[:n_sim])
+        if n_sim < len(test_y):  # the clear model is measured on all of them
+            clear_acc = topk_accuracy(clear, test_y)
+            out.update({f"clear_top{k}": clear_acc[k] for k in (1, 2, 3)})
+            out.update(n_test_images=len(test_y), n_simulated_images=n_sim)
+    ctx.log.info("FHE-sim top-1/2/3: %.4f %.4f %.4f",
+                 *(out[f"fhe_simulation_top{k}"] for k in (1, 2, 3)))  # fmt: skip
+    out.update(max_bit_width=width, max_bit_width_bound=arch["max_bit_width"],
+               compile_seconds=stages.seconds("compile"), **metrics)  # fmt: skip
+    return RecipeResult(
+        head=head,
+        head_config=head_config,
+        weights={k: v.detach().cpu().contiguous() for k, v in weights.items()},
+        quantized_module=qmodule,
+        metrics=out,
+        config=cfg,
+        stages=stages.times,
+        data=data,
+    )

@@ -83,7 +83,7 @@ class Build:
         if role == "all":
             return self.files
         if role not in ROLES_FOR:
-            raise ValueError(f"unknown role {role!r}: use client, server or all")
+            raise InputError(f"unknown role {role!r}", hint="use client, server or all")
         return tuple(f for f in self.files if f.role in ROLES_FOR[role])
 
     def file(self, role: str) -> FileEntry:

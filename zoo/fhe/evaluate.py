@@ -25,6 +25,7 @@ cluster (:mod:`zoo.fhe.cluster`); encryption and decryption stay here, with the 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -34,12 +35,15 @@ from typing import Any
 import numpy as np
 
 from zoo import api, config
+from zoo.api import DEFAULT_FHE, check_fhe_mode
 from zoo.build.data import fingerprint, load_split
 from zoo.catalog import registry as reg
 from zoo.cost import model as cost
 from zoo.cost.machine import cpu, cpu_ticks, steal
-from zoo.errors import ZooError
+from zoo.errors import InputError, ZooError
 from zoo.fhe import runtime, sigpipe
+
+log = logging.getLogger(__name__)
 
 KEY_TIMINGS = ("keygen_seconds", "keys_load_seconds")
 #: Images simulated per results-file append (simulation is cheap; real FHE appends per image).
@@ -168,8 +172,11 @@ def summarize(
     ``machine`` in the summary). ``records`` holds at least one image."""
     records = sorted(records, key=lambda r: r["index"])
     labels = np.array([r["label"] for r in records])
-    simulated = np.array([r["simulate"] for r in records])
     summary: dict[str, Any] = {"n_images": len(records)}
+    if fhe == "disable":
+        clear = np.array([r["disable"] for r in records])
+        return {**summary, **{f"disable_top{k}": topk(clear, labels, k) for k in (1, 2, 3)}}
+    simulated = np.array([r["simulate"] for r in records])
     for k in (1, 2, 3):
         summary[f"simulate_top{k}"] = topk(simulated, labels, k)
     if fhe == "execute":
@@ -196,7 +203,7 @@ def summarize(
 def evaluate(
     ref: str,
     *,
-    fhe: str = "simulate",
+    fhe: str = DEFAULT_FHE,
     n_images: int = 100,
     seed: int | None = None,
     data_dir: Path | None = None,
@@ -222,12 +229,11 @@ def evaluate(
     """
     from tqdm.auto import tqdm
 
-    if fhe not in ("simulate", "execute"):
-        raise ZooError(f"unknown fhe mode {fhe!r}", hint="use 'simulate' or 'execute'")
+    check_fhe_mode(fhe)
     if backend not in ("local", "ray"):
-        raise ZooError(f"unknown backend {backend!r}", hint="use 'local' or 'ray'")
+        raise InputError(f"unknown backend {backend!r}", hint="use 'local' or 'ray'")
     if record and fhe != "execute":
-        raise ZooError("--record keeps real-FHE results", hint="add --fhe execute")
+        raise InputError("--record keeps real-FHE results", hint="add --fhe execute")
     model = runtime.load(ref, registry_path=registry_path)
     dataset = reg.load(registry_path).variant(model.build.variant).dataset
     images, labels = load_split(Path(data_dir or config.data_dir()), dataset, "test")
@@ -258,15 +264,15 @@ def evaluate(
     if progress and fhe == "execute" and estimate and pending:
         parallel = max(1, workers or 1) if backend == "ray" else 1
         hours = estimate * len(pending) / parallel / 3600
-        tqdm.write(f"cost model: ~{estimate:,.0f} s per image, ~{hours:.2f} h for "
-                   f"{len(pending)} images; the bar's ETA takes over after the first")  # fmt: skip
+        log.info("cost model: ~%s s per image, ~%.2f h for %d images; the bar's ETA takes "
+                 "over after the first", f"{estimate:,.0f}", hours, len(pending))  # fmt: skip
     started = time.perf_counter()
     bar = tqdm(total=len(indices), initial=len(out.done), disable=not progress,
                desc=f"{fhe} {build.variant}", unit="img")  # fmt: skip
     try:
         records = (
-            _simulated(model, images, labels, pending)
-            if fhe == "simulate"
+            _in_the_clear(model, images, labels, pending, fhe)
+            if fhe != "execute"
             else _executed(model, images, labels, pending, backend, address, workers, machine)
         )
         for item in records:
@@ -315,14 +321,15 @@ def registry_metrics(summary: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _simulated(
-    model: runtime.Model, images: np.ndarray, labels: np.ndarray, pending: list[int]
+def _in_the_clear(
+    model: runtime.Model, images: np.ndarray, labels: np.ndarray, pending: list[int], fhe: str
 ) -> Iterator[dict[str, Any]]:
+    """Records of the clear model (``disable``) or the simulated circuit, a chunk at a time."""
     for start in range(0, len(pending), SIMULATE_CHUNK):
         chunk = pending[start : start + SIMULATE_CHUNK]
-        logits = model.logits(images[chunk], "simulate")
+        logits = model.logits(images[chunk], fhe)
         for index, row in zip(chunk, _rows(logits)):
-            yield {"index": index, "label": int(labels[index]), "simulate": row}
+            yield {"index": index, "label": int(labels[index]), fhe: row}
 
 
 def _executed(

@@ -1,7 +1,8 @@
 """Run a pulled build: clear head → quantize → encrypt → FHE circuit → decrypt → top-k.
 
-    model = zoo.fhe.runtime.load("cifar10-split-tiny")
-    model.predict(images_uint8_nhwc, fhe="execute", top_k=3)
+    model = zoo.load("cifar10-split-tiny")
+    model.predict(images_uint8_nhwc, fhe="execute", top_k=3)   # or "simulate", "disable"
+    module = model.torch_module()                              # the Brevitas torch module
 
 The client side (head, ``client.zip``, keys) and the server side (``server.zip``) load from the
 verified cache; the zips pass :func:`zoo.store.gate.check_zip` (safe extraction, and only the
@@ -27,13 +28,18 @@ from typing import Any
 import numpy as np
 
 from zoo import api, config
+from zoo.api import DEFAULT_FHE, ROLES, check_fhe_mode
 from zoo.catalog import versions
 from zoo.catalog.registry import Build
+from zoo.cost import model as cost
+from zoo.cost import progress
 from zoo.errors import InputError, RuntimeMismatchError
 from zoo.fhe import head, sigpipe
 from zoo.store import cache
 from zoo.store.gate import check_zip
 
+#: Images per call of the clear torch module (``fhe="disable"``).
+CLEAR_BATCH = 500
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")  # fmt: skip
 
@@ -88,6 +94,7 @@ class Model:
 
     build: Build
     path: Path
+    role: str
     meta: dict[str, Any]
     head_tensors: dict[str, Any]
     head_config: dict[str, Any]
@@ -95,6 +102,7 @@ class Model:
     server: Any = None
     timings: dict[str, Any] = field(default_factory=dict)
     _simulator: Any = field(default=None, repr=False)
+    _torch: Any = field(default=None, repr=False)
 
     def ensure_keys(self) -> None:
         """Load the client keys from ``$ZOO_HOME/keys``, generating them the first time."""
@@ -103,7 +111,8 @@ class Model:
         started = time.perf_counter()
         folder = keys_dir(self.build)
         generated = not any(p.name != "keys.json" for p in folder.iterdir())
-        self.client.generate_private_and_evaluation_keys(force=False)
+        with progress.waiting("keys", self.build.metrics.get("keygen_seconds") if generated else 0):
+            self.client.generate_private_and_evaluation_keys(force=False)
         _restrict(folder)
         seconds = time.perf_counter() - started
         self.timings["keygen_seconds" if generated else "keys_load_seconds"] = seconds
@@ -113,28 +122,64 @@ class Model:
         """Run the clear head: the float circuit inputs (N, C, H, W)."""
         return head.forward(self.head_tensors, self.head_config, as_images(images))
 
-    def logits(self, images: Any, fhe: str = "execute") -> np.ndarray:
-        """Dequantized logits, one row per image: real FHE (``execute``) or ``simulate``."""
-        if fhe not in ("execute", "simulate"):
-            raise InputError(f"unknown fhe mode {fhe!r}", hint="use 'execute' or 'simulate'")
-        if self.client is None or self.server is None:
-            raise InputError("predicting needs the client and the server", hint="role='both'")
+    def logits(self, images: Any, fhe: str = DEFAULT_FHE) -> np.ndarray:
+        """Dequantized logits, one row per image, computed as ``fhe`` says (:data:`FHE_MODES`):
+        ``disable`` (the clear Brevitas model), ``simulate`` or ``execute`` (real FHE)."""
+        check_fhe_mode(fhe)
         x = self.head(images)
+        if fhe == "disable":
+            return self._clear(x)
+        if self.client is None or self.server is None:
+            raise InputError(f"fhe={fhe!r} needs the client and the server", hint="role='all'")
         if fhe == "simulate":
             return self._simulate(x)
         self.ensure_keys()
         keys = self.client.get_serialized_evaluation_keys()
+        expected = cost.estimate_seconds(self.meta.get("circuit", {}))
         rows = []
         try:
             for i in range(len(x)):
                 start = time.perf_counter()
                 encrypted = self.client.quantize_encrypt_serialize(x[i : i + 1])
-                result = self.server.run(encrypted, keys)
+                with progress.waiting(f"real FHE, image {i + 1}/{len(x)}", expected):
+                    result = self.server.run(encrypted, keys)
                 rows.append(self.client.deserialize_decrypt_dequantize(result)[0])
                 self.timings.setdefault("fhe_seconds", []).append(time.perf_counter() - start)
         finally:
             sigpipe.restore()
         return np.stack(rows)
+
+    def torch_module(self) -> Any:
+        """The build's Brevitas ``torch.nn.Module`` (eval mode), made by its recipe from the
+        resolved config in ``manifest.json`` and ``weights.safetensors``: what the circuit
+        computes, on the head's output (``model.head(images)`` as a float tensor) to logits.
+        For fine-tuning or inspection; ``fhe="disable"`` runs it."""
+        if self._torch is None:
+            if self.role != "all":  # only then were the weights pulled and their hash checked
+                raise InputError(f"{self.build.short_ref} was loaded without its weights",
+                                 hint="load it with role='all'")  # fmt: skip
+            weights = self.path / "weights.safetensors"
+            from safetensors.torch import load_file
+
+            from zoo.build.run import load_recipe
+
+            recipe = load_recipe(self.meta["recipe"]["module"])
+            self._torch = recipe.torch_module(self.meta["recipe"]["config"], load_file(weights))
+        return self._torch
+
+    def _clear(self, x: np.ndarray) -> np.ndarray:
+        """The clear model on head outputs, in batches of :data:`CLEAR_BATCH`."""
+        import torch
+
+        module = self.torch_module()
+        with torch.no_grad():
+            rows = [module(torch.from_numpy(x[i : i + CLEAR_BATCH])).numpy()
+                    for i in range(0, len(x), CLEAR_BATCH)]  # fmt: skip
+        return np.concatenate(rows)
+
+    def card(self, registry_path: Path | None = None) -> str:
+        """The model card with what has been measured since the build (see ``zoo card``)."""
+        return api.card(self.build.ref, registry_path=registry_path)
 
     def _simulate(self, x: np.ndarray) -> np.ndarray:
         """The circuit of server.zip compiled for simulation: same integers, no encryption."""
@@ -150,7 +195,7 @@ class Model:
             sigpipe.restore()
         return processing.post_processing(processing.dequantize_output(np.concatenate(rows)))
 
-    def predict(self, images: Any, fhe: str = "execute", top_k: int = 3) -> list[Prediction]:
+    def predict(self, images: Any, fhe: str = DEFAULT_FHE, top_k: int = 3) -> list[Prediction]:
         """Top-k labels, class names and softmax scores per image."""
         logits = self.logits(images, fhe)
         exp = np.exp(logits - logits.max(axis=1, keepdims=True))
@@ -250,21 +295,24 @@ def keygen(ref: str, force: bool = False, **pull_kwargs: Any) -> KeyInfo:
                    info["keygen_seconds"], info["eval_key_bytes"])  # fmt: skip
 
 
-def load(ref: str, role: str = "both", server_url: str | None = None, **pull_kwargs: Any) -> Model:
-    """Pull (if needed) and load a build for ``role``: client, server or both.
+def load(ref: str, role: str = "all", server_url: str | None = None, **pull_kwargs: Any) -> Model:
+    """Pull (if needed) and load a build for ``role`` (:data:`~zoo.api.ROLES`, as ``zoo pull``
+    names them): ``client`` (head, FHE client), ``server`` (the circuit) or ``all``.
 
     With ``server_url`` (and ``role="client"``), the circuit runs on that `zoo serve` server:
     ``model.server`` is a :class:`zoo.fhe.remote.RemoteServer`.
     """
+    if role not in ROLES:
+        raise InputError(f"unknown role {role!r}: the roles are {', '.join(ROLES)}",
+                         hint="as in `zoo pull --role`")
     if server_url is not None and role != "client":
         raise InputError("server_url goes with role='client'", hint="load(ref, role='client', "
                          "server_url=URL): the server side runs on that server")  # fmt: skip
     import json
 
-    pull_role = {"both": "all", "client": "client", "server": "server"}[role]
-    pulled = api.pull(ref, role=pull_role, **pull_kwargs)
+    pulled = api.pull(ref, role=role, **pull_kwargs)
     build, path = pulled.build, pulled.path
-    cache.check_hashes(build, pull_role, pull_kwargs.get("cache_root"))
+    cache.check_hashes(build, role, pull_kwargs.get("cache_root"))
     problems = versions.mismatches(build.runtime)
     if problems:
         raise RuntimeMismatchError(
@@ -273,16 +321,16 @@ def load(ref: str, role: str = "both", server_url: str | None = None, **pull_kwa
         )
     meta = json.loads((path / "manifest.json").read_text())
     tensors, head_config = head.load(path / "head.safetensors") if role != "server" else ({}, {})
-    model = Model(build, path, meta, tensors, head_config)
+    model = Model(build, path, role, meta, tensors, head_config)
     from concrete.ml.deployment import FHEModelClient, FHEModelServer
 
-    if role in ("client", "both"):
+    if role in ("client", "all"):
         started = time.perf_counter()
         check_zip(path / "client.zip")
         keys = keys_dir(build)
         model.client = FHEModelClient(str(path), key_dir=str(keys))
         model.timings["client_load_seconds"] = time.perf_counter() - started
-    if role in ("server", "both"):
+    if role in ("server", "all"):
         started = time.perf_counter()
         check_zip(path / "server.zip")
         with _circuit_tempdir(model):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import struct
@@ -25,6 +26,8 @@ from typing import IO, Any
 
 from zoo.errors import ZooError
 from zoo.fhe import sigpipe
+
+log = logging.getLogger(__name__)
 
 FRAME = struct.Struct(">IQ")  # header length, payload length
 CRASH_SIGNALS = {signal.SIGABRT, signal.SIGSEGV, signal.SIGBUS, signal.SIGFPE, signal.SIGILL}
@@ -217,8 +220,7 @@ def _serve(model: Any, keys: _Keys, header: dict[str, Any], payload: bytes) -> t
     finally:
         sigpipe.restore()
     seconds = time.perf_counter() - started
-    print(f"zoo.fhe.worker: ran the circuit for key {header['key_id'][:12]} in {seconds:.1f} s",
-          file=sys.stderr, flush=True)  # fmt: skip
+    log.info("ran the circuit for key %s in %.1f s", header["key_id"][:12], seconds)
     return {"status": "ok", "seconds": seconds}, result
 
 
@@ -229,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--registry", type=Path, default=None)
     parser.add_argument("--max-cached-keys", type=int, default=2)
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")  # to stderr
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the server decides when the worker stops
     requests = os.fdopen(os.dup(0), "rb")
     replies = os.fdopen(os.dup(1), "wb")
