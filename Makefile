@@ -47,7 +47,7 @@ demo: install data
 # The modules that run concrete keygen and FHE get a process each (concrete keeps native state
 # per process). pytest exits 5 when it collected no test: that is a failure here.
 HEAVY := tests/test_package.py tests/test_build.py tests/test_recipes.py tests/test_eval.py \
-	tests/test_serve.py tests/test_wheel.py
+	tests/test_serve.py tests/test_wheel.py tests/test_interfaces.py
 test: install data
 	$(PY) -m ruff check zoo recipes tests benchmarks
 	@for args in "$(foreach f,$(HEAVY),--ignore=$(f))" $(HEAVY); do \

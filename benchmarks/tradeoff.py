@@ -6,8 +6,10 @@ simulation / real FHE, PBS count, estimated and measured real-FHE seconds per im
 the estimate's relative error, eval-key size, keygen time of the last real-FHE run that made
 keys, build and compile wall times) and
 benchmarks/results/tradeoff.png (top-1 against seconds per image, measured where `zoo eval
---record` ran real FHE, else estimated; log scale, with the published reference points), and
-benchmarks/results/tradeoff.md (the README's table of pinned builds).
+--record` ran real FHE, else estimated; log scale, with the published reference points),
+benchmarks/RESULTS.md (the table of every variant's newest build, yanked ones included), and the
+README's table of live builds, between its ``variants:begin`` / ``variants:end`` markers. None
+of these is edited by hand.
 
     .venv/bin/python benchmarks/tradeoff.py
 
@@ -31,6 +33,7 @@ from zoo.cost import model as cost  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 REFERENCE_CPUS = 128
+BEGIN, END = "<!-- variants:begin -->", "<!-- variants:end -->"
 MIN_REAL_IMAGES = 10  # fewer real-FHE images say nothing about accuracy: plot simulation then
 
 
@@ -77,6 +80,7 @@ def rows(registry: reg.Registry) -> list[dict[str, Any]]:
                 if comparable
                 else None,
                 "eval_key_bytes": circuit.get("eval_key_bytes"),
+                "eval_key_bytes_serialized": metrics.get("eval_key_bytes_serialized"),
                 "keygen_seconds": metrics.get("keygen_seconds"),
                 "build_seconds": timings.get("build_seconds"),
                 "compile_seconds": timings.get("compile_seconds"),
@@ -150,15 +154,72 @@ def plot(table: list[dict[str, Any]], refs: list[dict[str, Any]], path: Path) ->
     fig.savefig(path)
 
 
+RESULTS_HEADER = """# Results: every variant's newest build
+
+Generated from `registry.json` by `python benchmarks/tradeoff.py`; do not edit. Accuracies are on
+CIFAR-10 *(JPEG q75 copy)*, the data available here. The estimate is the cost model of
+`zoo.cost.model` with the shipped calibration (the current AVX2 machine); the measured time is
+`server.run` per image in `zoo eval --fhe execute --record`, with the estimate's error only where
+it ran on that machine. A row marked "(yanked)" is a build that can no longer be had: its numbers
+are history (docs/variants.md). Eval keys: serialized (`zoo keygen --record`), else concrete's
+in-memory figure (*).
+
+![top-1 against FHE seconds per image](results/tradeoff.png)
+
+"""
+
+
 def _num(value: Any, digits: int = 0) -> str:
     if value is None:
         return "–"
     return f"{value:,.{digits}f}"
 
 
+def _keys(row: dict[str, Any]) -> str:
+    """Serialized evaluation keys (what a client uploads), else concrete's in-memory figure*."""
+    if row["eval_key_bytes_serialized"]:
+        return f"{row['eval_key_bytes_serialized'] / 2**20:,.0f} MiB"
+    keys = row["eval_key_bytes"]
+    return "–" if keys is None else f"{keys / 2**20:,.0f} MiB*"
+
+
+def _real(row: dict[str, Any]) -> str:
+    if row["fhe_execute_top1"] is None:
+        return "–"
+    return f"{row['fhe_execute_top1']:.4f} ({row['fhe_execute_n_images']})"
+
+
+def readme_table(table: list[dict[str, Any]]) -> str:
+    """The README's table: the live builds, what a user can pull."""
+    lines = [
+        "| variant | profile | top-1 clear | top-1 FHE sim. (images) | top-1 real FHE (images) "
+        "| PBS | est. FHE s/img | measured FHE s/img | eval keys |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in table:
+        if row["yanked"]:
+            continue
+        simulated = row["n_simulated_images"] or row["n_test_images"]
+        lines.append(
+            f"| `{row['variant']}` | {row['profile']} | {_num(row['clear_top1'], 4)} | "
+            f"{_num(row['fhe_simulation_top1'], 4)} ({simulated:,}) | {_real(row)} | "
+            f"{row['pbs_count']:,} | {'≥ ' if row['estimate_is_lower_bound'] else ''}"
+            f"{_num(row['estimated_fhe_seconds_per_image'])} | "
+            f"{_num(row['fhe_execute_seconds_per_image'])} | {_keys(row)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def splice(text: str, table: str, begin: str = BEGIN, end: str = END) -> str:
+    """``text`` with what stands between the ``begin`` and ``end`` lines replaced by ``table``."""
+    head, rest = text.split(begin + "\n", 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{table}{end}{tail}"
+
+
 def markdown(table: list[dict[str, Any]], registry: reg.Registry) -> str:
-    """The README's table of pinned builds (variants without a build get a "no build" row; a
-    yanked build's profile says so)."""
+    """benchmarks/RESULTS.md's table: every variant's newest build (variants without a build get
+    a "no build" row; a yanked build's profile says so)."""
     lines = [
         "| variant | profile | test images | top-1 clear | top-1 FHE sim. | top-1 real FHE "
         "(images) | max bits | PBS (by width) | est. FHE s/img | measured FHE s/img (error) "
@@ -173,9 +234,7 @@ def markdown(table: list[dict[str, Any]], registry: reg.Registry) -> str:
             continue
         widths = sorted((row["pbs_count_by_bit_width"] or {}).items(), key=lambda i: int(i[0]))
         by_width = ", ".join(f"{int(n):,} × {w}-bit" for w, n in widths)
-        real = "–"
-        if row["fhe_execute_top1"] is not None:
-            real = f"{row['fhe_execute_top1']:.4f} ({row['fhe_execute_n_images']})"
+        real = _real(row)
         measured = _num(row["fhe_execute_seconds_per_image"])
         if row["estimate_relative_error"] is not None:
             measured += f" ({row['estimate_relative_error']:+.0%})"
@@ -183,7 +242,6 @@ def markdown(table: list[dict[str, Any]], registry: reg.Registry) -> str:
             measured += " (cores shared: no error computed)"
         elif row["fhe_execute_seconds_per_image"] is not None:
             measured += " (on another machine: no error computed)"
-        keys = row["eval_key_bytes"]
         profile = row["profile"] + (" (yanked)" if row["yanked"] else "")
         images = str(row["n_test_images"])
         if row["n_simulated_images"]:
@@ -194,7 +252,7 @@ def markdown(table: list[dict[str, Any]], registry: reg.Registry) -> str:
             f"{row['max_bit_width']} | {row['pbs_count']:,} ({by_width}) | "
             f"{'≥ ' if row['estimate_is_lower_bound'] else ''}"
             f"{_num(row['estimated_fhe_seconds_per_image'])} | {measured} | "
-            f"{'–' if keys is None else f'{keys / 2**30:.2f} GiB'} | "
+            f"{_keys(row)} | "
             f"{_num(row['keygen_seconds'], 1)} | "
             f"{_num(row['build_seconds'])} ({_num(row['compile_seconds'])}) |"
         )
@@ -211,7 +269,9 @@ def main() -> None:
     document = {"cpus": cpus, "calibration": calibration, "variants": table, "references": refs}
     (RESULTS / "tradeoff.json").write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
     plot(table, refs, RESULTS / "tradeoff.png")
-    (RESULTS / "tradeoff.md").write_text(markdown(table, registry))
+    (ROOT / "benchmarks" / "RESULTS.md").write_text(RESULTS_HEADER + markdown(table, registry))
+    readme = ROOT / "README.md"
+    readme.write_text(splice(readme.read_text(), readme_table(table)))
     for row in table:
         seconds = row["estimated_fhe_seconds_per_image"]
         measured = row["fhe_execute_seconds_per_image"]
@@ -219,7 +279,7 @@ def main() -> None:
               f"est {'?' if seconds is None else f'{seconds:.0f}'} s/img"
               + (f", measured {measured:.0f} s/img ({row['estimate_relative_error']:+.0%})"
                  if row["estimate_relative_error"] is not None else ""))  # fmt: skip
-    print(f"wrote {RESULTS / 'tradeoff.json'}, tradeoff.png and tradeoff.md (the README's table)")
+    print("wrote benchmarks/results/tradeoff.json and .png, benchmarks/RESULTS.md, README's table")
 
 
 if __name__ == "__main__":

@@ -127,7 +127,7 @@ def test_keygen_records_the_serialized_key_size_that_list_and_info_show(
     row = next(r for r in api.list_variants() if r["variant"] == VARIANT)
     assert row["eval_key_bytes_serialized"] == size
     _, info, _ = _run("info", VARIANT)
-    assert f"{size / 1e6:,.0f} MB serialized" in info
+    assert f"{size / 2**20:,.0f} MiB serialized" in info
 
 
 def test_eval_speaks_to_people_unless_asked_for_json(project_store: Path, cifar_dir: Path) -> None:

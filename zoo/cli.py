@@ -41,11 +41,13 @@ DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPER
 
 
 def _size(n: int | None) -> str:
+    """Bytes in binary units: ``255MiB``."""
     if n is None:
         return "-"
     from tqdm import tqdm
 
-    return tqdm.format_sizeof(n, suffix="B", divisor=1024)
+    text = tqdm.format_sizeof(n, suffix="B", divisor=1024)
+    return text if text[-2:-1].isdigit() else text[:-1] + "iB"
 
 
 def _num(x: Any, fmt: str = "{:.4f}") -> str:

@@ -1,63 +1,11 @@
 """Deterministic packaging of a compiled Concrete ML model, and its circuit statistics.
 
-`write_fhe_zips` lets concrete-ml write ``client.zip`` and ``server.zip`` with
-``FHEModelDev(path, model).save(via_mlir=True)`` (concrete-ml's default), then rewrites both
-archives so that the same compiled model gives the same bytes, in any process, on any day.
-
-What concrete-ml 1.9.0 / concrete-python 2.10.0 write
------------------------------------------------------
-``client.zip``: ``client.specs.json`` (key-set and circuit encodings, written by the compiler's
-C++ serialiser), ``serialized_processing.json`` (input/output quantizers and the module class,
-concrete-ml's JSON encoder), ``versions.json`` (concrete-python, concrete-ml and Python versions;
-both loaders check it).
-
-``server.zip``: ``circuit.mlir`` (the FHE program; the server compiles it when it loads),
-``configuration.json`` (the compilation `Configuration`, jsonpickle), ``client.specs.json``,
-``composition_rules.json``, ``is_simulated``, ``versions.json``.
-
-What was nondeterministic, and how it is handled
-------------------------------------------------
-1. The zip containers. ``shutil.make_archive`` and ``ZipFile.write`` stamp each member with the
-   file's mtime (the wall clock at save time), take the member order from ``os.scandir`` of a
-   temporary directory, and the file mode from the umask; ``client.zip`` is then appended to
-   three times. Fix: both archives are rebuilt from their members' bytes: members sorted by name,
-   date 1980-01-01 00:00:00, mode ``0o100644`` (regular file, rw-r--r--), ``create_system`` Unix,
-   ZIP_DEFLATED at level 9, no extra fields, no comment.
-2. ``serialized_processing.json`` -> ``model_type``. concrete-ml stores the module's class with
-   ``skops.io.dumps``, hex-encoded. That value is itself a zip archive whose ``schema.json``
-   carries ``"__id__": id(obj)`` (the CPython memory address of the class object, which changes
-   from process to process) and whose member carries the current time as its date. Fix (at the
-   root of the bytes): the blob is decoded, every ``__id__`` is renumbered 1, 2, 3... in order of
-   first appearance (skops only uses these ids as memo keys inside one blob; 0 is avoided because
-   skops ignores a falsy id), ``<id>.npy`` members and ``"file"`` references are renamed to
-   match, and the inner zip is rebuilt with fixed dates, sorted members and ZIP_STORED, as skops
-   writes it. It still loads through concrete-ml's decoder (skops with its trusted-type list).
-3. JSON key order. ``serialized_processing.json`` and ``versions.json`` are re-serialised with
-   sorted keys and fixed separators; their loaders (``json.load`` with concrete-ml's decoder) do
-   not depend on key order. Floats survive the round trip exactly (``repr`` round-trips).
-
-Members checked to be byte-identical across processes (also with different ``PYTHONHASHSEED``)
-and therefore kept byte for byte: ``circuit.mlir``, ``configuration.json``, ``client.specs.json``,
-``composition_rules.json``, ``is_simulated``. They are deliberately not re-serialised: their
-formats belong to concrete-python (jsonpickle tags, the C++ specs codec).
-
-Why the server ships MLIR rather than a compiled library
---------------------------------------------------------
-With ``via_mlir=False`` the server zip carries the compiler's ``sharedlib.so`` and
-``staticlib.a`` (plus ``program_info.concrete.params.json``, ``compilation_feedback.json``).
-On one machine they come out byte-identical (no GNU build-id note, ``ar`` members dated at the
-epoch with uid 0), but ``sharedlib.so`` has an ``RPATH`` holding the absolute path of the building
-virtualenv's ``site-packages/concrete_python.libs``: its bytes depend on where the venv lives,
-and it only runs on the build platform. We therefore keep ``via_mlir=True``: the artefact is the
-MLIR text plus the configuration, and ``FHEModelServer`` compiles it when it loads (one
-compilation, same cost as the original compile).
-
-What the bytes still depend on
-------------------------------
-The model, the calibration data and compilation options (they shape the quantizers and the MLIR),
-the concrete-ml / concrete-python / Python versions (recorded in ``versions.json``, which
-records the Python micro version too), and the zlib implementation that deflates the members
-(stock zlib and zlib-ng, for example, produce different but equally valid streams).
+:func:`write_fhe_zips` lets concrete-ml write ``client.zip`` and ``server.zip``
+(``FHEModelDev(...).save(via_mlir=True)``), then rewrites both archives so that the same
+compiled model gives the same bytes in any process on any day: members sorted and dated
+1980-01-01, the skops blob inside ``serialized_processing.json`` renumbered, JSON re-serialised
+with sorted keys. What concrete writes, what was nondeterministic and why the server ships MLIR:
+``docs/reproducible-zips.md``.
 """
 
 from __future__ import annotations

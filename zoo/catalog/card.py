@@ -112,10 +112,10 @@ def key_size_text(measured: dict[str, Any]) -> str:
     labelled as such."""
     serialized = measured["metrics"].get("eval_key_bytes_serialized")
     if serialized:
-        return f"{serialized / 1e6:,.0f} MB serialized"
+        return f"{serialized / 2**20:,.0f} MiB serialized"
     in_memory = measured.get("circuit", {}).get("eval_key_bytes")
     if in_memory:
-        return f"not measured (concrete's in-memory figure: {in_memory / 1e6:,.0f} MB)"
+        return f"not measured (concrete's in-memory figure: {in_memory / 2**20:,.0f} MiB)"
     return "not measured"
 
 

@@ -1,73 +1,14 @@
 """What a build costs before anyone pays for it: estimated seconds of real FHE per image.
 
-Model (per crypto parameter set, not per bit width)::
+Per crypto parameter set ``p`` of the circuit's programmable bootstraps (PBS)::
 
     seconds per image = Σ_p count_p × seconds_per_pbs(p) + overhead
     seconds_per_pbs(p) = c × n × (level + 1) × (k + 1)² × N × log2(N)
 
-summed over the parameter sets ``p`` of the programmable bootstraps (PBS) concrete reports
-(``circuit.statistics["programmable_bootstrap_count_per_parameter"]``, stored in every build's
-``circuit.pbs_count_per_parameter``), with ``n`` = ``input_lwe_dimension``, ``k`` =
-``glwe_dimension``, ``N`` = ``polynomial_size``. A bootstrap is ``n`` external products; each
-decomposes the ``k + 1`` accumulator polynomials into ``level`` pieces and multiplies them, in
-the Fourier domain, with a ``(k + 1) × level × (k + 1)`` block of the bootstrap key, then goes
-back from the Fourier domain: ``level`` is counted as ``level + 1`` for that fixed part of each
-step. The bit width only matters through the parameters the optimizer picks for it, so rounding
-(more, cheaper PBS) is priced right, which a per-width table cannot do. ``overhead`` is the
-fixed cost of one run with PBS (~60 ms here; a run without PBS costs ~1 ms).
-
-Why this formula: `zoo bench pbs` (:mod:`zoo.cost.bench`) times level-1 and level-2 bootstraps at
-polynomial sizes 512..32768 with our builds' ``p_error``, including exactly the parameter sets
-of our convolutions, one circuit at a time with layer-sized circuits (hundreds of PBS). On the
-11 points of the project's first quiet 2-core machine (until 2026-12-01, its instruction set
-not recorded; ``benchmarks/results/calibration-2026-12-01.json``) it fits with 12% rms
-relative error, 23% at worst, and on those of the AVX2 machine after it
-(``zoo/calibration/default.json``, every PBS 1.7x slower) with 11% rms, 31% at worst (the
-8-bit lookup); counting ``level`` instead of ``level + 1`` fits worse (13% rms,
-level-2 chains +21%, level-1 lookups -20%), and so do FFT counts alone (``n × (k+1) ×
-(level+1) × N log2 N``: 15% rms, 35% worst). On whole circuits (measured with ``zoo eval
---fhe execute --record``) on the first machine: ``cifar10-split-tiny``, 1,408 level-2 PBS at
-N=8192, estimated 94 s, measured 91 s per image (10 images) — the ``level + 1`` form was
-chosen among five candidates partly because it fits that run best, so the runs of the larger
-variants are the real test (see README, "Cost model against real runs"). Earlier calibrations
-kept every circuit's keys in memory and timed them in turns, which made the same circuits
-20-40% slower (and 8-bit ones 3x), and used 4-16-element circuits, which cost up to 25% more
-per PBS than a layer: both are gone. Linear layers (clear multiplications and additions on
-ciphertexts) are not modelled.
-
-Lookups too wide for a classic PBS (11 bits and more here, such as the unrounded VGG11 and
-full-FHE CNV circuits) are compiled as WoP-PBS ("without padding": bit extraction, circuit
-bootstrapping, vertical packing), and then every lookup of the circuit is one; concrete still
-counts one PBS per lookup, at a small parameter set (``polynomial_size`` 1024, ``glwe_dimension``
-2), and marks the circuit with as many packing key switches. A WoP lookup costs many classic
-bootstraps of that set (it bootstraps bits one by one, then walks its table), and grows slowly
-with its width ``p``; it is priced as::
-
-    seconds_per_wop_lookup(p) = (a + b × p) × n × (level + 1) × (k + 1)² × N × log2(N)
-
-with ``a``, ``b`` fitted by ``zoo bench pbs --wop`` on layer-sized WoP circuits of 4, 12 and 14
-bits (on the first quiet 2-core machine a lookup took 0.80 s at 4 bits in a circuit of 64
-lookups, 0.92 s at 12 bits in one of 32, 1.19 s at 14 bits in one of 16, and 1.77 / 1.83 /
-2.73 s on the AVX2 machine after it: 40 to 60 times a classic
-bootstrap of the same parameter set; fit within 10%, and within +9% / +6% on two circuits left
-out of the fit, 65 lookups at 8 bits and 17 at 12). A calibration without WoP points prices
-such a circuit with the classic formula and says that this is a lower bound.
-
-Where the calibration (``c``, ``overhead``) comes from, first that applies:
-
-1. ``$ZOO_HOME/calibration/pbs.json``, written by ``zoo bench pbs`` on this machine, if it was
-   measured with the installed concrete-python (otherwise it is ignored with a
-   :class:`StaleCalibrationWarning`, and ``zoo info`` says so);
-2. the default shipped with the package (``zoo/calibration/default.json``; its ``machine`` and
-   ``note`` say where and how it was measured);
-3. for a circuit without per-parameter counts (builds recorded before they existed), or when no
-   calibration can be read, the old per-bit-width table: 19 ms per 4-bit PBS, 70 ms per 6-bit,
-   530 ms per 8-bit (this project's first 2-core machine, 2 threads), interpolated log-linearly.
-
-A calibration of 1. or 2. measured on another kind of machine (instruction set or core count:
-:func:`other_machine`) is still used, with a warning that says so.
-
-This module imports neither torch nor concrete (``zoo list`` / ``zoo info`` use it).
+with ``c`` and ``overhead`` fitted by ``zoo bench pbs`` on this machine
+(``$ZOO_HOME/calibration/pbs.json``), else the shipped ``calibration/default.json``; WoP-PBS
+lookups have a fit of their own. Why this form, how well it fits and where each calibration
+comes from: ``docs/cost-model.md``. Imports neither torch nor concrete (``zoo info`` uses it).
 """
 
 from __future__ import annotations
