@@ -55,7 +55,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -67,6 +67,8 @@ from zoo.build.data import load_cifar10
 from zoo.build.run import BuildContext, RecipeResult
 from zoo.build.training import (
     TORCH_THREADS,
+    CompileSettings,
+    ProfileBase,
     Stages,
     cifar10_name,
     data_record,
@@ -88,13 +90,41 @@ from zoo.build.training import (
 # Configuration
 # --------------------------------------------------------------------------------------------
 
+
 #: Architectures (``ctx.params["arch"]``). ``head`` is the clear part. ``plan`` lists the
 #: encrypted convolutions as (out_channels, pool_after). ``fc`` lists the hidden FC widths.
 #: ``fanin`` is the max non-zero weights per output neuron, one entry per encrypted
 #: conv/linear layer in order (``None``: no pruning). ``max_bit_width`` is the accumulator
 #: bound checked after compilation. A head whose ``out_channels`` is ``None`` has no clear
 #: layer: the whole network runs in FHE and the client only normalises and quantizes.
-ARCHS: dict[str, dict[str, Any]] = {
+class Arch(CompileSettings):
+    """One architecture of the family (see above)."""
+
+    head: dict[str, Any]  # out_channels (None: no clear layer), pool, in_bits[, in_quant]
+    plan: list[tuple[int, bool]]  # the encrypted convolutions: (out_channels, pool after)
+    fc: list[int]  # hidden FC widths
+    weight_bits: int
+    act_bits: int
+    num_classes: int
+    fanin: list[int] | None  # per encrypted layer; None: no pruning
+    tensor_norm: bool  # a final TensorNorm (an output lookup)
+    output_bits: int  # the circuit's input and output quantization
+
+
+class _Monitor(TypedDict, total=False):
+    monitor_every: int  # log clear test top-1 every this many epochs
+
+
+class Profile(ProfileBase, _Monitor):
+    """One training profile (see below)."""
+
+    epochs: int
+    lr: float
+    lr_halve_every: int
+    prune_epoch: int
+
+
+ARCHS: dict[str, Arch] = {
     "split-8bit": {
         "head": {"out_channels": 64, "pool": None, "in_bits": 3},
         "plan": [(64, True), (128, False), (128, True), (256, False), (256, False)],
@@ -153,7 +183,7 @@ ARCHS: dict[str, dict[str, Any]] = {
 #: Profiles. ``n_train`` / ``n_test`` / ``n_calib`` of ``None`` mean the whole split.
 #: ``prune_epoch`` is the epoch at whose start the fan-in masks are computed (from weight
 #: magnitude) and frozen.
-PROFILES: dict[str, dict[str, Any]] = {
+PROFILES: dict[str, Profile] = {
     # The reference trains for hundreds of epochs (lr halved every 40). Here a CPU epoch of
     # split-8bit takes ~110 s on 50k images, so ``full`` compresses the same step schedule
     # into 15 epochs (lr halved every 5, fan-in pruning from epoch 4) and logs clear test top-1

@@ -58,6 +58,8 @@ from zoo.build.data import load_cifar10, load_cifar100_split, require_complete
 from zoo.build.run import BuildContext, RecipeResult
 from zoo.build.training import (
     TORCH_THREADS,
+    CompileSettings,
+    ProfileBase,
     Stages,
     cifar10_name,
     data_record,
@@ -94,8 +96,26 @@ FEATURES: list[Any] = [
     "I",
 ]  # fmt: skip
 
+
 #: Architectures (``params["arch"]``); registry params may override any key.
-ARCHS: dict[str, dict[str, Any]] = {
+class Arch(CompileSettings):
+    """One architecture of the family."""
+
+    dataset: str  # cifar10 or cifar100
+    bits: int  # weights, activations and input, every layer
+
+
+class Profile(ProfileBase):
+    """One training profile: a float stage, then QAT."""
+
+    width_divisor: int  # channels of every layer divided by this
+    float_epochs: int
+    float_lr: float
+    qat_epochs: int
+    qat_lr: float
+
+
+ARCHS: dict[str, Arch] = {
     "vgg11-5bit": {
         "dataset": "cifar10",
         "bits": 5,  # weights, activations and input, every layer
@@ -106,7 +126,7 @@ ARCHS: dict[str, dict[str, Any]] = {
 }
 
 #: Profiles. ``n_*`` of ``None`` mean the whole split.
-PROFILES: dict[str, dict[str, Any]] = {
+PROFILES: dict[str, Profile] = {
     "full": {
         "width_divisor": 1,
         "n_train": None,

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from zoo.build.data import load_cifar10
-from zoo.build.training import load_checkpoint, save_checkpoint
+from zoo.build.training import check_records, load_checkpoint, save_checkpoint
 from zoo.errors import BitWidthBoundError, BuildError
 from zoo.fhe import head as zoo_head
 
@@ -90,6 +90,14 @@ def test_configs_resolve() -> None:
         sc.resolve_config("x", {"arch": "nope"}, "smoke", 0)
     with pytest.raises(ValueError):
         sc.resolve_config("x", {"arch": "tiny", "bogus": 1}, "smoke", 0)
+
+
+def test_archs_and_profiles_are_the_typed_records_they_claim() -> None:
+    check_records(sc.ARCHS, sc.Arch)
+    check_records(sc.PROFILES, sc.Profile)  # monitor_every is optional
+    typo = {k: v for k, v in sc.PROFILES["smoke"].items() if k != "epochs"} | {"epoch": 1}
+    with pytest.raises(ValueError, match=r"missing \['epochs'\], unknown \['epoch'\]"):
+        check_records({"bad": typo}, sc.Profile)
 
 
 def test_reference_model_size() -> None:

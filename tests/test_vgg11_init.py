@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from zoo.build import run as builder
+from zoo.build.training import check_records
 from zoo.errors import BuildError
 from zoo.store.hashing import sha256_file
 
@@ -90,3 +91,8 @@ def test_a_recipe_without_init_refuses_it_before_any_work(
     with pytest.raises(BuildError, match="takes no --init"):
         builder.build("cifar10-split-tiny", profile="smoke", out_dir=out, init=path)
     assert not out.exists()
+
+
+def test_archs_and_profiles_are_the_typed_records_they_claim() -> None:
+    check_records(vgg.ARCHS, vgg.Arch)
+    check_records(vgg.PROFILES, vgg.Profile)

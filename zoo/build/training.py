@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, TypedDict
 
 import numpy as np
 import torch
@@ -39,6 +39,35 @@ SIM_EVAL_BATCH = 500
 
 
 # --- config ---------------------------------------------------------------------------------
+
+
+class CompileSettings(TypedDict):
+    """What every architecture says about its circuit (the keys :func:`finish` reads)."""
+
+    max_bit_width: int  # the accumulator bound the compiled circuit is held to
+    p_error: float  # concrete's per-PBS error probability
+    rounding_threshold_bits: dict[str, Any] | None  # concrete-ml's rounded PBS, or none
+
+
+class ProfileBase(TypedDict):
+    """What every profile says about data and evaluation (``None``: the whole split)."""
+
+    n_train: int | None
+    n_test: int | None
+    n_calib: int  # training images the compiler calibrates on
+    batch_size: int
+    eval_batch_size: int
+
+
+def check_records(records: dict[str, Any], kind: Any) -> None:
+    """Every record of ``records`` has the required keys of the TypedDict ``kind`` and no key it
+    does not know: a recipe's ARCHS and PROFILES are checked so by the tests."""
+    required, allowed = kind.__required_keys__, kind.__required_keys__ | kind.__optional_keys__
+    for name, record in records.items():
+        missing, extra = required - set(record), set(record) - allowed
+        if missing or extra:
+            raise ValueError(f"{kind.__name__} {name!r}: missing {sorted(missing)}, "
+                             f"unknown {sorted(extra)}")  # fmt: skip
 
 
 #: Profile keys a variant may set through ``profile_overrides`` though no profile has them:

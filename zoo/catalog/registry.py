@@ -1,6 +1,6 @@
 """The catalogue: ``registry.json`` loaded into typed records, validated, and resolved.
 
-Knows no network. Every load is validated against ``zoo/schema/registry.schema.json``; an
+Knows no network. Every load is validated against ``zoo/catalog/schema/registry.schema.json``; an
 invalid file raises one :class:`RegistryError` naming the JSON path of every bad field.
 Writes (by ``zoo publish``) go through :func:`save`, which validates first and replaces the file
 atomically, so a failed write leaves the old file as it was.

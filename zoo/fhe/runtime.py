@@ -303,8 +303,10 @@ def load(ref: str, role: str = "all", server_url: str | None = None, **pull_kwar
     ``model.server`` is a :class:`zoo.fhe.remote.RemoteServer`.
     """
     if role not in ROLES:
-        raise InputError(f"unknown role {role!r}: the roles are {', '.join(ROLES)}",
-                         hint="as in `zoo pull --role`")
+        raise InputError(
+            f"unknown role {role!r}: the roles are {', '.join(ROLES)}",
+            hint="as in `zoo pull --role`",
+        )
     if server_url is not None and role != "client":
         raise InputError("server_url goes with role='client'", hint="load(ref, role='client', "
                          "server_url=URL): the server side runs on that server")  # fmt: skip
