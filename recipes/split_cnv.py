@@ -73,6 +73,7 @@ from zoo.build.training import (
     cifar10_name,
     data_record,
     finish,
+    gpu_record,
     head_input_config,
     jsonable,
     load_checkpoint,
@@ -184,6 +185,21 @@ ARCHS: dict[str, Arch] = {
 #: ``prune_epoch`` is the epoch at whose start the fan-in masks are computed (from weight
 #: magnitude) and frozen.
 PROFILES: dict[str, Profile] = {
+    # For a lent GPU, in pieces (``zoo build --device cuda --stop-after S --resume``; see
+    # ``benchmarks/gpu_piece.py``): the ``full`` schedule four times longer, lr halved every 12
+    # epochs, tested on all 10,000 images.
+    "long": {
+        "epochs": 60,
+        "batch_size": 100,
+        "lr": 0.02,
+        "lr_halve_every": 12,
+        "monitor_every": 10,
+        "prune_epoch": 6,
+        "n_train": None,
+        "n_test": None,
+        "n_calib": 1000,
+        "eval_batch_size": 500,
+    },
     # The reference trains for hundreds of epochs (lr halved every 40). Here a CPU epoch of
     # split-8bit takes ~110 s on 50k images, so ``full`` compresses the same step schedule
     # into 15 epochs (lr halved every 5, fan-in pruning from epoch 4) and logs clear test top-1
@@ -639,17 +655,20 @@ def train(
     is logged and kept in the history every k epochs; it never steers training.
     """
     prof, arch, seed = cfg["profile"], cfg["arch"], cfg["seed"]
-    device = torch.device(ctx.device)
     ckpt_path = Path(ctx.work_dir) / "checkpoint.pt"
-    start_epoch, history = 0, []
+    state = None
+    if ctx.resume and ckpt_path.exists():
+        state = load_checkpoint(ckpt_path, cfg, prof["epochs"])
+    start_epoch = 0 if state is None else int(state["epoch"]) + 1
+    device = torch.device(ctx.train_device(start_epoch < prof["epochs"]))
+    history: list[dict[str, Any]] = []
 
     if prof["prune_epoch"] == 0:
         apply_fanin_pruning(model, arch["fanin"])
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=_lr_at(cfg, 0))
 
-    if ctx.resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, cfg, prof["epochs"])
+    if state is not None:
         if state["masks"] and not is_pruned(model):
             model.cpu()
             apply_fanin_pruning(model, arch["fanin"], state["masks"])
@@ -658,7 +677,7 @@ def train(
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
-        start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
+        history = list(state["history"])
         ctx.log.info("resumed from %s after epoch %d", ckpt_path, start_epoch)
 
     for epoch in range(start_epoch, prof["epochs"]):
@@ -676,7 +695,7 @@ def train(
             after_step=lambda m: m.clip_weights(WEIGHT_CLIP),
             progress=ctx.log.isEnabledFor(logging.INFO),
         )  # fmt: skip
-        rec = {"epoch": epoch + 1, "lr": _lr_at(cfg, epoch), **rec}
+        rec = {"epoch": epoch + 1, "lr": _lr_at(cfg, epoch), **rec, **gpu_record(device)}
         every = prof.get("monitor_every")
         if monitor is not None and every and (epoch + 1) % every == 0:
             logits = clear_logits(model.cpu(), monitor[0], prof["eval_batch_size"])
@@ -694,6 +713,7 @@ def train(
             time.perf_counter() - t0,
         )
         _save_checkpoint(ckpt_path, epoch, model, opt, history, cfg)
+        ctx.checkpointed(f"epoch {epoch + 1}/{prof['epochs']}")
     if not is_pruned(model):  # a schedule shorter than prune_epoch still ships pruned weights
         apply_fanin_pruning(model.cpu(), arch["fanin"])
     model.cpu()
@@ -854,6 +874,7 @@ def build(ctx: BuildContext) -> RecipeResult:
     # 3. Train (QAT + fan-in pruning).
     with stages("train", ctx.device):
         history = train(model, train_x, train_y, cfg, ctx, monitor=(test_x, test_y))
+    ctx.trained()
     model.eval()
 
     # 4. Evaluate in the clear (float head + Brevitas), on CPU.

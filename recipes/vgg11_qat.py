@@ -64,6 +64,7 @@ from zoo.build.training import (
     cifar10_name,
     data_record,
     finish,
+    gpu_record,
     head_input_config,
     jsonable,
     load_checkpoint,
@@ -392,17 +393,18 @@ def train_stage(
     """Train ``model`` for the stage's epochs; checkpoint (and resume) every epoch."""
     prof, data, seed = cfg["profile"], cfg["data"], cfg["seed"]
     epochs = prof[f"{stage}_epochs"]
-    device = torch.device(ctx.device)
     ckpt = Path(ctx.work_dir) / f"{stage}.pt"
+    state = load_checkpoint(ckpt, cfg, epochs) if ctx.resume and ckpt.exists() else None
+    start = 0 if state is None else int(state["epoch"]) + 1
+    device = torch.device(ctx.train_device(start < epochs))
     model.to(device)
     opt = torch.optim.Adam(model.parameters(), lr=prof[f"{stage}_lr"])
-    start, history = 0, []
-    if ctx.resume and ckpt.exists():
-        state = load_checkpoint(ckpt, cfg, epochs)
+    history: list[dict[str, Any]] = []
+    if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
-        start, history = int(state["epoch"]) + 1, list(state["history"])
+        history = list(state["history"])
         ctx.log.info("%s stage: resumed from %s after epoch %d", stage, ckpt, start)
     stage_id = 0 if stage == "float" else 1
     for epoch in range(start, epochs):
@@ -415,7 +417,7 @@ def train_stage(
             prof["batch_size"], device, f"{stage} {epoch + 1}/{epochs}",
             progress=ctx.log.isEnabledFor(logging.INFO),
         )  # fmt: skip
-        rec = {"stage": stage, "epoch": epoch + 1, "lr": lr, **rec}
+        rec = {"stage": stage, "epoch": epoch + 1, "lr": lr, **rec, **gpu_record(device)}
         history.append(rec)
         ctx.log.info("%s epoch %d/%d lr %.6f loss %.4f train acc %.4f (%.1f s)", stage,
                      epoch + 1, epochs, lr, rec["loss"], rec["train_top1"],
@@ -427,6 +429,7 @@ def train_stage(
             "torch_rng": torch.get_rng_state(),
             "history": history,
         }, cfg)  # fmt: skip
+        ctx.checkpointed(f"{stage} epoch {epoch + 1}/{epochs}")
     model.cpu()
     return history
 
@@ -517,6 +520,7 @@ def build(ctx: BuildContext) -> RecipeResult:
         if unexpected or any(k.endswith(("weight", "bias")) for k in missing):
             raise BuildError(f"float -> QAT weight transfer failed: {missing=} {unexpected=}")
         qat_history = train_stage("qat", qmodel, train_x, train_y, cfg, ctx)
+    ctx.trained()
     n_params = sum(p.numel() for p in float_model.parameters())
 
     # 4. Evaluate in the clear: float and Brevitas.

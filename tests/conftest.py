@@ -19,6 +19,14 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A failing session must exit non-zero even after a test ran a circuit in this process
+    (concrete's exit hook would end it with 0)."""
+    from zoo.fhe import exit_status
+
+    exit_status.keep(exitstatus)
+
+
 @pytest.fixture(autouse=True)
 def _scratch_release_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No test writes into the project's releases/: publishes to `releases` land in tmp_path

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from conftest import build_hashes
 
 import zoo
@@ -16,7 +17,8 @@ from zoo.build import run as builder
 from zoo.build.data import load_cifar10
 from zoo.catalog import manifest
 from zoo.catalog import registry as reg
-from zoo.errors import BuildError, IntegrityError
+from zoo.cli import main
+from zoo.errors import BuildError, BuildPaused, IntegrityError
 from zoo.fhe import head, runtime, sigpipe
 
 TINY = "cifar10-split-tiny"
@@ -62,6 +64,31 @@ def test_head_file_loads_without_the_recipe(tiny_build: Path, cifar_dir: Path) -
 def test_same_inputs_give_the_same_bytes(tiny_build: Path, cifar_dir: Path, tmp_path: Path) -> None:
     again = builder.build(TINY, profile="smoke", data_dir=cifar_dir, out_dir=tmp_path / "again")
     assert build_hashes(again) == build_hashes(tiny_build)
+
+
+def test_a_build_in_pieces_gives_the_same_bytes(
+    tiny_build: Path, cifar_dir: Path, tmp_path: Path
+) -> None:
+    """--stop-after and --train-only stop at a checkpoint (exit code 10); --resume continues to
+    the bytes of a build made in one go. A build trained on a GPU finishes on a machine without
+    one: a resumed stage with no epoch left runs on the CPU whatever --device says."""
+    out = tmp_path / "pieces"
+    first = CliRunner().invoke(main, ["build", TINY, "--profile", "smoke", "--data-dir",
+                                      str(cifar_dir), "--out", str(out), "--stop-after", "0"])
+    assert first.exit_code == 10, first.output
+    assert "paused: stopped after epoch 1/2" in first.output and "--resume" in first.output
+    assert (out / "work" / "checkpoint.pt").is_file() and not (out / "manifest.json").exists()
+    with pytest.raises(BuildPaused, match="trained; stopped before compiling"):
+        builder.build(TINY, profile="smoke", data_dir=cifar_dir, out_dir=out, resume=True,
+                      train_only=True)
+    builder.build(TINY, profile="smoke", data_dir=cifar_dir, out_dir=out, resume=True)
+    assert build_hashes(out) == build_hashes(tiny_build)
+
+    builder.build(TINY, profile="smoke", data_dir=cifar_dir, out_dir=out, resume=True,
+                  device="cuda")  # no CUDA here: nothing is left to train
+    assert json.loads((out / "manifest.json").read_text())["device"] == "cuda"
+    same = ("head.safetensors", "weights.safetensors", "client.zip", "server.zip")
+    assert {k: build_hashes(out)[k] for k in same} == {k: build_hashes(tiny_build)[k] for k in same}
 
 
 def test_refuses_to_overwrite_a_build(tiny_build: Path, cifar_dir: Path) -> None:

@@ -73,9 +73,11 @@ def test_cifar100_partial_is_detected(cifar_dir: Path) -> None:
 
 
 def test_missing_data_message(tmp_path: Path) -> None:
-    """A missing directory names what was expected and how to get it."""
+    """A missing directory names what was expected and how to get it, as a zoo error (exit
+    code 3 with its message, not a traceback) that is also a FileNotFoundError."""
     with pytest.raises(FileNotFoundError) as err:
         data.load_cifar10(tmp_path, "train")
+    assert isinstance(err.value, errors.NotFoundError) and err.value.exit_code == 3
     msg = str(err.value)
     assert "cifar-10-batches-py" in msg and data.CIFAR_URL in msg
     assert "materialize_cifar.py" in msg

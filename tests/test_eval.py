@@ -107,8 +107,9 @@ def test_simulated_eval_writes_results_and_resumes(
     published: Path, cifar_dir: Path, tmp_path: Path, registry_file: Path
 ) -> None:
     results = tmp_path / "run.jsonl"
+    sim = {"ref": TINY, "fhe": "simulate"}  # what this test measures (the default is disable)
     pins = registry_file.read_bytes()
-    full = evaluate.evaluate(TINY, n_images=120, seed=3, data_dir=cifar_dir, results=results)
+    full = evaluate.evaluate(**sim, n_images=120, seed=3, data_dir=cifar_dir, results=results)
     assert registry_file.read_bytes() == pins  # only --record writes measured metrics
     with pytest.raises(ZooError, match="real-FHE"):
         evaluate.evaluate(TINY, n_images=1, data_dir=cifar_dir, results=tmp_path / "r.jsonl",
@@ -126,7 +127,7 @@ def test_simulated_eval_writes_results_and_resumes(
     kept = results.read_text().splitlines()[:41]
     results.write_text("\n".join(kept) + '\n{"index": 9')
     resumed = evaluate.evaluate(
-        TINY, n_images=120, seed=3, data_dir=cifar_dir, results=results, resume=True
+        **sim, n_images=120, seed=3, data_dir=cifar_dir, results=results, resume=True
     )
     assert resumed["this_run_images"] == 80
     assert {k: resumed[k] for k in ("simulate_top1", "simulate_top2", "n_images")} == {
@@ -136,20 +137,20 @@ def test_simulated_eval_writes_results_and_resumes(
 
     # In pieces: at most 30 new images, then the rest; the partial summary says what it covers.
     pieces = tmp_path / "pieces.jsonl"
-    first = evaluate.evaluate(TINY, n_images=120, seed=3, data_dir=cifar_dir, results=pieces,
+    first = evaluate.evaluate(**sim, n_images=120, seed=3, data_dir=cifar_dir, results=pieces,
                               stop_after=30)  # fmt: skip
     assert first["n_images"] == 30 and first["sample"] == "seed 3 (30 of 120 done)"
-    rest = evaluate.evaluate(TINY, n_images=120, seed=3, data_dir=cifar_dir, results=pieces,
+    rest = evaluate.evaluate(**sim, n_images=120, seed=3, data_dir=cifar_dir, results=pieces,
                              resume=True)  # fmt: skip
     assert rest["this_run_images"] == 90 and rest["sample"] == "seed 3"
     assert rest["simulate_top1"] == full["simulate_top1"]
 
     with pytest.raises(ZooError, match="exists") as refused:
-        evaluate.evaluate(TINY, n_images=120, seed=3, data_dir=cifar_dir, results=results)
+        evaluate.evaluate(**sim, n_images=120, seed=3, data_dir=cifar_dir, results=results)
     assert "--resume" in refused.value.hint
     with pytest.raises(ZooError, match="another run"):
         evaluate.evaluate(
-            TINY, n_images=120, seed=4, data_dir=cifar_dir, results=results, resume=True
+            **sim, n_images=120, seed=4, data_dir=cifar_dir, results=results, resume=True
         )
 
 

@@ -161,3 +161,17 @@ def test_messages_go_through_logging(project_store: Path) -> None:
     shutil.rmtree(Path(os.environ["ZOO_HOME"]) / "cache")
     code, _, err = _run("-q", "pull", VARIANT, "--role", "client")
     assert code == 0 and err == ""
+
+
+def test_a_failure_after_a_circuit_ran_keeps_its_exit_status(project_store: Path) -> None:
+    """concrete's exit hook ends a process with status 0 once a circuit has run in it; a zoo
+    command that fails afterwards must still exit with its own code (3: not found)."""
+    code = (
+        "import numpy as np\n"
+        "from zoo import cli, load\n"
+        f"load({VARIANT!r}).predict(np.zeros((1, 32, 32, 3), np.uint8), fhe='simulate')\n"
+        "cli.main(['info', 'no-such-variant'])\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 3, run.stderr[-2000:]
+    assert "no-such-variant" in run.stderr

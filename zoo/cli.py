@@ -20,7 +20,7 @@ import click
 
 from zoo import api
 from zoo.cost import model as cost
-from zoo.errors import ZooError
+from zoo.errors import BuildPaused, ZooError
 
 REGISTRY = click.option(
     "--registry",
@@ -122,7 +122,24 @@ def setup_logging(level: int) -> None:
         logger.addHandler(handler)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+class _Group(click.Group):
+    """The command group; its exit status survives concrete's exit hook (zoo.fhe.exit_status)."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        from zoo.fhe import exit_status
+
+        try:
+            return super().main(*args, **kwargs)
+        except SystemExit as done:
+            exit_status.keep(done.code)
+            raise
+        except BaseException:  # a traceback: status 1
+            exit_status.keep(1)
+            raise
+
+
+@click.group(cls=_Group,
+             context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="concrete-zoo")
 @click.option("-v", "--verbose", is_flag=True, help="debug messages too")
 @click.option("-q", "--quiet", is_flag=True, help="warnings and errors only")
@@ -324,7 +341,8 @@ def pull(
 # fmt: off
 @main.command("build")
 @click.argument("variant", shell_complete=complete_ref)
-@click.option("--profile", type=click.Choice(["full", "quick", "smoke"]), default="quick")
+@click.option("--profile", type=click.Choice(["long", "full", "quick", "smoke"]), default="quick",
+              help="long: for a GPU, in pieces (--stop-after)")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help="folder with cifar-10-batches-py/ (default $ZOO_DATA_DIR)")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
@@ -335,6 +353,11 @@ def pull(
 @click.option("--init", "init", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               default=None, help="safetensors weights to start training from (VGG11: float "
               "weights, ours or torchvision's vgg11)")
+@click.option("--stop-after", type=float, default=None, metavar="SECONDS",
+              help="stop at the first checkpoint after SECONDS (exit code 10); --resume continues")
+@click.option("--train-only", is_flag=True,
+              help="stop once trained, before compiling (exit code 10): train on a GPU machine "
+              "without concrete-ml, then --resume without it where concrete-ml is")
 @click.option("--check", "check_rev", default=None, metavar="REV",
               help="rebuild the published build REV and compare file by file")
 @REGISTRY
@@ -342,7 +365,8 @@ def pull(
 @handles_errors
 def build_cmd(variant: str, profile: str, data_dir: Path | None, out_dir: Path | None,
               seed: int | None, resume: bool, device: str, init: Path | None,
-              check_rev: str | None, registry_path: Path | None, as_json: bool) -> None:
+              stop_after: float | None, train_only: bool, check_rev: str | None,
+              registry_path: Path | None, as_json: bool) -> None:
     """Build a variant from its recipe into a build directory that `zoo publish` accepts."""
     from zoo.build import run as builder
 
@@ -355,8 +379,15 @@ def build_cmd(variant: str, profile: str, data_dir: Path | None, out_dir: Path |
             click.echo(f"hint: {builder.MISMATCH_HINT}", err=True)
             sys.exit(4)
         return
-    out = builder.build(variant, profile=profile, data_dir=data_dir, out_dir=out_dir, seed=seed,
-                        resume=resume, device=device, registry_path=registry_path, init=init)
+    try:
+        out = builder.build(variant, profile=profile, data_dir=data_dir, out_dir=out_dir,
+                            seed=seed, resume=resume, device=device, registry_path=registry_path,
+                            init=init, stop_after=stop_after, train_only=train_only)
+    except BuildPaused as exc:
+        paused = exc  # the name after `except ... as` ends with the block; the lambda needs it
+        _emit(as_json, {"paused": str(paused), "hint": paused.hint},
+              lambda: f"paused: {paused}\nhint: {paused.hint}")
+        sys.exit(paused.exit_code)
     _emit(as_json, {"build_dir": str(out)}, lambda: f"built {variant} ({profile}) in {out}")
 # fmt: on
 

@@ -44,6 +44,10 @@ class YankedError(NotFoundError):
     """A build withdrawn from the registry (its entry says why)."""
 
 
+class DatasetNotFoundError(NotFoundError, FileNotFoundError):
+    """A CIFAR archive folder or file that is not where the data directory says."""
+
+
 class PartialDatasetError(NotFoundError):
     """The full data set is required but only a partial copy is present."""
 
@@ -92,6 +96,13 @@ class BuildError(ZooError):
 
 class BitWidthBoundError(BuildError):
     """The compiled circuit needs wider integers than the variant's accumulator bound."""
+
+
+class BuildPaused(ZooError):
+    """Not a failure: a build stopped at a checkpoint as asked (``--stop-after``,
+    ``--train-only``); the same command with ``--resume`` continues it."""
+
+    exit_code = 10
 
 
 class ServerError(ZooError):

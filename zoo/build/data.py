@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from zoo.errors import PartialDatasetError, UnsafePickleError
+from zoo.errors import DatasetNotFoundError, PartialDatasetError, UnsafePickleError
 
 __all__ = [
     "CIFAR_URL",
@@ -127,7 +127,7 @@ def _dataset_dir(data_dir: Path, dirname: str) -> Path:
     data_dir = Path(data_dir)
     root = data_dir / dirname
     if not root.is_dir():
-        raise FileNotFoundError(
+        raise DatasetNotFoundError(
             f"expected the directory '{dirname}/' under '{data_dir}' ({root} does not exist). "
             + _how_to_get(dirname)
         )
@@ -136,7 +136,7 @@ def _dataset_dir(data_dir: Path, dirname: str) -> Path:
 
 def _read_batch(path: Path, label_key: str, dirname: str) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
-        raise FileNotFoundError(
+        raise DatasetNotFoundError(
             f"expected the archive file '{path.name}' in '{path.parent}' ({path} does not "
             "exist). " + _how_to_get(dirname)
         )
@@ -268,7 +268,7 @@ def cifar_class_names(data_dir: Path, dataset: Dataset, label: str = "fine") -> 
     else:
         raise ValueError(f"dataset must be 'cifar10' or 'cifar100', got {dataset!r}")
     if not path.is_file():
-        raise FileNotFoundError(
+        raise DatasetNotFoundError(
             f"expected the metadata file '{path.name}' in '{root}'. " + _how_to_get(dirname)
         )
     meta = restricted_load(path)

@@ -40,11 +40,13 @@ from zoo.build import kernels
 from zoo.catalog import card, manifest, versions
 from zoo.catalog import registry as reg
 from zoo.cost import machine
-from zoo.errors import BuildError, IntegrityError
+from zoo.errors import BuildError, BuildPaused, IntegrityError
 from zoo.store import cache
 
 log = logging.getLogger(__name__)
-PROFILES = ("full", "quick", "smoke")
+RESUME_HINT = "run the same command again with --resume to continue from the checkpoint"
+#: ``long`` trains several times longer than ``full``: for a lent GPU, in pieces (``--stop-after``)
+PROFILES = ("long", "full", "quick", "smoke")
 
 
 @dataclass
@@ -64,6 +66,32 @@ class BuildContext:
     #: seconds each step took when this variant and profile were last built (``*_seconds`` of
     #: the registry's timings), for progress bars' ETAs
     expected: dict[str, float] = field(default_factory=dict)
+    #: ``time.monotonic()`` after which the build stops at its next checkpoint (--stop-after)
+    stop_at: float | None = None
+    #: stop once training is done, before compiling (--train-only: a GPU machine without
+    #: concrete-ml trains; the compile and simulation run where concrete-ml is installed)
+    train_only: bool = False
+
+    def checkpointed(self, what: str) -> None:
+        """Recipes call this after writing each checkpoint: stop there if time is up."""
+        if self.stop_at is not None and time.monotonic() >= self.stop_at:
+            raise BuildPaused(f"stopped after {what} (--stop-after): the checkpoint is in "
+                              f"{self.work_dir}", hint=RESUME_HINT)  # fmt: skip
+
+    def trained(self) -> None:
+        """Recipes call this when training is done, before compiling."""
+        if self.train_only:
+            raise BuildPaused(
+                f"trained; stopped before compiling (--train-only): the checkpoints are in "
+                f"{self.work_dir}",
+                hint="run the same command without --train-only, with --resume, where "
+                "concrete-ml is installed: training is skipped, compile and simulation run",
+            )
+
+    def train_device(self, epochs_left: bool) -> str:
+        """Where training runs: ``device``, or the CPU when a resumed stage has no epoch left
+        (so that a build trained on a GPU compiles and evaluates on a machine without one)."""
+        return self.device if epochs_left else "cpu"
 
 
 @dataclass
@@ -143,11 +171,16 @@ def build(
     device: str = "cpu",
     registry_path: Path | None = None,
     init: Path | None = None,
+    stop_after: float | None = None,
+    train_only: bool = False,
 ) -> Path:
     """Build ``variant`` with its recipe and write the build directory; return its path.
 
     ``init`` is a safetensors file of weights to start training from, for recipes that accept
     one (``ACCEPTS_INIT``); its sha256 enters the recipe's config, hence the manifest.
+    ``stop_after`` (seconds) stops the build at the first checkpoint after that time and
+    ``train_only`` once training is done; both raise :class:`~zoo.errors.BuildPaused`, and
+    ``resume=True`` continues.
     """
     kernels.pin()  # before the recipe imports torch
     from zoo.build.package import circuit_statistics, write_fhe_zips
@@ -183,7 +216,8 @@ def build(
     ctx = BuildContext(
         variant=variant, params=dict(entry.recipe["params"]), profile=profile, seed=seed,
         data_dir=data_dir, work_dir=work_dir, device=device, resume=resume, log=logger,
-        init=Path(init) if init is not None else None,
+        init=Path(init) if init is not None else None, train_only=train_only,
+        stop_at=None if stop_after is None else time.monotonic() + stop_after,
         expected=next((b.raw.get("timings", {}) for b in reversed(entry.builds)
                        if b.profile == profile), {}),
     )  # fmt: skip

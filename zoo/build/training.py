@@ -189,6 +189,12 @@ def seed_everything(seed: int, device: str) -> None:
     torch.use_deterministic_algorithms(True, warn_only=device.startswith("cuda"))
 
 
+def gpu_record(device: torch.device) -> dict[str, str]:
+    """``{"device": GPU name}`` for an epoch trained on a GPU, for its history record (nothing
+    on the CPU, so that CPU builds keep their bytes)."""
+    return {"device": torch.cuda.get_device_name(device)} if device.type == "cuda" else {}
+
+
 def train_epoch(
     model: torch.nn.Module,
     opt: torch.optim.Optimizer,
@@ -215,7 +221,8 @@ def train_epoch(
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     n_batches = max(1, len(labels) // batch_size)
-    bar = tqdm(range(n_batches), desc=desc, leave=False, disable=not progress)
+    # disable=None: a bar on terminals only, not in logs
+    bar = tqdm(range(n_batches), desc=desc, leave=False, disable=None if progress else True)
     for b in bar:
         idx = order[b * batch_size : (b + 1) * batch_size]
         x = augment(images[idx], rng, data["crop_padding"], data["hflip"])

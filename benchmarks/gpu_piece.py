@@ -1,0 +1,202 @@
+"""Train a variant on a lent GPU machine, one piece at a time, and bring its checkpoint back.
+
+A lent GPU machine (see docs/gpu.md) reaches no package registry, takes at most 64 MiB of
+files with each command, runs a command for at most 10 minutes and gives back at most 64 MiB in
+files of 16 MiB. Its Python has torch but neither brevitas nor concrete-ml. So a piece is:
+
+1. ``prepare`` (here): into ``.gpu/`` (git-ignored), the wheels zoo's training needs beyond
+   what that machine has, the CIFAR copy of ``../shared/data`` (23 MB; the official archive
+   is too large to carry) and the build's ``work/`` checkpoints from the last piece, cut into
+   parts of at most 15 MiB.
+2. ``piece`` (there, the prepared command): install the wheels into /tmp, write the data,
+   join the parts, and ``zoo build VARIANT --profile P --device cuda --resume --train-only
+   --stop-after SECONDS``: it trains until its time is up or training is done, checkpointing
+   every epoch; then the checkpoints go to ``$OUT`` in parts, with the build log.
+3. ``collect`` (here): join the parts returned into ``build-out/VARIANT-PROFILE/work/``, checked
+   against the sha256 the piece recorded. Run ``prepare`` again for the next piece; once
+   training is done, ``zoo build VARIANT --profile P --device cuda --resume`` here compiles and
+   simulates on the CPU (training is skipped) and records ``device: cuda``.
+
+Usage (the device tool's ``run`` takes the middle command)::
+
+    python benchmarks/gpu_piece.py prepare cifar10-cnv-2w2a --profile long
+    run: python3 benchmarks/gpu_piece.py piece cifar10-cnv-2w2a --profile long --seconds 420
+         (carry [".gpu"], timeout_s 600)
+    python benchmarks/gpu_piece.py collect cifar10-cnv-2w2a --profile long FILES_AT
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CARRY = ROOT / ".gpu"
+PART = 15 * 2**20  # the device tool returns files of at most 16 MiB
+#: What zoo's training imports that the GPU machine's image lacks (it has torch, numpy, click,
+#: tqdm, filelock, safetensors, huggingface_hub, attrs): brevitas and its own needs, and
+#: jsonschema (the registry's schema) with its needs. Versions: brevitas as pinned here.
+WHEELS = [
+    "brevitas=={brevitas}",
+    "setuptools==75.3.0",  # brevitas 0.10 imports pkg_resources, which newer setuptools lack
+    "dependencies==2.0.1",
+    "unfoldNd==0.2.3",
+    "jsonschema==4.26.0",
+    "jsonschema-specifications==2025.9.1",
+    "referencing==0.37.0",
+    "rpds-py==2026.9.1",
+]
+#: The GPU machine's Python (pip needs it to choose binary wheels).
+DEVICE_PYTHON = "3.12"
+PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(2**20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def split(files: list[Path], dest: Path) -> dict[str, dict]:
+    """Cut each file into ``dest/NAME.partK`` of at most :data:`PART` bytes; return the index
+    (name → size, sha256, parts)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    index = {}
+    for path in files:
+        data, parts = path.read_bytes(), []
+        for k in range(0, max(len(data), 1), PART):
+            part = dest / f"{path.name}.part{k // PART}"
+            part.write_bytes(data[k : k + PART])
+            parts.append(part.name)
+        index[path.name] = {"size": len(data), "sha256": sha256(path), "parts": parts}
+    (dest / "parts.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+    return index
+
+
+def join(src: Path, dest: Path) -> list[Path]:
+    """Join the parts that ``src/parts.json`` lists into ``dest``; check size and sha256."""
+    index = json.loads((src / "parts.json").read_text())
+    dest.mkdir(parents=True, exist_ok=True)
+    joined = []
+    for name, entry in index.items():
+        tmp = dest / f".{name}.joining"
+        with tmp.open("wb") as out:
+            for part in entry["parts"]:
+                out.write((src / part).read_bytes())
+        if tmp.stat().st_size != entry["size"] or sha256(tmp) != entry["sha256"]:
+            tmp.unlink()
+            sys.exit(f"{name}: the joined parts do not match their sha256; fetch them again")
+        tmp.replace(dest / name)
+        joined.append(dest / name)
+    return joined
+
+
+def build_dir(variant: str, profile: str) -> Path:
+    return ROOT / "build-out" / f"{variant}-{profile}"
+
+
+def prepare(args: argparse.Namespace) -> None:
+    """Fill ``.gpu/`` for the next piece."""
+    from importlib import metadata
+
+    shutil.rmtree(CARRY, ignore_errors=True)
+    wheels = CARRY / "wheels"
+    specs = [w.format(brevitas=metadata.version("brevitas")) for w in WHEELS]
+    platforms = [a for p in PLATFORMS for a in ("--platform", p)]
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
+                    "--only-binary=:all:", "--python-version", DEVICE_PYTHON,
+                    "--implementation", "cp", *platforms, "-d", str(wheels), *specs],
+                   check=True)  # fmt: skip
+    shared = Path(args.shared_data)
+    if not (shared / "materialize_cifar.py").is_file():
+        sys.exit(f"{shared} has no materialize_cifar.py: pass --shared-data DIR")
+    shutil.copytree(shared, CARRY / "data")
+    work = build_dir(args.variant, args.profile) / "work"
+    checkpoints = sorted(work.glob("*.pt")) if work.is_dir() else []
+    split(checkpoints, CARRY / "work")
+    size = sum(p.stat().st_size for p in CARRY.rglob("*") if p.is_file())
+    print(f"prepared {CARRY}: {size / 2**20:.1f} MiB ({len(checkpoints)} checkpoints from {work})")
+    if size > 60 * 2**20:
+        sys.exit("more than the device tool carries with the working tree (64 MiB in all)")
+
+
+def piece(args: argparse.Namespace) -> None:
+    """On the GPU machine: train for ``--seconds`` and leave the checkpoints in ``$OUT``."""
+    out = Path(os.environ.get("OUT", "gpu-out"))
+    site, data = Path("/tmp/site"), Path("/tmp/cifar")
+    build = Path("/tmp/build") / f"{args.variant}-{args.profile}"
+    wheels = [str(w) for w in (CARRY / "wheels").glob("*.whl")]
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
+                    "--no-compile", "--upgrade", "--target", str(site), *wheels],
+                   check=True)  # fmt: skip
+    if not (data / "cifar-10-batches-py").is_dir():
+        subprocess.run([sys.executable, str(CARRY / "data" / "materialize_cifar.py"), str(data)],
+                       check=True)  # fmt: skip
+    join(CARRY / "work", build / "work")
+    (build / "work" / "build.log").unlink(missing_ok=True)  # a warm machine keeps the last one
+    env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}", "PYTHONUNBUFFERED": "1",
+           "TQDM_DISABLE": "1"}  # fmt: skip
+    cmd = [sys.executable, "-m", "zoo", "-v", "build", args.variant, "--profile", args.profile,
+           "--device", "cuda", "--resume", "--train-only", "--stop-after", str(args.seconds),
+           "--data-dir", str(data), "--out", str(build)]  # fmt: skip
+    print("$", " ".join(cmd), flush=True)
+    status = subprocess.run(cmd, env=env, cwd=ROOT).returncode
+    out.mkdir(parents=True, exist_ok=True)
+    if not args.log_only:
+        split(sorted((build / "work").glob("*.pt")), out)
+    shutil.copy(build / "work" / "build.log", out / f"{args.variant}-build.log")
+    print(f"zoo build exited {status} (10: paused or trained, as asked)")
+    if status not in (0, 10):
+        sys.exit(status)
+
+
+def collect(args: argparse.Namespace) -> None:
+    """Join what a piece returned into the build's ``work/``."""
+    work = build_dir(args.variant, args.profile) / "work"
+    for path in join(Path(args.files), work):
+        print(f"{path} ({path.stat().st_size / 2**20:.1f} MiB, sha256 verified)")
+    log = Path(args.files) / f"{args.variant}-build.log"
+    if log.is_file():
+        with (work / "gpu-build.log").open("a") as f:
+            f.write(log.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="step", required=True)
+    for name, fn in (("prepare", prepare), ("piece", piece), ("collect", collect)):
+        p = sub.add_parser(name, help=fn.__doc__)
+        p.add_argument("variant")
+        p.add_argument("--profile", default="long")
+        p.set_defaults(fn=fn)
+        if name == "prepare":
+            p.add_argument("--shared-data", default=str(ROOT.parent / "shared" / "data"))
+        if name == "piece":
+            p.add_argument(
+                "--seconds",
+                type=float,
+                default=420,
+                help="stop at the first checkpoint after this many seconds of the build",
+            )
+            p.add_argument(
+                "--log-only",
+                action="store_true",
+                help="bring back the build log only (a timing run, or checkpoints "
+                "too large to carry)",
+            )
+        if name == "collect":
+            p.add_argument("files", help="the folder the device tool put the piece's files in")
+    args = parser.parse_args()
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()
