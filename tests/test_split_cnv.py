@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -16,6 +15,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from zoo.build.data import load_cifar10
+from zoo.build.run import BuildContext
 from zoo.build.training import check_records, load_checkpoint, save_checkpoint
 from zoo.errors import BitWidthBoundError, BuildError
 from zoo.fhe import head as zoo_head
@@ -47,20 +47,13 @@ TINY_PROFILE = {
 }
 
 
-@dataclass
-class Ctx:
-    """Stand-in for zoo.build.run.BuildContext."""
-
-    work_dir: Path
-    data_dir: Path
-    variant: str = "cifar10-split-tiny"
-    params: dict[str, Any] = field(default_factory=lambda: {"arch": "tiny"})
-    profile: str = "smoke"
-    seed: int = 0
-    device: str = "cpu"
-    resume: bool = False
-    log: logging.Logger = field(default_factory=lambda: logging.getLogger("test-split-cnv"))
-    expected: dict[str, float] = field(default_factory=dict)
+def make_ctx(work_dir: Path, data_dir: Path, **fields: Any) -> BuildContext:
+    """The BuildContext `zoo build` would give the recipe: the tiny arch, smoke profile, CPU."""
+    defaults: dict[str, Any] = {
+        "variant": "cifar10-split-tiny", "params": {"arch": "tiny"}, "profile": "smoke",
+        "seed": 0, "device": "cpu", "resume": False, "log": logging.getLogger("test-split-cnv"),
+    }  # fmt: skip
+    return BuildContext(work_dir=work_dir, data_dir=data_dir, **{**defaults, **fields})
 
 
 def _train_tiny(
@@ -74,7 +67,7 @@ def _train_tiny(
     sc.seed_everything(0, "cpu")
     model = sc.SplitCNV(cfg["arch"])
     x, y = load_cifar10(cifar_dir, "train")
-    ctx = Ctx(work_dir=work, data_dir=cifar_dir, resume=resume)
+    ctx = make_ctx(work_dir=work, data_dir=cifar_dir, resume=resume)
     work.mkdir(parents=True, exist_ok=True)
     sc.train(model, x[:300], y[:300], cfg, ctx)
     return model, cfg
@@ -204,7 +197,7 @@ def test_training_is_deterministic_and_resumable(cifar_dir: Path, tmp_path: Path
 
 
 def _small_build(cifar_dir: Path, tmp_path: Path, **params: Any):
-    ctx = Ctx(
+    ctx = make_ctx(
         work_dir=tmp_path / "work",
         data_dir=cifar_dir,
         params={"arch": "tiny", "profile_overrides": TINY_PROFILE, **params},
