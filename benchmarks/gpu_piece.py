@@ -28,7 +28,6 @@ Usage (the device tool's ``run`` takes the middle command)::
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -37,6 +36,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from zoo.store.hashing import sha256_file  # noqa: E402  (light: no torch, no concrete)
+
 CARRY = ROOT / ".gpu"
 PART = 15 * 2**20  # the device tool returns files of at most 16 MiB
 #: What zoo's training imports that the GPU machine's image lacks (it has torch, numpy, click,
@@ -57,14 +59,6 @@ DEVICE_PYTHON = "3.12"
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def split(files: list[Path], dest: Path) -> dict[str, dict]:
     """Cut each file into ``dest/NAME.partK`` of at most :data:`PART` bytes; return the index
     (name → size, sha256, parts)."""
@@ -76,7 +70,7 @@ def split(files: list[Path], dest: Path) -> dict[str, dict]:
             part = dest / f"{path.name}.part{k // PART}"
             part.write_bytes(data[k : k + PART])
             parts.append(part.name)
-        index[path.name] = {"size": len(data), "sha256": sha256(path), "parts": parts}
+        index[path.name] = {"size": len(data), "sha256": sha256_file(path), "parts": parts}
     (dest / "parts.json").write_text(json.dumps(index, indent=2, sort_keys=True))
     return index
 
@@ -91,7 +85,7 @@ def join(src: Path, dest: Path) -> list[Path]:
         with tmp.open("wb") as out:
             for part in entry["parts"]:
                 out.write((src / part).read_bytes())
-        if tmp.stat().st_size != entry["size"] or sha256(tmp) != entry["sha256"]:
+        if tmp.stat().st_size != entry["size"] or sha256_file(tmp) != entry["sha256"]:
             tmp.unlink()
             sys.exit(f"{name}: the joined parts do not match their sha256; fetch them again")
         tmp.replace(dest / name)

@@ -383,10 +383,9 @@ def build_cmd(variant: str, profile: str, data_dir: Path | None, out_dir: Path |
         out = builder.build(variant, profile=profile, data_dir=data_dir, out_dir=out_dir,
                             seed=seed, resume=resume, device=device, registry_path=registry_path,
                             init=init, stop_after=stop_after, train_only=train_only)
-    except BuildPaused as exc:
-        paused = exc  # the name after `except ... as` ends with the block; the lambda needs it
-        _emit(as_json, {"paused": str(paused), "hint": paused.hint},
-              lambda: f"paused: {paused}\nhint: {paused.hint}")
+    except BuildPaused as paused:
+        text = f"paused: {paused}\nhint: {paused.hint}"
+        _emit(as_json, {"paused": str(paused), "hint": paused.hint}, lambda: text)
         sys.exit(paused.exit_code)
     _emit(as_json, {"build_dir": str(out)}, lambda: f"built {variant} ({profile}) in {out}")
 # fmt: on
