@@ -14,6 +14,11 @@ already there (``--resume`` semantics by default), so the search survives a kill
 A setting is ``none`` (no rounding) or ``METHOD:BITS`` with METHOD ``exact`` or ``approximate``,
 optionally ``@P_ERROR`` (e.g. ``approximate:6@0.01``); the default p_error is the variant's.
 
+``--clear-blocks N`` moves the split N conv blocks later (the variant param ``clear_blocks``): the
+client runs them in the clear after the build's head, the circuit starts after them, and each
+setting's name gets the prefix ``cN/``. Training does not depend on the split point, so one build's
+weights serve every split.
+
 ``--per-layer SETTING`` asks which layer's rounding costs the accuracy: it compiles SETTING once,
 then, for each rounded op in turn, removes that op's rounding (``lsbs_to_remove`` 0) and measures
 the quantized model in the clear (``fhe="disable"``, no PBS noise) on the same images; one JSON
@@ -65,6 +70,35 @@ def load_encrypted_part(recipe: Any, arch: dict[str, Any], weights: Path) -> Any
     model = recipe.SplitCNV(arch)
     model.encrypted.load_state_dict(load_file(str(weights)))
     return recipe.encrypted_part(model.eval(), arch)
+
+
+def clear_part(recipe: Any, built: dict[str, Any], arch: dict[str, Any], weights: Path) -> Any:
+    """What the client runs after the build's head (which ends after the ``built`` arch's clear
+    blocks) when the split moves to ``arch``'s: float head outputs in, the circuit's float
+    inputs out (contiguous, see the recipe)."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_file
+
+    model = recipe.SplitCNV(arch)
+    model.encrypted.load_state_dict(load_file(str(weights)))
+    model.eval()
+    start, end = recipe._clear_end(built), recipe._clear_end(arch)
+    if end < start:
+        raise SystemExit("--clear-blocks cannot move the split before the build's own")
+
+    @torch.no_grad()
+    def run(x: Any) -> Any:
+        if end == start:
+            return x
+        t = torch.from_numpy(x)
+        if start < 0:  # the build's head ends on the circuit's input quantizer
+            t = model.encrypted.input_quant(t)
+        for mod in model.encrypted.features[start + 1 : end + 1]:
+            t = mod(t)
+        return np.ascontiguousarray(t.numpy())
+
+    return run
 
 
 def compile_setting(
@@ -140,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--setting", action="append", help="one or more settings to search")
     what.add_argument("--per-layer", metavar="SETTING", help="per-op rounding sensitivity")
+    parser.add_argument("--clear-blocks", type=int, default=None, help="move the split later")
     parser.add_argument("-n", type=int, default=500, help="test images simulated per setting")
     parser.add_argument("--data-dir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None, help="JSON lines (appended)")
@@ -154,9 +189,18 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = args.data_dir or config.data_dir()
     head_tensors, head_config = head.load(args.build_dir / "head.safetensors")
     n_calib = manifest["recipe"]["config"]["profile"]["n_calib"]
-    calib = head.forward(head_tensors, head_config, load_cifar10(data_dir, "train")[0][:n_calib])
+    built, prefix = arch, ""
+    if args.clear_blocks is not None:
+        arch = {**arch, "clear_blocks": args.clear_blocks}
+        prefix = f"c{args.clear_blocks}/"
+    client = clear_part(recipe, built, arch, args.build_dir / "weights.safetensors")
+
+    def client_inputs(images: Any) -> Any:
+        return client(head.forward(head_tensors, head_config, images))
+
+    calib = client_inputs(load_cifar10(data_dir, "train")[0][:n_calib])
     images, labels = load_cifar10(data_dir, "test")
-    test = (head.forward(head_tensors, head_config, images[: args.n]), labels[: args.n])
+    test = (client_inputs(images[: args.n]), labels[: args.n])
     encrypted = load_encrypted_part(recipe, arch, args.build_dir / "weights.safetensors")
 
     work = args.build_dir / "work"
@@ -180,12 +224,14 @@ def main(argv: list[str] | None = None) -> int:
         done = {json.loads(line)["name"] for line in out.read_text().splitlines() if line}
     for text in args.setting:
         setting = parse_setting(text, arch["p_error"])
+        setting["name"] = prefix + setting["name"]
         if setting["name"] in done:
             print(f"{text}: already in {out}")
             continue
         row = {
             "variant": args.variant,
             "build_dir": str(args.build_dir),
+            "clear_blocks": arch.get("clear_blocks", 0),
             **evaluate_setting(encrypted, arch, setting, calib, test, work),
         }
         with out.open("a") as handle:

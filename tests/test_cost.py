@@ -137,7 +137,7 @@ def test_shipped_default_describes_its_machine() -> None:
     assert {p["bits"] for p in default["points"] if p.get("kind") == "wop"} == {4, 12, 14}
     for key in ("cpu_model", "isa", "cpu_count"):
         assert default["wop_measured"]["machine"][key] == default["machine"][key]
-    assert cost.breakdown(WOP_CIRCUIT)["method"] == "wop"
+    assert cost.breakdown(WOP_CIRCUIT, default)["method"] == "wop"
 
 
 def test_a_calibration_from_another_kind_of_machine_says_so(zoo_home: Path) -> None:
@@ -248,6 +248,39 @@ def test_fit_recovers_coefficient_and_overhead() -> None:
     first = document["points"][0]
     assert first["seconds_per_pbs"] == pytest.approx(3e-10 * cost.pbs_work(PARAM_A))
     assert first["relative_error"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_fit_tells_key_switches_from_bootstraps() -> None:
+    """Points whose key switches weigh differently (levels 4 and 8, as at p_error 2**-40 and
+    0.01) give back the three coefficients; the estimate then prices a circuit's key switches
+    on a row of their own, from the key dimensions its PBS parameter sets name."""
+    c, d, overhead = 2.4e-11, 2.2e-10, 0.03
+    points = []
+    for i, (param, count, ks_level) in enumerate(
+        [(PARAM_A, 12, 4), (PARAM_B, 32, 8), (PARAM_B, 1, 8), (PARAM_A, 40, 3), (PARAM_B, 64, 4)]
+    ):
+        pbs = {**param, "input_secret_key_id": 1, "output_secret_key_id": 0}
+        ks = {"level": ks_level, "base_log": 2, "input_secret_key_id": 0, "output_secret_key_id": 1}
+        ks_work = count * param["glwe_dimension"] * param["polynomial_size"] * ks_level * (
+            param["input_lwe_dimension"] + 1)
+        points.append({
+            "circuit": f"p{i}", "pbs_count": count,
+            "pbs_count_per_parameter": [{"parameter": pbs, "count": count}],
+            "key_switch_count_per_parameter": [{"parameter": ks, "count": count}],
+            "run_seconds_median": overhead + c * count * cost.pbs_work(param) + d * ks_work,
+        })  # fmt: skip
+        assert cost.key_switch_work(points[-1]) == pytest.approx(ks_work)
+    fit = cost.make_calibration(points)["fit"]
+    assert fit["coefficient"] == pytest.approx(c)
+    assert fit["key_switch_coefficient"] == pytest.approx(d)
+    assert fit["overhead_seconds"] == pytest.approx(overhead)
+    circuit = {**points[1], "key_switch_count": 32}
+    rows = cost.breakdown(circuit, _calibration(c) | {"fit": fit})["rows"]
+    (ks_row,) = [r for r in rows if r.get("key_switch")]
+    assert ks_row["count"] == 32 and ks_row["seconds"] == pytest.approx(
+        d * cost.key_switch_work(points[1]))
+    # without key switches in the points (older calibrations) the fit is the PBS one alone
+    assert cost.fit(_synthetic_points(3e-10, 0.04))["key_switch_coefficient"] == 0.0
 
 
 def test_bench_pbs_really_runs_and_writes_a_calibration(zoo_home: Path) -> None:

@@ -30,13 +30,18 @@ def _variant_problems(variant: reg.Variant, registry: reg.Registry) -> list[str]
     ):
         problems.append(f"{name}: reference metrics must be labelled 'not measured here'")
     # <base>[-head<k>]-r<bits>: the base's trained weights, compiled with rounding; with
-    # -head<k>, the client's head runs k convs (clear_blocks = k - 1 of the base's blocks).
+    # -head<k>, the client's head runs k convs (clear_blocks = k, less the arch's own clear
+    # conv if it has one), else the base's split.
     rounded = re.fullmatch(r"(.+?)(?:-head(\d+))?-r(\d+)", name)
     if rounded:
         base, bits = rounded.group(1), int(rounded.group(3))
-        head_convs = int(rounded.group(2) or 1)
-        if variant.recipe["params"].get("clear_blocks", 0) != head_convs - 1:
-            problems.append(f"{name}: clear_blocks is not {head_convs - 1}")
+        if rounded.group(2):
+            expected = int(rounded.group(2)) - (1 if _has_clear_conv(variant) else 0)
+        else:
+            expected = registry.variants[base].recipe["params"].get("clear_blocks", 0) if (
+                base in registry.variants) else 0  # fmt: skip
+        if variant.recipe["params"].get("clear_blocks", 0) != expected:
+            problems.append(f"{name}: clear_blocks is not {expected}")
         rounding = variant.recipe["params"].get("rounding_threshold_bits")
         n_bits = rounding.get("n_bits") if isinstance(rounding, dict) else rounding
         if n_bits != bits:
@@ -78,6 +83,14 @@ def _variant_problems(variant: reg.Variant, registry: reg.Registry) -> list[str]
             if len(hub.revision) != {"local": 64, "hf": 40}[hub.kind]:
                 problems.append(f"{where}: {hub.kind} revision {hub.revision} has the wrong form")
     return problems
+
+
+def _has_clear_conv(variant: reg.Variant) -> bool:
+    """Whether the variant's architecture runs a conv in the clear before any block."""
+    from zoo.build.run import load_recipe
+
+    arch = load_recipe(variant.recipe["module"]).ARCHS[variant.recipe["params"]["arch"]]
+    return arch["head"]["out_channels"] is not None
 
 
 def _training_params(params: dict) -> dict:

@@ -184,6 +184,55 @@ def test_clear_blocks_move_the_first_encrypted_block_to_the_client(
         sc.resolve_config("x", {"arch": "tiny", "clear_blocks": 2}, "smoke", 0)
 
 
+def test_pool_first_fine_tune_starts_from_its_parent_build(
+    cifar_dir: Path, zoo_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``cnv-2w2a-pf`` pools each conv's accumulator before BatchNorm and quantizer. Its
+    fine-tune starts from the pinned parent build, pulled from the project's release store:
+    every learned layer is copied across though the layouts differ. Its exported head, with a
+    pooled block in the clear, reproduces the model's quantized output, and its circuit module
+    (pools folded into convs) the trained one's logits; a parent of another shape is refused."""
+    from safetensors.torch import load_file
+
+    from zoo import api
+
+    monkeypatch.setenv("ZOO_RELEASES", str(ROOT / "releases"))
+    cfg = sc.resolve_config("x", {"arch": "cnv-2w2a-pf", "clear_blocks": 2}, "finetune", 0)
+    arch = cfg["arch"]
+    model = sc.SplitCNV(arch)
+    sc.load_parent(model, arch["init_from"], cifar_dir)
+    parent = load_file(str(api.pull(arch["init_from"]).path / "weights.safetensors"))
+    features = model.encrypted.features
+    assert isinstance(features[4], torch.nn.AvgPool2d)  # block 2: conv, pool, BatchNorm, quant
+    assert torch.equal(features[3].weight, parent["features.3.weight"])
+    assert torch.equal(features[5].running_var, parent["features.4.running_var"])
+    assert torch.equal(model.encrypted.linear[7].weight, parent["linear.7.weight"])
+
+    model.eval()
+    tensors, config = sc.export_head(model, arch)
+    assert [op["op"] for op in config["ops"]] == [
+        "quantize_dequantize", "conv2d", "quantize_dequantize",
+        "conv2d", "avg_pool2d", "quantize_dequantize",
+    ]  # fmt: skip
+    images = load_cifar10(cifar_dir, "test")[0][:64]
+    got = zoo_head.forward(tensors, config, images)
+    want = sc.head_outputs(model, images, 64, sc._clear_end(arch))
+    assert got.shape == want.shape == (64, 64, 14, 14)
+    assert (got == want).mean() > 0.999
+    # What is compiled folds each pool into its conv (4x4, stride 2, kernel in -4..4): the
+    # same logits as the trained layout.
+    circuit = sc.encrypted_part(model, arch)
+    assert not any(isinstance(m, torch.nn.AvgPool2d) for m in circuit.modules())
+    with torch.no_grad():
+        folded = circuit(torch.from_numpy(want))
+        trained = sc.EncryptedTail(model.encrypted, sc._clear_end(arch))(torch.from_numpy(want))
+    torch.testing.assert_close(folded, trained, rtol=1e-5, atol=1e-4)
+
+    tiny = sc.SplitCNV(sc.resolve_config("x", {"arch": "tiny"}, "smoke", 0)["arch"])
+    with pytest.raises(ValueError, match="do not match"):
+        sc.load_parent(tiny, arch["init_from"], cifar_dir)
+
+
 def test_training_is_deterministic_and_resumable(cifar_dir: Path, tmp_path: Path) -> None:
     """Two runs give byte-identical weights; an interrupted + resumed run gives the same."""
     m1, _ = _train_tiny(cifar_dir, tmp_path / "a", epochs=2)

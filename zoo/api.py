@@ -200,8 +200,16 @@ def catalog_entry(document: dict[str, Any], files: list[reg.FileEntry]) -> dict[
         "files": [e.__dict__ for e in files],
         "runtime": document["runtime"],
         "metrics": document["metrics"],
-        "circuit": {k: v for k, v in document["circuit"].items() if k not in CATALOG_CIRCUIT_DROP},
+        "circuit": catalog_circuit(document["circuit"]),
     }
+
+
+def catalog_circuit(circuit: dict[str, Any]) -> dict[str, Any]:
+    """The registry's ``circuit`` of a build: its manifest's, less what only the manifest keeps,
+    plus the key-switch work the cost model prices (from concrete's statistics)."""
+    kept = {k: v for k, v in circuit.items() if k not in CATALOG_CIRCUIT_DROP}
+    work = cost.key_switch_work(circuit)
+    return kept if work is None else {**kept, "key_switch_work": work}
 
 
 def merge_entry(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:

@@ -227,6 +227,10 @@ def _cost_lines(estimate: dict[str, Any] | None) -> list[str]:
             "on the bench's WoP circuits"
         )
     for row in estimate["rows"]:
+        if row.get("key_switch"):
+            lines.append(f"  {row['count']:>9,} KS  x {row['seconds_each'] * 1e3:9.2f} ms = "
+                         f"{row['seconds']:10.1f} s  key switches ({calibration['ks_formula']})")
+            continue
         if "parameter" not in row:  # the per-bit-width table
             what = f"{row['bit_width']}-bit"
         elif "bit_width" in row:
@@ -341,8 +345,9 @@ def pull(
 # fmt: off
 @main.command("build")
 @click.argument("variant", shell_complete=complete_ref)
-@click.option("--profile", type=click.Choice(["long", "full", "quick", "smoke"]), default="quick",
-              help="long: for a GPU, in pieces (--stop-after)")
+@click.option("--profile", type=click.Choice(["finetune", "long", "full", "quick", "smoke"]),
+              default="quick", help="long: for a GPU, in pieces (--stop-after); finetune: "
+              "continues the build its arch names")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help="folder with cifar-10-batches-py/ (default $ZOO_DATA_DIR)")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,

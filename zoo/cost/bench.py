@@ -1,12 +1,12 @@
 """`zoo bench pbs`: measure what one programmable bootstrap (PBS) costs on this machine.
 
 Layer-sized concrete-python circuits are compiled with the ``p_error`` our builds use
-(``2**-40``, see ``recipes/split_cnv.py``); each gets its keys once and one encrypted input,
-then ``circuit.run`` is timed (median of a few runs, one circuit at a time, see
-:func:`measure`). Timing ``run`` on an input encrypted once isolates the server's work; one
-``encrypt_run_decrypt`` round trip per circuit is recorded as well. Two kinds of circuit,
-together covering the crypto parameter sets
-of our builds:
+(``2**-40``, see ``recipes/split_cnv.py``; the 4-6-bit lookups also at the rounded variants'
+0.01, whose deeper key switches let the fit tell key switches from bootstraps); each gets its
+keys once and one encrypted input, then ``circuit.run`` is timed (median of a few runs, one
+circuit at a time, see :func:`measure`). Timing ``run`` on an input encrypted once isolates
+the server's work; one ``encrypt_run_decrypt`` round trip per circuit is recorded as well. Two
+kinds of circuit, together covering the crypto parameter sets of our builds:
 
 * ``tlu``: one table lookup over a vector of ``m`` elements of ``bits`` bits (level-1 bootstraps
   at polynomial sizes 512..16384 for 2..7 bits, level 2 at 32768 for 8 bits);
@@ -45,6 +45,10 @@ from zoo.errors import RuntimeMismatchError
 from zoo.fhe import sigpipe
 
 BUILD_P_ERROR = 2**-40  # recipes/split_cnv.py ARCHS[*]["p_error"]
+#: The p_error of the rounded variants (``-r<bits>``): smaller polynomials and deeper key
+#: switches (level 8 at 6 bits against 4 at 2**-40), so key switches weigh more in a run.
+ROUNDED_P_ERROR = 0.01
+ROUNDED_BITS = (4, 5, 6)
 MIN_BITS, MAX_BITS = 2, 8
 DEFAULT_MAX_BITS = 7  # 8 bits add polynomial size 32768: ~2 min more keygen on 2 busy cores
 CHAIN_BITS = (5, 6, 7)  # level-2 parameter sets at polynomial sizes 4096, 8192, 16384
@@ -58,11 +62,14 @@ class PointSpec:
     kind: str
     bits: int
     shape: tuple[int, ...]
+    p_error: float = BUILD_P_ERROR
 
     @property
     def name(self) -> str:
-        """E.g. ``tlu-6bit-16`` or ``chain-6bit-2x3`` (kind, bits, input shape)."""
-        return f"{self.kind}-{self.bits}bit-{'x'.join(str(d) for d in self.shape)}"
+        """E.g. ``tlu-6bit-16``, ``chain-6bit-2x3`` or ``tlu-6bit-128-p0.01`` (kind, bits,
+        input shape, p_error when not the builds' default)."""
+        name = f"{self.kind}-{self.bits}bit-{'x'.join(str(d) for d in self.shape)}"
+        return name if self.p_error == BUILD_P_ERROR else f"{name}-p{self.p_error:g}"
 
 
 # Elements per circuit: enough PBS per lookup that the cores work in the throughput regime of
@@ -106,6 +113,8 @@ def point_specs(max_bits: int = MAX_BITS, min_bits: int = MIN_BITS) -> list[Poin
     for b in CHAIN_BITS:
         if min_bits <= b <= max_bits:
             specs.append(PointSpec("chain", b, (CHAIN_ROWS[b], (2**b - 1) // CHAIN_WEIGHT)))
+    specs += [PointSpec("tlu", b, (TLU_ELEMENTS[b],), ROUNDED_P_ERROR)
+              for b in ROUNDED_BITS if min_bits <= b <= max_bits]  # fmt: skip
     return specs
 
 
@@ -155,7 +164,7 @@ def _compile(spec: PointSpec, seed: int = 0) -> tuple[Any, Any]:
         anchors = [np.array([v]) for v in rng.integers(0, top + 1, size=len(inputset) - 2)]
         anchors += [np.array([top]), np.array([0])]
         inputset = [(x, z.astype(np.int64)) for x, z in zip(inputset, anchors)]
-    circuit = function.compile(inputset, p_error=BUILD_P_ERROR, global_p_error=None)
+    circuit = function.compile(inputset, p_error=spec.p_error, global_p_error=None)
     if spec.kind == "wop" and not circuit.statistics.get("packing_key_switch_count"):
         raise RuntimeMismatchError(
             f"{spec.name}: concrete compiled the {WOP_ANCHOR_BITS}-bit lookup without WoP-PBS; "
@@ -220,6 +229,7 @@ def _point(prepared: _Prepared) -> dict[str, Any]:
         "kind": spec.kind,
         "bits": spec.bits,
         "shape": list(spec.shape),
+        "p_error": spec.p_error,
         "max_bit_width": int(circuit.graph.maximum_integer_bit_width()),
         "pbs_count": int(stats.get("programmable_bootstrap_count", 0)),
         "pbs_count_per_parameter": stats.get("programmable_bootstrap_count_per_parameter", []),

@@ -1,11 +1,14 @@
 """What a build costs before anyone pays for it: estimated seconds of real FHE per image.
 
-Per crypto parameter set ``p`` of the circuit's programmable bootstraps (PBS)::
+Per crypto parameter set ``p`` of the circuit's programmable bootstraps (PBS) and ``q`` of its
+key switches (KS)::
 
-    seconds per image = Σ_p count_p × seconds_per_pbs(p) + overhead
+    seconds per image = Σ_p count_p × seconds_per_pbs(p) + Σ_q count_q × seconds_per_ks(q)
+                        + overhead
     seconds_per_pbs(p) = c × n × (level + 1) × (k + 1)² × N × log2(N)
+    seconds_per_ks(q) = d × n_in × level × (n_out + 1)
 
-with ``c`` and ``overhead`` fitted by ``zoo bench pbs`` on this machine
+with ``c``, ``d`` and ``overhead`` fitted by ``zoo bench pbs`` on this machine
 (``$ZOO_HOME/calibration/pbs.json``), else the shipped ``calibration/default.json``; WoP-PBS
 lookups have a fit of their own. Why this form, how well it fits and where each calibration
 comes from: ``docs/cost-model.md``. Imports neither torch nor concrete (``zoo info`` uses it).
@@ -26,6 +29,7 @@ from zoo.cost import machine
 DEFAULT_SECONDS_PER_PBS = {4: 0.019, 6: 0.070, 8: 0.530}
 DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "calibration" / "default.json"
 FORMULA = "c * n * (level + 1) * (k + 1)**2 * N * log2(N)"
+KS_FORMULA = "d * n_in * level * (n_out + 1)"
 WOP_FORMULA = "(a + b * bits) * n * (level + 1) * (k + 1)**2 * N * log2(N)"
 CALIBRATION_SCHEMA = 1
 
@@ -62,6 +66,39 @@ def pbs_rows(circuit: dict[str, Any]) -> list[dict[str, Any]]:
         stats = circuit.get("concrete_statistics") or {}
         rows = stats.get("programmable_bootstrap_count_per_parameter") or []
     return [r for r in rows if r.get("count")]
+
+
+def _statistic(circuit: dict[str, Any], key: str) -> Any:
+    """``key`` of the circuit summary, else of concrete's statistics inside it."""
+    value = circuit.get(key)
+    return (circuit.get("concrete_statistics") or {}).get(key) if value is None else value
+
+
+def key_switch_work(circuit: dict[str, Any]) -> float | None:
+    """``Σ count × n_in × level × (n_out + 1)`` over the circuit's key switches (None when it
+    cannot be told): the multiply-adds of switching a PBS output, under a key of dimension
+    ``n_in = k × N``, to the key of dimension ``n_out`` the next PBS reads. Key dimensions come
+    from the PBS parameter sets; the registry's catalogue states the sum as ``key_switch_work``.
+    """
+    if circuit.get("key_switch_work") is not None:
+        return float(circuit["key_switch_work"])
+    rows = _statistic(circuit, "key_switch_count_per_parameter")
+    if not rows:
+        return None
+    dimensions: dict[int, int] = {}
+    for row in pbs_rows(circuit):
+        p = row["parameter"]
+        dimensions[p["input_secret_key_id"]] = int(p["input_lwe_dimension"])
+        dimensions[p["output_secret_key_id"]] = int(p["glwe_dimension"]) * int(p["polynomial_size"])
+    total = 0.0
+    for row in rows:
+        p = row["parameter"]
+        n_in = dimensions.get(p["input_secret_key_id"])
+        n_out = dimensions.get(p["output_secret_key_id"])
+        if n_in is None or n_out is None:
+            return None
+        total += int(row["count"]) * n_in * int(p["level"]) * (n_out + 1)
+    return total
 
 
 def uses_wop(circuit: dict[str, Any]) -> bool:
@@ -123,7 +160,8 @@ def user_calibration_path() -> Path:
 
 def _read(path: Path) -> dict[str, Any] | None:
     """A calibration document, refitted from its measured points if it was fitted with another
-    formula (the points are the measurement; the fit is derived); None if unreadable."""
+    formula or without the key-switch term (the points are the measurement; the fit is
+    derived); None if unreadable."""
     try:
         document = json.loads(Path(path).read_text())
     except (OSError, ValueError):
@@ -132,7 +170,8 @@ def _read(path: Path) -> dict[str, Any] | None:
         return None
     has_wop = any(p.get("kind") == "wop" for p in document.get("points") or [])
     wop_stale = has_wop and (document.get("wop_fit") or {}).get("formula") != WOP_FORMULA
-    if document["fit"].get("formula") != FORMULA or wop_stale:
+    fitted_before = "key_switch_formula" not in document["fit"]  # the key-switch term came later
+    if document["fit"].get("formula") != FORMULA or wop_stale or fitted_before:
         try:
             document = {**document, **make_calibration(document["points"])}
         except (KeyError, TypeError, ValueError):
@@ -222,6 +261,9 @@ def calibration_summary(calibration: dict[str, Any] | None) -> dict[str, Any] | 
         "created": calibration.get("created"),
         "concrete-python": (calibration.get("versions") or {}).get("concrete-python"),
         "formula": fit_.get("formula"),
+        "ks_formula": fit_.get("key_switch_formula")
+        if fit_.get("key_switch_coefficient")
+        else None,
         "max_abs_relative_error": fit_.get("max_abs_relative_error"),
         "wop_formula": wop_fit.get("formula"),
         "wop_max_abs_relative_error": wop_fit.get("max_abs_relative_error"),
@@ -283,6 +325,13 @@ def breakdown(
                     "seconds": each * int(row["count"]),
                 }
             )
+        ks_coefficient = float(calibration["fit"].get("key_switch_coefficient") or 0.0)
+        ks_work = key_switch_work(circuit)
+        ks_count = int(_statistic(circuit, "key_switch_count") or 0)
+        if ks_coefficient and ks_work and ks_count:
+            seconds = ks_coefficient * ks_work
+            terms.append({"key_switch": True, "count": ks_count,
+                          "seconds_each": seconds / ks_count, "seconds": seconds})  # fmt: skip
         return _result("per-parameter", terms, overhead, wop, calibration)
     by_width = circuit.get("pbs_count_by_bit_width")
     if not by_width:
@@ -335,13 +384,16 @@ def estimate_seconds(
 
 
 def fit(points: list[dict[str, Any]]) -> dict[str, Any]:
-    """Fit ``run seconds = overhead + c × Σ count × pbs_work`` to measured circuits.
+    """Fit ``run seconds = overhead + c × Σ count × pbs_work + d × key_switch_work`` to
+    measured circuits.
 
     Minimises the squared relative errors (each circuit counts alike, whatever its duration),
-    with ``overhead >= 0``. Each point needs ``circuit``, ``pbs_count_per_parameter`` and
-    ``run_seconds_median``. Returns ``{"formula", "coefficient", "overhead_seconds", "errors":
-    [{"circuit", "measured_seconds", "predicted_seconds", "relative_error"}],
-    "max_abs_relative_error", "rms_relative_error"}``.
+    with ``overhead, d >= 0``; ``d`` is fitted only when every point has its key switches
+    (``key_switch_count_per_parameter``; older calibrations have ``d`` = 0, their ``c`` then
+    covers the key switches too). Each point needs ``circuit``, ``pbs_count_per_parameter`` and
+    ``run_seconds_median``. Returns ``{"formula", "coefficient", "key_switch_formula",
+    "key_switch_coefficient", "overhead_seconds", "errors": [{"circuit", "measured_seconds",
+    "predicted_seconds", "relative_error"}], "max_abs_relative_error", "rms_relative_error"}``.
     """
     pairs = []
     for point in points:
@@ -352,6 +404,11 @@ def fit(points: list[dict[str, Any]]) -> dict[str, Any]:
             pairs.append((point, work, float(point["run_seconds_median"])))
     if not pairs:
         raise ValueError("no measured point with PBS to fit")
+    ks = [key_switch_work(p) for p, _, _ in pairs]
+    if len(pairs) > 3 and all(k is not None for k in ks):
+        with_ks = _fit_with_key_switches([(p, w, k, y) for (p, w, y), k in zip(pairs, ks)])
+        if with_ks is not None:
+            return with_ks
     # minimise Σ (o·a + c·b − 1)² with a = 1/y, b = work/y: 2×2 normal equations
     a = [1.0 / y for _, _, y in pairs]
     b = [w / y for _, w, y in pairs]
@@ -365,8 +422,36 @@ def fit(points: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "formula": FORMULA,
         "coefficient": coefficient,
+        "key_switch_formula": KS_FORMULA,
+        "key_switch_coefficient": 0.0,
         "overhead_seconds": overhead,
         **_fit_errors([(p, y, overhead + coefficient * w) for p, w, y in pairs]),
+    }
+
+
+def _fit_with_key_switches(
+    rows: list[tuple[dict[str, Any], float, float, float]],
+) -> dict[str, Any] | None:
+    """:func:`fit` with the key-switch term: least squares on relative errors over
+    ``(point, pbs work, key-switch work, seconds)`` rows; None if a coefficient comes out
+    negative (the points cannot tell the terms apart)."""
+    import numpy as np
+
+    y = np.array([r[3] for r in rows])
+    design = np.column_stack([1.0 / y, [r[1] for r in rows] / y, [r[2] for r in rows] / y])
+    (overhead, coefficient, ks), *_ = np.linalg.lstsq(design, np.ones(len(rows)), rcond=None)
+    if overhead < 0:  # no fixed cost: the two work terms alone
+        overhead = 0.0
+        (coefficient, ks), *_ = np.linalg.lstsq(design[:, 1:], np.ones(len(rows)), rcond=None)
+    if coefficient <= 0 or ks < 0:
+        return None
+    return {
+        "formula": FORMULA,
+        "coefficient": float(coefficient),
+        "key_switch_formula": KS_FORMULA,
+        "key_switch_coefficient": float(ks),
+        "overhead_seconds": float(overhead),
+        **_fit_errors([(p, s, overhead + coefficient * w + ks * k) for p, w, k, s in rows]),
     }
 
 

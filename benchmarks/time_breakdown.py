@@ -1,0 +1,116 @@
+"""Where one image's real-FHE time goes: bootstraps, key switches and the rest (linear work).
+
+For a build and its measured real-FHE seconds per image on this machine (a ``zoo eval --fhe
+execute`` results file), it prices the build's bootstraps (PBS) and key switches (KS) with this
+machine's calibration (``zoo bench pbs``, see ``zoo/cost/model.py``), counts its linear work
+(the clear multiplications and additions on ciphertexts concrete reports, times the ciphertext
+size), and leaves the rest of the measured time to that linear work and the run's fixed cost.
+Next to it, the physical floor: the build's PBS count times the bench's best per-PBS time on
+this machine (its cheapest bootstrap, key switch included), the time no circuit with that many
+PBS can beat here.
+
+    .venv/bin/python benchmarks/time_breakdown.py cifar10-split-8bit-head2-r6@9c547ae \\
+        benchmarks/results/fhe/cifar10-split-8bit-head2-r6@9c547ae0dd70-execute-n50-seed0-avx512.jsonl
+
+One JSON line per run goes to ``benchmarks/results/time_breakdown.jsonl``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from zoo import api  # noqa: E402
+from zoo.cost import machine  # noqa: E402
+from zoo.cost import model as cost  # noqa: E402
+from zoo.fhe.evaluate import parse_results  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+LINEAR_KEYS = ("clear_multiplication", "encrypted_addition", "clear_addition", "encrypted_negation")
+
+
+def linear_work(stats: dict[str, Any]) -> tuple[int, float]:
+    """(operations, Σ operations × (LWE dimension + 1)) of concrete's linear statistics."""
+    ops, work = 0, 0.0
+    for key in LINEAR_KEYS:
+        for row in stats.get(f"{key}_count_per_parameter") or []:
+            ops += int(row["count"])
+            work += int(row["count"]) * (int(row["parameter"]["dimension"]) + 1)
+    return ops, work
+
+
+def measured_seconds(path: Path) -> tuple[list[float], dict[str, Any] | None]:
+    """Real-FHE seconds of each image in a results file run on this kind of machine."""
+    _, records = parse_results(path.read_text())
+    here = machine.cpu()
+    same = [r for r in records.values()
+            if (r.get("machine") or {}).get("isa") == here["isa"]
+            and (r.get("machine") or {}).get("cpu_count") == here["cpu_count"]]  # fmt: skip
+    return [float(r["seconds"]) for r in same if "seconds" in r], here
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print the breakdown and append it to the results file."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("ref", help="VARIANT@REV")
+    parser.add_argument("results", type=Path, help="its `zoo eval --fhe execute` results file")
+    parser.add_argument("--out", type=Path, default=RESULTS / "time_breakdown.jsonl")
+    args = parser.parse_args(argv)
+
+    pulled = api.pull(args.ref)
+    circuit = json.loads((pulled.path / "manifest.json").read_text())["circuit"]
+    stats = circuit["concrete_statistics"]
+    calibration = cost.current_calibration()
+    if calibration is None or (calibration.get("source") or {}).get("other_machine"):
+        raise SystemExit("calibrate this machine first: zoo bench pbs")
+    estimate = cost.breakdown(circuit, calibration)
+    pbs = sum(r["seconds"] for r in estimate["rows"] if not r.get("key_switch"))
+    ks = sum(r["seconds"] for r in estimate["rows"] if r.get("key_switch"))
+    seconds, here = measured_seconds(args.results)
+    if not seconds:
+        raise SystemExit(f"{args.results}: no image measured on this kind of machine")
+    measured = statistics.mean(seconds)
+    ops, work = linear_work(stats)
+    best = min(p["seconds_per_pbs"] for p in calibration["points"]
+               if p.get("kind") != "wop" and p.get("seconds_per_pbs"))  # fmt: skip
+    row = {
+        "ref": pulled.build.short_ref,
+        "machine": cost.describe_machine(here),
+        "calibration": calibration.get("created"),
+        "n_images": len(seconds),
+        "measured_seconds_per_image": round(measured, 1),
+        "pbs_count": int(circuit["pbs_count"]),
+        "pbs_seconds": round(pbs, 1),
+        "key_switch_count": int(circuit["key_switch_count"]),
+        "key_switch_seconds": round(ks, 1),
+        "overhead_seconds": round(estimate["overhead_seconds"], 3),
+        "linear_operations": ops,
+        "linear_work": work,
+        "rest_seconds": round(measured - estimate["total_seconds"], 1),
+        "estimate_seconds": round(estimate["total_seconds"], 1),
+        "estimate_error": round(estimate["total_seconds"] / measured - 1, 3),
+        "floor_seconds_per_pbs": best,
+        "floor_seconds": round(int(circuit["pbs_count"]) * best, 1),
+    }
+    print(
+        f"{row['ref']} on {row['machine']}: measured {measured:.1f} s/img ({len(seconds)} images)"
+        f" = PBS {pbs:.1f} + KS {ks:.1f} + overhead {row['overhead_seconds']:.2f}"
+        f" + rest {row['rest_seconds']:.1f} (linear: {ops:,} ops, {work:.3g} word-ops);"
+        f" estimate {row['estimate_seconds']:.1f} ({row['estimate_error']:+.0%});"
+        f" floor {row['floor_seconds']:.1f} s = {row['pbs_count']:,} PBS x {best * 1e3:.2f} ms"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with args.out.open("a") as handle:
+        handle.write(json.dumps(row, sort_keys=True) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
