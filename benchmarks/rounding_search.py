@@ -138,6 +138,8 @@ def evaluate_setting(
         "pbs_count_by_bit_width": stats["pbs_count_by_bit_width"],
         "pbs_count_per_parameter": stats["pbs_count_per_parameter"],
         "eval_key_bytes": stats["eval_key_bytes"],
+        "key_switch_count": stats["key_switch_count"],
+        "key_switch_work": cost.key_switch_work(stats),
         "estimated_fhe_seconds_per_image": cost.estimate_seconds(stats),
         "fhe_simulation_top1": accuracy[1],
         "fhe_simulation_top2": accuracy[2],

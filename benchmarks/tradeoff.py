@@ -158,10 +158,10 @@ RESULTS_HEADER = """# Results: every variant's newest build
 
 Generated from `registry.json` by `python benchmarks/tradeoff.py`; do not edit. Accuracies are on
 CIFAR-10 *(JPEG q75 copy)*, the data available here. The estimate is the cost model of
-`zoo.cost.model` with the shipped calibration (the current AVX2 machine); the measured time is
-`server.run` per image in `zoo eval --fhe execute --record`, with the estimate's error only where
-it ran on that machine. A row marked "(yanked)" is a build that can no longer be had: its numbers
-are history (docs/variants.md). Eval keys: serialized (`zoo keygen --record`), else concrete's
+`zoo.cost.model` with {calibration}; the measured time is `server.run` per image in `zoo eval
+--fhe execute --record`, with the estimate's error only where it ran on that kind of machine. A
+row marked "(yanked)" is a build that can no longer be had: its numbers are history
+(docs/variants.md). Eval keys: serialized (`zoo keygen --record`), else concrete's
 in-memory figure (*).
 
 ![top-1 against FHE seconds per image](results/tradeoff.png)
@@ -269,7 +269,10 @@ def main() -> None:
     document = {"cpus": cpus, "calibration": calibration, "variants": table, "references": refs}
     (RESULTS / "tradeoff.json").write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
     plot(table, refs, RESULTS / "tradeoff.png")
-    (ROOT / "benchmarks" / "RESULTS.md").write_text(RESULTS_HEADER + markdown(table, registry))
+    where = (f"the {calibration['source']} calibration of {cost.describe_machine(calibration)} "
+             f"({calibration['created'][:10]})" if calibration else "no calibration")
+    header = RESULTS_HEADER.replace("{calibration}", where)
+    (ROOT / "benchmarks" / "RESULTS.md").write_text(header + markdown(table, registry))
     readme = ROOT / "README.md"
     readme.write_text(splice(readme.read_text(), readme_table(table)))
     for row in table:

@@ -33,7 +33,10 @@ Variants: ``split-8bit`` is the reference design (channel/pool plan
 3-bit head output, 8-bit accumulators). ``tiny`` is the same family, narrow and short: the clear
 head also pools (to 10x10), a 2-bit head output, 32/16/64 channels, one hidden FC, no TensorNorm
 (the logits are the last accumulator) and 6-bit accumulators, so that key generation and real
-FHE inference of one image take well under two minutes on two CPU cores.
+FHE inference of one image take well under two minutes on two CPU cores. ``cnv-2w2a`` is the
+full-FHE CNV (no clear layer); ``cnv-2w2a-pf`` pools each conv's accumulator before its BatchNorm
+and quantizer (a quarter of the lookups in pooled blocks) and is fine-tuned from a ``cnv-2w2a``
+build (``init_from``); its circuits fold each pool into its conv (:func:`fold_pools`).
 
 Training follows Concrete ML's ``cifar_brevitas_training``: Adam (lr 0.02, halved every 40
 epochs), batch 100, random crop (32, padding 4) + horizontal flip, inputs mapped to [-1, 1]
@@ -184,37 +187,24 @@ ARCHS: dict[str, Arch] = {
         "p_error": 2**-40,
         "rounding_threshold_bits": None,
     },
-    # The full-FHE CNV with each pool moved before its activation: conv -> AvgPool -> BatchNorm
-    # -> quantizer instead of conv -> BatchNorm -> quantizer -> AvgPool -> quantizer. BatchNorm
-    # is per-channel affine, so it commutes with the pool; the change is the activation, which
-    # now sees the pooled sum. Every pooled block then costs a quarter of the lookups and
-    # loses its re-quantizer: 100,746 -> 37,770 PBS after the first conv block. Fine-tuned from
-    # the 60-epoch ``long`` build of ``cnv-2w2a`` (profile ``finetune``).
-    "cnv-2w2a-pf": {
-        "head": {"out_channels": None, "pool": None, "in_bits": 8, "in_quant": "q1.7"},
-        "plan": [(64, False), (64, True), (128, False), (128, True), (256, False), (256, False)],
-        "fc": [512, 512],
-        "weight_bits": 2,
-        "act_bits": 2,
-        "num_classes": 10,
-        "fanin": None,
-        "max_bit_width": 16,
-        "tensor_norm": True,
-        "output_bits": 8,
-        "p_error": 2**-40,
-        "rounding_threshold_bits": None,
-        "pool_first": True,
-        "init_from": "cifar10-cnv-2w2a-r6@30b002fd4819",
-    },
+}
+# The full-FHE CNV with each pool moved before its activation: conv -> AvgPool -> BatchNorm ->
+# quantizer instead of conv -> BatchNorm -> quantizer -> AvgPool -> quantizer. BatchNorm is
+# per-channel affine, so it commutes with the pool; the change is the activation, which now
+# sees the pooled sum. Every pooled block then costs a quarter of the lookups and loses its
+# re-quantizer: 100,746 -> 37,770 PBS after the first conv block. Fine-tuned from the 60-epoch
+# ``long`` build of ``cnv-2w2a`` (profile ``finetune``).
+ARCHS["cnv-2w2a-pf"] = {
+    **ARCHS["cnv-2w2a"],
+    "max_bit_width": 16,
+    "pool_first": True,
+    "init_from": "cifar10-cnv-2w2a-r6@30b002fd4819",
 }
 
 #: Profiles. ``n_train`` / ``n_test`` / ``n_calib`` of ``None`` mean the whole split.
 #: ``prune_epoch`` is the epoch at whose start the fan-in masks are computed (from weight
 #: magnitude) and frozen.
 PROFILES: dict[str, Profile] = {
-    # For a lent GPU, in pieces (``zoo build --device cuda --stop-after S --resume``; see
-    # ``benchmarks/gpu_piece.py``): the ``full`` schedule four times longer, lr halved every 12
-    # epochs, tested on all 10,000 images.
     # A short fine-tune of ``init_from``'s weights (architectures that name one): lr 0.002,
     # halved every 2 epochs, clear test top-1 logged after every epoch.
     "finetune": {
@@ -229,6 +219,9 @@ PROFILES: dict[str, Profile] = {
         "n_calib": 1000,
         "eval_batch_size": 500,
     },
+    # For a lent GPU, in pieces (``zoo build --device cuda --stop-after S --resume``; see
+    # ``benchmarks/gpu_piece.py``): the ``full`` schedule four times longer, lr halved every 12
+    # epochs, tested on all 10,000 images.
     "long": {
         "epochs": 60,
         "batch_size": 100,

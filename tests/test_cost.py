@@ -250,7 +250,7 @@ def test_fit_recovers_coefficient_and_overhead() -> None:
     assert first["relative_error"] == pytest.approx(0.0, abs=1e-9)
 
 
-def test_fit_tells_key_switches_from_bootstraps() -> None:
+def test_fit_tells_key_switches_from_bootstraps(zoo_home: Path) -> None:
     """Points whose key switches weigh differently (levels 4 and 8, as at p_error 2**-40 and
     0.01) give back the three coefficients; the estimate then prices a circuit's key switches
     on a row of their own, from the key dimensions its PBS parameter sets name."""
@@ -281,6 +281,10 @@ def test_fit_tells_key_switches_from_bootstraps() -> None:
         d * cost.key_switch_work(points[1]))
     # without key switches in the points (older calibrations) the fit is the PBS one alone
     assert cost.fit(_synthetic_points(3e-10, 0.04))["key_switch_coefficient"] == 0.0
+    # a calibration fitted before the key-switch term is refitted from its points when read
+    old_fit = {"formula": cost.FORMULA, "coefficient": 1.0, "overhead_seconds": 0.0}
+    _write_user(_calibration(1.0) | {"fit": old_fit, "points": points})
+    assert cost.current_calibration()["fit"]["key_switch_coefficient"] == pytest.approx(d)
 
 
 def test_bench_pbs_really_runs_and_writes_a_calibration(zoo_home: Path) -> None:

@@ -763,8 +763,11 @@ def bench_pbs(max_bits: int, min_bits: int, repetitions: int, out_path: Path | N
         lines = [f"{e['circuit']}: measured {e['measured_seconds']:.3f} s, model "
                  f"{e['predicted_seconds']:.3f} s ({e['relative_error']:+.0%})"
                  for e in fit["errors"] + (wop_fit["errors"] if wop_fit else [])]
-        lines.append(f"fit: seconds per PBS = {fit['coefficient']:.4g} x n x level x (k+1)^2 x "
+        lines.append(f"fit: seconds per PBS = {fit['coefficient']:.4g} x n x (level+1) x (k+1)^2 x "
                      f"N x log2(N); max |error| {fit['max_abs_relative_error']:.0%}")
+        if fit.get("key_switch_coefficient"):
+            lines.append(f"     seconds per key switch = {fit['key_switch_coefficient']:.4g} x "
+                         "n_in x level x (n_out+1)")
         seconds = (document["wop_measured"] if add_wop else document)["bench_seconds"]
         lines.append(f"measured in {seconds:.0f} s")
         if wop_fit:

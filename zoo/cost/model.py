@@ -170,12 +170,18 @@ def _read(path: Path) -> dict[str, Any] | None:
         return None
     has_wop = any(p.get("kind") == "wop" for p in document.get("points") or [])
     wop_stale = has_wop and (document.get("wop_fit") or {}).get("formula") != WOP_FORMULA
-    fitted_before = "key_switch_formula" not in document["fit"]  # the key-switch term came later
-    if document["fit"].get("formula") != FORMULA or wop_stale or fitted_before:
+    if document["fit"].get("formula") != FORMULA or wop_stale:
         try:
             document = {**document, **make_calibration(document["points"])}
         except (KeyError, TypeError, ValueError):
             return None
+    elif "key_switch_formula" not in document["fit"] and any(
+        p.get("key_switch_count_per_parameter") for p in document.get("points") or []
+    ):  # fitted before the key-switch term: refit from its points, else keep its PBS-only fit
+        try:
+            document = {**document, **make_calibration(document["points"])}
+        except (KeyError, TypeError, ValueError):
+            pass
     return document
 
 
