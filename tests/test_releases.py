@@ -44,6 +44,20 @@ def test_every_live_build_of_the_project_is_in_its_release_store() -> None:
     assert flagship.metrics["fhe_simulation_top1"] >= reference["fhe_simulation_top1"]
 
 
+def test_info_says_what_the_client_computes_in_the_clear(
+    zoo_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a split build is cached, `zoo info` lists the client's clear steps from its manifest."""
+    monkeypatch.setenv("ZOO_RELEASES", str(ROOT / "releases"))
+    ref = "cifar10-split-pf-head2-r6"
+    assert zoo.info(ref)["resolved"]["client_computes"] is None  # nothing cached yet
+    zoo.pull(ref, role="client")
+    assert zoo.info(ref)["resolved"]["client_computes"] == (
+        "quantize 8-bit -> conv2d -> quantize 2-bit -> conv2d -> avg_pool2d -> quantize 2-bit, "
+        "sends 64x14x14"
+    )
+
+
 def test_every_variant_either_has_a_live_build_or_says_why_not() -> None:
     for variant in reg.load(ROOT / "registry.json").variants.values():
         for build in variant.builds:

@@ -8,6 +8,7 @@ CLI prints as tables or JSON. None of them imports torch or concrete-ml.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -119,8 +120,24 @@ def info(ref: str, registry_path: Path | None = None) -> dict[str, Any]:
             "est_fhe_seconds_per_image": estimate["total_seconds"] if estimate else None,
             "cost": estimate,
             "cached": cached,
+            "client_computes": client_computes(build),
         }
     return out
+
+
+def client_computes(build: reg.Build) -> str | None:
+    """What the client runs in the clear before encrypting, from the build's manifest once it is
+    cached (None before): e.g. ``quantize 8-bit -> conv2d -> quantize 2-bit, sends 64x30x30``."""
+    try:
+        head = json.loads((cache.build_path(build) / "manifest.json").read_text()).get("head")
+        steps = [
+            f"quantize {op['bit_width']}-bit" if op["op"] == "quantize_dequantize" else op["op"]
+            for op in head["ops"]
+        ]
+        shape = "x".join(str(d) for d in head["output"]["shape"][1:])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return f"{' -> '.join(steps)}, sends {shape}"
 
 
 def pull(

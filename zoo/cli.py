@@ -271,6 +271,8 @@ def info(ref: str, registry_path: Path | None, as_json: bool) -> None:
             sizes = resolved["download_bytes"]
             lines.append(f"pull would take {resolved['revision'][:12]}:")
             lines.extend(f"  {what}: {value}" for what, value in resolved["fhe_truth"])
+            if resolved.get("client_computes"):
+                lines.append(f"  the client computes in the clear: {resolved['client_computes']}")
             lines.append(
                 f"  download {_size(sizes['client'])} (client) / {_size(sizes['server'])} "
                 f"(server) / {_size(sizes['all'])} (all); cached: "

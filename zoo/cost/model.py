@@ -16,6 +16,7 @@ comes from: ``docs/cost-model.md``. Imports neither torch nor concrete (``zoo in
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import warnings
@@ -178,10 +179,8 @@ def _read(path: Path) -> dict[str, Any] | None:
     elif "key_switch_formula" not in document["fit"] and any(
         p.get("key_switch_count_per_parameter") for p in document.get("points") or []
     ):  # fitted before the key-switch term: refit from its points, else keep its PBS-only fit
-        try:
+        with contextlib.suppress(KeyError, TypeError, ValueError):
             document = {**document, **make_calibration(document["points"])}
-        except (KeyError, TypeError, ValueError):
-            pass
     return document
 
 
