@@ -642,23 +642,21 @@ def torch_module(cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> nn.Mo
     return encrypted_part(model, cfg["arch"]).eval()
 
 
-def load_parent(model: SplitCNV, ref: str, data_dir: Path | None = None) -> None:
+def load_parent(model: SplitCNV, ref: str) -> None:
     """Start ``model`` from the weights of the build ``ref`` (VARIANT@REV), pulled and verified
     like any pull. Its module layout may differ where pooling moved: the learned layers (convs,
     linears, norms) are copied in order and must match in type and shape."""
     import json
 
+    from brevitas.nn import QuantConv2d, QuantLinear
     from safetensors.torch import load_file
 
     from zoo import api
 
-    path = api.pull(ref, data_dir=data_dir).path
+    path = api.pull(ref).path
     parent_cfg = json.loads((path / "manifest.json").read_text())["recipe"]["config"]
     parent = SplitCNV(parent_cfg["arch"])
     parent.encrypted.load_state_dict(load_file(str(path / "weights.safetensors")))
-
-    from brevitas.nn import QuantConv2d, QuantLinear
-
     learned = (QuantConv2d, QuantLinear, nn.BatchNorm1d, nn.BatchNorm2d, TensorNorm)
 
     def stateful(module: nn.Module) -> list[nn.Module]:
@@ -988,7 +986,7 @@ def build(ctx: BuildContext) -> RecipeResult:
     n_params = sum(p.numel() for p in model.parameters())
     ctx.log.info("model %s: %d parameters", cfg["arch_name"], n_params)
     if "init_from" in arch:
-        load_parent(model, arch["init_from"], ctx.data_dir)
+        load_parent(model, arch["init_from"])
         ctx.log.info("training starts from the weights of %s", arch["init_from"])
 
     # 3. Train (QAT + fan-in pruning).

@@ -200,7 +200,7 @@ def test_pool_first_fine_tune_starts_from_its_parent_build(
     cfg = sc.resolve_config("x", {"arch": "cnv-2w2a-pf", "clear_blocks": 2}, "finetune", 0)
     arch = cfg["arch"]
     model = sc.SplitCNV(arch)
-    sc.load_parent(model, arch["init_from"], cifar_dir)
+    sc.load_parent(model, arch["init_from"])
     parent = load_file(str(api.pull(arch["init_from"]).path / "weights.safetensors"))
     features = model.encrypted.features
     assert isinstance(features[4], torch.nn.AvgPool2d)  # block 2: conv, pool, BatchNorm, quant
@@ -230,7 +230,7 @@ def test_pool_first_fine_tune_starts_from_its_parent_build(
 
     tiny = sc.SplitCNV(sc.resolve_config("x", {"arch": "tiny"}, "smoke", 0)["arch"])
     with pytest.raises(ValueError, match="do not match"):
-        sc.load_parent(tiny, arch["init_from"], cifar_dir)
+        sc.load_parent(tiny, arch["init_from"])
 
 
 def test_training_is_deterministic_and_resumable(cifar_dir: Path, tmp_path: Path) -> None:
