@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from zoo import api  # noqa: E402
 from zoo.cost import machine  # noqa: E402
 from zoo.cost import model as cost  # noqa: E402
-from zoo.fhe.evaluate import parse_results  # noqa: E402
+from zoo.fhe.evaluate import parse_results, seconds_by_machine  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 LINEAR_KEYS = ("clear_multiplication", "encrypted_addition", "clear_addition", "encrypted_negation")
@@ -46,14 +45,14 @@ def linear_work(stats: dict[str, Any]) -> tuple[int, float]:
     return ops, work
 
 
-def measured_seconds(path: Path) -> tuple[list[float], dict[str, Any] | None]:
-    """Real-FHE seconds of each image in a results file run on this kind of machine."""
+def measured_here(path: Path) -> dict[str, Any] | None:
+    """``{"machine", "n_images", "seconds_per_image"}`` of the images of a results file that ran
+    on this kind of machine (:func:`zoo.fhe.evaluate.seconds_by_machine`), None if none did."""
     _, records = parse_results(path.read_text())
-    here = machine.cpu()
-    same = [r for r in records.values()
-            if (r.get("machine") or {}).get("isa") == here["isa"]
-            and (r.get("machine") or {}).get("cpu_count") == here["cpu_count"]]  # fmt: skip
-    return [float(r["seconds"]) for r in same if "seconds" in r], here
+    here = cost.describe_machine(machine.cpu())
+    rows = seconds_by_machine([r for r in records.values() if "seconds" in r])
+    return next((r for r in rows if r["machine"] and cost.describe_machine(r["machine"]) == here),
+                None)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,18 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     estimate = cost.breakdown(circuit, calibration)
     pbs = sum(r["seconds"] for r in estimate["rows"] if not r.get("key_switch"))
     ks = sum(r["seconds"] for r in estimate["rows"] if r.get("key_switch"))
-    seconds, here = measured_seconds(args.results)
-    if not seconds:
+    here = measured_here(args.results)
+    if here is None:
         raise SystemExit(f"{args.results}: no image measured on this kind of machine")
-    measured = statistics.mean(seconds)
+    measured = here["seconds_per_image"]
     ops, work = linear_work(stats)
     best = min(p["seconds_per_pbs"] for p in calibration["points"]
                if p.get("kind") != "wop" and p.get("seconds_per_pbs"))  # fmt: skip
     row = {
         "ref": pulled.build.short_ref,
-        "machine": cost.describe_machine(here),
+        "machine": cost.describe_machine(here["machine"]),
         "calibration": calibration.get("created"),
-        "n_images": len(seconds),
+        "n_images": here["n_images"],
         "measured_seconds_per_image": round(measured, 1),
         "pbs_count": int(circuit["pbs_count"]),
         "pbs_seconds": round(pbs, 1),
@@ -100,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         "floor_seconds": round(int(circuit["pbs_count"]) * best, 1),
     }
     print(
-        f"{row['ref']} on {row['machine']}: measured {measured:.1f} s/img ({len(seconds)} images)"
+        f"{row['ref']} on {row['machine']}: measured {measured:.1f} s/img"
+        f" ({row['n_images']} images)"
         f" = PBS {pbs:.1f} + KS {ks:.1f} + overhead {row['overhead_seconds']:.2f}"
         f" + rest {row['rest_seconds']:.1f} (linear: {ops:,} ops, {work:.3g} word-ops);"
         f" estimate {row['estimate_seconds']:.1f} ({row['estimate_error']:+.0%});"
