@@ -1,10 +1,10 @@
-"""Where one image's real-FHE time goes: bootstraps, key switches and the rest (linear work).
+"""Where one image's real-FHE time goes: bootstraps, key switches, linear work and the rest.
 
 For a build and its measured real-FHE seconds per image on this machine (a ``zoo eval --fhe
-execute`` results file), it prices the build's bootstraps (PBS) and key switches (KS) with this
-machine's calibration (``zoo bench pbs``, see ``zoo/cost/model.py``), counts its linear work
-(the clear multiplications and additions on ciphertexts concrete reports, times the ciphertext
-size), and leaves the rest of the measured time to that linear work and the run's fixed cost.
+execute`` results file), it prices the build's bootstraps (PBS), key switches (KS) and linear
+work (the clear multiplications and additions on ciphertexts concrete reports, times the
+ciphertext size) with this machine's calibration (``zoo bench pbs``, see
+``zoo/cost/model.py``); what the model does not explain is the rest.
 Next to it, the physical floor: the build's PBS count times the bench's best per-PBS time on
 this machine (its cheapest bootstrap, key switch included), the time no circuit with that many
 PBS can beat here.
@@ -32,27 +32,17 @@ from zoo.cost import model as cost  # noqa: E402
 from zoo.fhe.evaluate import parse_results, seconds_by_machine  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-LINEAR_KEYS = ("clear_multiplication", "encrypted_addition", "clear_addition", "encrypted_negation")
-
-
-def linear_work(stats: dict[str, Any]) -> tuple[int, float]:
-    """(operations, Σ operations × (LWE dimension + 1)) of concrete's linear statistics."""
-    ops, work = 0, 0.0
-    for key in LINEAR_KEYS:
-        for row in stats.get(f"{key}_count_per_parameter") or []:
-            ops += int(row["count"])
-            work += int(row["count"]) * (int(row["parameter"]["dimension"]) + 1)
-    return ops, work
 
 
 def measured_here(path: Path) -> dict[str, Any] | None:
     """``{"machine", "n_images", "seconds_per_image"}`` of the images of a results file that ran
-    on this kind of machine (:func:`zoo.fhe.evaluate.seconds_by_machine`), None if none did."""
+    alone on this kind of machine (:func:`zoo.fhe.evaluate.seconds_by_machine`), None if none
+    did."""
     _, records = parse_results(path.read_text())
     here = cost.describe_machine(machine.cpu())
     rows = seconds_by_machine([r for r in records.values() if "seconds" in r])
-    return next((r for r in rows if r["machine"] and cost.describe_machine(r["machine"]) == here),
-                None)  # fmt: skip
+    return next((r for r in rows if "parallel" not in r and r["machine"]
+                 and cost.describe_machine(r["machine"]) == here), None)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,15 +60,24 @@ def main(argv: list[str] | None = None) -> int:
     if calibration is None or (calibration.get("source") or {}).get("other_machine"):
         raise SystemExit("calibrate this machine first: zoo bench pbs")
     estimate = cost.breakdown(circuit, calibration)
-    pbs = sum(r["seconds"] for r in estimate["rows"] if not r.get("key_switch"))
     ks = sum(r["seconds"] for r in estimate["rows"] if r.get("key_switch"))
+    linear = sum(r["seconds"] for r in estimate["rows"] if r.get("linear"))
+    pbs = sum(r["seconds"] for r in estimate["rows"] if not r.keys() & {"key_switch", "linear"})
     here = measured_here(args.results)
     if here is None:
         raise SystemExit(f"{args.results}: no image measured on this kind of machine")
     measured = here["seconds_per_image"]
-    ops, work = linear_work(stats)
-    best = min(p["seconds_per_pbs"] for p in calibration["points"]
-               if p.get("kind") != "wop" and p.get("seconds_per_pbs"))  # fmt: skip
+    ops = sum(int(row["count"]) for key in cost.LINEAR_KEYS
+              for row in stats.get(f"{key}_count_per_parameter") or [])  # fmt: skip
+    work = cost.linear_work(stats) or 0.0
+    points = [
+        p for p in calibration["points"] if p.get("kind") != "wop" and p.get("seconds_per_pbs")
+    ]
+    best = min(p["seconds_per_pbs"] for p in points)
+    # the bench's fastest circuit on this build's own parameter set (key switch included), if any
+    own = [p["seconds_per_pbs"] for p in points
+           if [r["parameter"] for r in p["pbs_count_per_parameter"]] == [r["parameter"]
+               for r in cost.pbs_rows(circuit)]]  # fmt: skip
     row = {
         "ref": pulled.build.short_ref,
         "machine": cost.describe_machine(here["machine"]),
@@ -92,19 +91,27 @@ def main(argv: list[str] | None = None) -> int:
         "overhead_seconds": round(estimate["overhead_seconds"], 3),
         "linear_operations": ops,
         "linear_work": work,
+        "linear_seconds": round(linear, 1),
         "rest_seconds": round(measured - estimate["total_seconds"], 1),
         "estimate_seconds": round(estimate["total_seconds"], 1),
         "estimate_error": round(estimate["total_seconds"] / measured - 1, 3),
         "floor_seconds_per_pbs": best,
         "floor_seconds": round(int(circuit["pbs_count"]) * best, 1),
+        "bench_seconds_per_pbs_same_parameters": min(own, default=None),
     }
     print(
         f"{row['ref']} on {row['machine']}: measured {measured:.1f} s/img"
         f" ({row['n_images']} images)"
-        f" = PBS {pbs:.1f} + KS {ks:.1f} + overhead {row['overhead_seconds']:.2f}"
-        f" + rest {row['rest_seconds']:.1f} (linear: {ops:,} ops, {work:.3g} word-ops);"
+        f" = PBS {pbs:.1f} + KS {ks:.1f} + linear {linear:.1f} ({ops:,} ops, {work:.3g} word-ops)"
+        f" + overhead {row['overhead_seconds']:.2f} + rest {row['rest_seconds']:.1f};"
         f" estimate {row['estimate_seconds']:.1f} ({row['estimate_error']:+.0%});"
         f" floor {row['floor_seconds']:.1f} s = {row['pbs_count']:,} PBS x {best * 1e3:.2f} ms"
+        + (
+            f"; at the bench's {min(own) * 1e3:.2f} ms per PBS of this parameter set:"
+            f" {int(circuit['pbs_count']) * min(own):.1f} s"
+            if own
+            else ""
+        )
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with args.out.open("a") as handle:

@@ -38,14 +38,22 @@ CIRCUIT = {
 }
 
 
-def _calibration(coefficient: float, overhead: float = 0.0, concrete: str | None = None) -> dict:
+def _calibration(
+    coefficient: float, overhead: float = 0.0, concrete: str | None = None, level_free: float = 0.0
+) -> dict:
     have = versions.installed()
     return {
         "schema": 1,
         "created": "2025-01-01T00:00:00+00:00",
         "machine": {"cpu_model": "test CPU", "cpu_count": 2},
         "versions": {**have, "concrete-python": concrete or have["concrete-python"]},
-        "fit": {"formula": cost.FORMULA, "coefficient": coefficient, "overhead_seconds": overhead},
+        "fit": {
+            "formula": cost.FORMULA,
+            "linear_formula": cost.LINEAR_FORMULA,
+            "coefficient": coefficient,
+            "level_free_coefficient": level_free,
+            "overhead_seconds": overhead,
+        },
         "points": [],
     }
 
@@ -57,21 +65,28 @@ def _write_user(calibration: dict) -> Path:
     return path
 
 
+def _pbs_seconds(param: dict, c: float, e: float) -> float:
+    """c × n × level × (k + 1)² × N × log2(N) + e × n × (k + 1) × N × log2(N), by hand."""
+    n, level, k, size = (param[key] for key in ("input_lwe_dimension", "level", "glwe_dimension",
+                                                "polynomial_size"))  # fmt: skip
+    return (c * level * (k + 1) + e) * n * (k + 1) * size * math.log2(size)
+
+
 def test_estimate_is_the_hand_computed_sum_over_parameter_sets() -> None:
-    c, overhead = 2e-10, 0.05
-    by_hand = (  # c × n × (level + 1) × (k + 1)² × N × log2(N) per PBS
-        1408 * c * 896 * 3 * 2**2 * 8192 * 13  # log2(8192) = 13
-        + 256 * c * 965 * 2 * 2**2 * 2048 * 11  # log2(2048) = 11
+    c, e, overhead = 2e-10, 3e-10, 0.05
+    by_hand = (
+        1408 * (c * 896 * 2 * 2**2 + e * 896 * 2) * 8192 * 13  # log2(8192) = 13
+        + 256 * (c * 965 * 1 * 2**2 + e * 965 * 2) * 2048 * 11  # log2(2048) = 11
         + overhead
     )
-    calibration = _calibration(c, overhead)
+    calibration = _calibration(c, overhead, level_free=e)
     assert cost.estimate_seconds(CIRCUIT, calibration=calibration) == pytest.approx(by_hand)
     result = cost.breakdown(CIRCUIT, calibration)
     assert result["method"] == "per-parameter"
     assert [row["count"] for row in result["rows"]] == [1408, 256]  # most expensive first
     first = result["rows"][0]
     assert first["parameter"] == PARAM_A
-    assert first["seconds_each"] == pytest.approx(c * 896 * 3 * 4 * 8192 * 13)
+    assert first["seconds_each"] == pytest.approx(_pbs_seconds(PARAM_A, c, e))
     assert first["seconds"] == pytest.approx(1408 * first["seconds_each"])
     assert result["calibration"]["cpu_model"] == "test CPU"
 
@@ -189,7 +204,7 @@ def test_zoo_info_reports_breakdown_and_ignored_calibration(
     assert estimate["method"] == "per-parameter"
     assert estimate["calibration"]["source"] == "default"
     assert "0.0.1" in estimate["calibration"]["ignored"][0]["reason"]
-    assert sum(row["count"] for row in estimate["rows"]) == 1664
+    assert sum(row["count"] for row in estimate["rows"] if not row.get("key_switch")) == 1664
     assert data["resolved"]["est_fhe_seconds_per_image"] == pytest.approx(estimate["total_seconds"])
     with pytest.warns(cost.StaleCalibrationWarning):
         text = runner.invoke(main, ["info", "cifar10-split-tiny"]).output
@@ -230,23 +245,25 @@ def test_info_with_cost_breakdown_imports_neither_torch_nor_concrete(
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
 
 
-def _synthetic_points(coefficient: float, overhead: float) -> list[dict[str, Any]]:
+def _synthetic_points(c: float, overhead: float, e: float = 5e-11) -> list[dict[str, Any]]:
     points = []
     for i, (param, count) in enumerate([(PARAM_A, 12), (PARAM_B, 32), (PARAM_B, 1)]):
-        work = count * cost.pbs_work(param)
+        seconds = overhead + count * _pbs_seconds(param, c, e)
         points.append({"circuit": f"p{i}", "pbs_count": count,
                        "pbs_count_per_parameter": [{"parameter": param, "count": count}],
-                       "run_seconds_median": overhead + coefficient * work})  # fmt: skip
+                       "run_seconds_median": seconds})  # fmt: skip
     return points
 
 
-def test_fit_recovers_coefficient_and_overhead() -> None:
-    document = cost.make_calibration(_synthetic_points(3e-10, 0.04))
+def test_fit_recovers_coefficients_and_overhead() -> None:
+    """Level-2 and level-1 points weigh the two PBS terms differently: both come back."""
+    document = cost.make_calibration(_synthetic_points(3e-10, 0.04, e=5e-11))
     assert document["fit"]["coefficient"] == pytest.approx(3e-10)
+    assert document["fit"]["level_free_coefficient"] == pytest.approx(5e-11)
     assert document["fit"]["overhead_seconds"] == pytest.approx(0.04)
     assert document["fit"]["max_abs_relative_error"] == pytest.approx(0.0, abs=1e-9)
     first = document["points"][0]
-    assert first["seconds_per_pbs"] == pytest.approx(3e-10 * cost.pbs_work(PARAM_A))
+    assert first["seconds_per_pbs"] == pytest.approx(_pbs_seconds(PARAM_A, 3e-10, 5e-11))
     assert first["relative_error"] == pytest.approx(0.0, abs=1e-9)
 
 
@@ -254,37 +271,80 @@ def test_fit_tells_key_switches_from_bootstraps(zoo_home: Path) -> None:
     """Points whose key switches weigh differently (levels 4 and 8, as at p_error 2**-40 and
     0.01) give back the three coefficients; the estimate then prices a circuit's key switches
     on a row of their own, from the key dimensions its PBS parameter sets name."""
-    c, d, overhead = 2.4e-11, 2.2e-10, 0.03
+    c, e, d, overhead = 2.4e-11, 3e-11, 2.2e-10, 0.03
     points = []
     for i, (param, count, ks_level) in enumerate(
         [(PARAM_A, 12, 4), (PARAM_B, 32, 8), (PARAM_B, 1, 8), (PARAM_A, 40, 3), (PARAM_B, 64, 4)]
     ):
         pbs = {**param, "input_secret_key_id": 1, "output_secret_key_id": 0}
         ks = {"level": ks_level, "base_log": 2, "input_secret_key_id": 0, "output_secret_key_id": 1}
-        ks_work = count * param["glwe_dimension"] * param["polynomial_size"] * ks_level * (
-            param["input_lwe_dimension"] + 1)
+        ks_work = (
+            count
+            * param["glwe_dimension"]
+            * param["polynomial_size"]
+            * ks_level
+            * (param["input_lwe_dimension"] + 1)
+        )
         points.append({
             "circuit": f"p{i}", "pbs_count": count,
             "pbs_count_per_parameter": [{"parameter": pbs, "count": count}],
             "key_switch_count_per_parameter": [{"parameter": ks, "count": count}],
-            "run_seconds_median": overhead + c * count * cost.pbs_work(param) + d * ks_work,
+            "run_seconds_median": overhead + count * _pbs_seconds(param, c, e) + d * ks_work,
         })  # fmt: skip
         assert cost.key_switch_work(points[-1]) == pytest.approx(ks_work)
     fit = cost.make_calibration(points)["fit"]
     assert fit["coefficient"] == pytest.approx(c)
+    assert fit["level_free_coefficient"] == pytest.approx(e)
     assert fit["key_switch_coefficient"] == pytest.approx(d)
     assert fit["overhead_seconds"] == pytest.approx(overhead)
     circuit = {**points[1], "key_switch_count": 32}
     rows = cost.breakdown(circuit, _calibration(c) | {"fit": fit})["rows"]
     (ks_row,) = [r for r in rows if r.get("key_switch")]
     assert ks_row["count"] == 32 and ks_row["seconds"] == pytest.approx(
-        d * cost.key_switch_work(points[1]))
+        d * cost.key_switch_work(points[1])
+    )
     # without key switches in the points (older calibrations) the fit is the PBS one alone
     assert cost.fit(_synthetic_points(3e-10, 0.04))["key_switch_coefficient"] == 0.0
-    # a calibration fitted before the key-switch term is refitted from its points when read
-    old_fit = {"formula": cost.FORMULA, "coefficient": 1.0, "overhead_seconds": 0.0}
+    # a calibration fitted with the one-term PBS formula is refitted from its points when read
+    old_fit = {"formula": "c * n * (level + 1) * (k + 1)**2 * N * log2(N)", "coefficient": 1.0,
+               "overhead_seconds": 0.0}  # fmt: skip
     _write_user(_calibration(1.0) | {"fit": old_fit, "points": points})
     assert cost.current_calibration()["fit"]["key_switch_coefficient"] == pytest.approx(d)
+
+
+def test_fit_prices_linear_work_when_the_points_state_it() -> None:
+    """A point with many multiply-adds per PBS (the bench's dense layer) sets the linear
+    coefficient; the estimate gives the linear work a row of its own."""
+    c, e, g, overhead = 2.4e-11, 3e-11, 4e-10, 0.03
+    points = []
+    for i, (param, count, macs) in enumerate(
+        [
+            (PARAM_A, 12, 0),
+            (PARAM_B, 32, 64),
+            (PARAM_B, 1, 0),
+            (PARAM_A, 40, 500),
+            (PARAM_B, 64, 9000),
+        ]
+    ):
+        linear = {"dimension": param["glwe_dimension"] * param["polynomial_size"]}
+        stats = {f"{key}_count_per_parameter": [{"parameter": linear, "count": macs}]
+                 for key in ("clear_multiplication", "encrypted_addition")}  # fmt: skip
+        work = 2 * macs * (linear["dimension"] + 1)
+        assert cost.linear_work(stats) == work
+        seconds = overhead + count * _pbs_seconds(param, c, e) + g * work
+        points.append({"circuit": f"p{i}", "pbs_count": count, **stats,
+                       "pbs_count_per_parameter": [{"parameter": param, "count": count}],
+                       "run_seconds_median": seconds})  # fmt: skip
+    fit = cost.fit(points)
+    assert fit["linear_coefficient"] == pytest.approx(g) and fit["coefficient"] == pytest.approx(c)
+    assert fit["linear_formula"] == cost.LINEAR_FORMULA
+    rows = cost.breakdown(points[-1], _calibration(c) | {"fit": fit})["rows"]
+    (linear_row,) = [r for r in rows if r.get("linear")]
+    assert linear_row["seconds"] == pytest.approx(g * cost.linear_work(points[-1]))
+    # points without linear statistics (older calibrations): no linear term
+    assert cost.fit(_synthetic_points(3e-10, 0.04))["linear_coefficient"] == 0.0
+    # the registry's catalogue states it; a circuit that says nothing gets no row
+    assert cost.linear_work({"linear_work": 5.0}) == 5.0 and cost.linear_work({}) is None
 
 
 def test_bench_pbs_really_runs_and_writes_a_calibration(zoo_home: Path) -> None:

@@ -88,6 +88,15 @@ def test_a_sample_continued_on_another_machine_keeps_its_seconds_apart() -> None
     elsewhere = evaluate.summarize(list(records.values()), "execute", {"isa": "arm"})
     assert elsewhere["machine"] == amd and elsewhere["execute_seconds_per_image"] == 165.0
 
+    # Two images side by side on the Xeon (Ray's local workers): accuracy, not its seconds.
+    records[5] = json.loads(image(5, 150.0, machine=xeon, parallel=2))
+    records[6] = json.loads(image(6, 160.0, machine=xeon, parallel=2))
+    shared = evaluate.summarize(list(records.values()), "execute", xeon)
+    assert shared["n_images"] == 6 and shared["execute_seconds_per_image"] == 90.0
+    assert {"machine": xeon, "parallel": 2, "n_images": 2, "seconds_per_image": 155.0} in shared[
+        "execute_seconds_by_machine"
+    ]
+
 
 def test_keygen_once_then_reuse(published: Path, zoo_home: Path) -> None:
     first = runtime.keygen(TINY)
@@ -201,6 +210,7 @@ def test_ray_backend_real_fhe_survives_a_killed_worker(
         assert np.argmax(record["execute"]) == np.argmax(record["simulate"])
         assert record["seconds"] > 0 and record["machine"] == machine.cpu()  # a local cluster
         assert record["cpu_steal"] is None  # measured where the circuit runs: not on Ray
+        assert record["parallel"] == 2  # two workers shared this machine's cores
     recorded = reg.load(registry_file).variant(TINY).builds[-1].metrics  # --record
     assert recorded["fhe_execute_n_images"] == 2 and recorded["fhe_execute_agreement"] == 1.0
     assert recorded["fhe_execute_top1"] == summary["execute_top1"]

@@ -223,10 +223,13 @@ def catalog_entry(document: dict[str, Any], files: list[reg.FileEntry]) -> dict[
 
 def catalog_circuit(circuit: dict[str, Any]) -> dict[str, Any]:
     """The registry's ``circuit`` of a build: its manifest's, less what only the manifest keeps,
-    plus the key-switch work the cost model prices (from concrete's statistics)."""
+    plus the key-switch and linear work the cost model prices (from concrete's statistics)."""
     kept = {k: v for k, v in circuit.items() if k not in CATALOG_CIRCUIT_DROP}
-    work = cost.key_switch_work(circuit)
-    return kept if work is None else {**kept, "key_switch_work": work}
+    work = {
+        "key_switch_work": cost.key_switch_work(circuit),
+        "linear_work": cost.linear_work(circuit),
+    }
+    return {**kept, **{k: v for k, v in work.items() if v is not None}}
 
 
 def merge_entry(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:

@@ -231,6 +231,10 @@ def _cost_lines(estimate: dict[str, Any] | None) -> list[str]:
             lines.append(f"  {row['count']:>9,} KS  x {row['seconds_each'] * 1e3:9.2f} ms = "
                          f"{row['seconds']:10.1f} s  key switches ({calibration['ks_formula']})")
             continue
+        if row.get("linear"):
+            lines.append(f"  {row['work']:>9.3g} word-ops        = {row['seconds']:10.1f} s  "
+                         f"linear work ({calibration['linear_formula']})")  # fmt: skip
+            continue
         if "parameter" not in row:  # the per-bit-width table
             what = f"{row['bit_width']}-bit"
         elif "bit_width" in row:
@@ -765,16 +769,20 @@ def bench_pbs(max_bits: int, min_bits: int, repetitions: int, out_path: Path | N
         lines = [f"{e['circuit']}: measured {e['measured_seconds']:.3f} s, model "
                  f"{e['predicted_seconds']:.3f} s ({e['relative_error']:+.0%})"
                  for e in fit["errors"] + (wop_fit["errors"] if wop_fit else [])]
-        lines.append(f"fit: seconds per PBS = {fit['coefficient']:.4g} x n x (level+1) x (k+1)^2 x "
-                     f"N x log2(N); max |error| {fit['max_abs_relative_error']:.0%}")
+        lines.append(f"fit: seconds per PBS = {fit['formula']}, c = {fit['coefficient']:.4g}, "
+                     f"e = {fit['level_free_coefficient']:.4g}; max |error| "
+                     f"{fit['max_abs_relative_error']:.0%}")
         if fit.get("key_switch_coefficient"):
-            lines.append(f"     seconds per key switch = {fit['key_switch_coefficient']:.4g} x "
-                         "n_in x level x (n_out+1)")
+            lines.append(f"     key switches: {fit['key_switch_formula']}, "
+                         f"d = {fit['key_switch_coefficient']:.4g}")
+        if fit.get("linear_coefficient"):
+            lines.append(f"     linear work: {fit['linear_formula']}, "
+                         f"g = {fit['linear_coefficient']:.4g}")
         seconds = (document["wop_measured"] if add_wop else document)["bench_seconds"]
         lines.append(f"measured in {seconds:.0f} s")
         if wop_fit:
             lines.append(f"WoP fit: seconds per lookup = ({wop_fit['a']:.4g} + "
-                         f"{wop_fit['b']:.4g} x bits) x n x level x (k+1)^2 x N x log2(N); "
+                         f"{wop_fit['b']:.4g} x bits) x n x (level+1) x (k+1)^2 x N x log2(N); "
                          "max |error| "
                          f"{wop_fit['max_abs_relative_error']:.0%}")
         lines.append(f"calibration written to {path}")

@@ -5,24 +5,28 @@ Layer-sized concrete-python circuits are compiled with the ``p_error`` our build
 0.01, whose deeper key switches let the fit tell key switches from bootstraps); each gets its
 keys once and one encrypted input, then ``circuit.run`` is timed (median of a few runs, one
 circuit at a time, see :func:`measure`). Timing ``run`` on an input encrypted once isolates
-the server's work; one ``encrypt_run_decrypt`` round trip per circuit is recorded as well. Two
-kinds of circuit, together covering the crypto parameter sets of our builds:
+the server's work; one ``encrypt_run_decrypt`` round trip per circuit is recorded as well. Three
+kinds of circuit, together covering the crypto parameter sets and the work of our builds:
 
 * ``tlu``: one table lookup over a vector of ``m`` elements of ``bits`` bits (level-1 bootstraps
   at polynomial sizes 512..16384 for 2..7 bits, level 2 at 32768 for 8 bits);
 * ``chain``: a lookup, a clear matrix product of large 2-norm, then a lookup of ``bits`` bits:
   the second lookup's input is noisy, so the optimizer picks level-2 bootstraps, the parameter
   sets of the convolutions of our builds (e.g. polynomial size 8192, ``input_lwe_dimension``
-  896, level 2, base log 15 at 6 bits, as in ``cifar10-split-tiny``).
+  896, level 2, base log 15 at 6 bits, as in ``cifar10-split-tiny``; at p_error 0.01, N=2048,
+  level 2 with key switches at level 8, as in every ``-r6`` build);
+* ``dense``: two rounded layers (ternary matrices, accumulators rounded to 6 bits, 2-bit
+  activations, p_error 0.01), with more multiply-adds on ciphertexts per PBS than the CNV's
+  convs, so the fit can price the linear work too.
 
 A 2-bit lookup on a single element measures the fixed cost of a run with PBS, which the fit
 (:func:`zoo.cost.model.fit`) separates from the per-PBS cost.
 
-With ``wop=True`` a third kind, ``wop``, times WoP-PBS lookups (see :mod:`zoo.cost.model`): a lookup
-of ``bits`` bits over ``m`` elements beside one 12-bit lookup, which makes concrete compile every
-lookup of the circuit as WoP-PBS, as in a circuit with wide accumulators (the unrounded VGG11).
-They get a fit of their own (:func:`zoo.cost.model.fit_wop`). numpy and concrete are imported inside
-the functions only.
+With ``wop=True`` a fourth kind, ``wop``, times WoP-PBS lookups (see :mod:`zoo.cost.model`): a
+lookup of ``bits`` bits over ``m`` elements beside one 12-bit lookup, which makes concrete compile
+every lookup of the circuit as WoP-PBS, as in a circuit with wide accumulators (the unrounded
+VGG11). They get a fit of their own (:func:`zoo.cost.model.fit_wop`). numpy and concrete are
+imported inside the functions only.
 """
 
 from __future__ import annotations
@@ -79,6 +83,16 @@ class PointSpec:
 # cifar10-split-tiny's 1,408 of them ran at ~63 ms each.
 TLU_ELEMENTS = {2: 256, 3: 256, 4: 128, 5: 128, 6: 128, 7: 32, 8: 8}
 CHAIN_ROWS = {5: 64, 6: 16, 7: 4}  # x is (rows, k) with k = (2**bits - 1) // CHAIN_WEIGHT
+# A 6-bit chain at the rounded p_error compiles to the parameter sets of the rounded 6-bit builds
+# (-r6): bootstraps at N=2048, n=815, level 2, key switches at level 8, which no lookup alone
+# reaches (the 6-bit p0.01 lookup gets level 1 and key switches at level 6).
+ROUNDED_CHAIN_BITS, ROUNDED_CHAIN_ROWS = 6, 64
+# Two rounded layers (``dense``), as concrete-ml compiles a rounded network: 2-bit inputs times a
+# ternary (2048 x 1024) matrix, the accumulator rounded to 6 bits, a lookup to 2 bits, then the
+# same through a (1024 x 1024) matrix. It compiles to the parameter sets of the -r6 builds, and its
+# ~1,500 multiply-adds on ciphertexts per PBS (the CNV's 3x3 convs: ~800), which the other
+# circuits lack, let the fit price the linear work (each operation on k x N + 1 words).
+DENSE_SPEC_SHAPE = (2048, 1024)
 # One 2-bit lookup on one element: its run is almost only the fixed cost of a run with PBS
 # (~30-60 ms here, against ~1 ms for a run without PBS), which the fit needs to separate.
 OVERHEAD_SPEC = PointSpec("tlu", 2, (1,))
@@ -115,6 +129,12 @@ def point_specs(max_bits: int = MAX_BITS, min_bits: int = MIN_BITS) -> list[Poin
             specs.append(PointSpec("chain", b, (CHAIN_ROWS[b], (2**b - 1) // CHAIN_WEIGHT)))
     specs += [PointSpec("tlu", b, (TLU_ELEMENTS[b],), ROUNDED_P_ERROR)
               for b in ROUNDED_BITS if min_bits <= b <= max_bits]  # fmt: skip
+    if min_bits <= ROUNDED_CHAIN_BITS <= max_bits:
+        k = (2**ROUNDED_CHAIN_BITS - 1) // CHAIN_WEIGHT
+        specs.append(
+            PointSpec("chain", ROUNDED_CHAIN_BITS, (ROUNDED_CHAIN_ROWS, k), ROUNDED_P_ERROR)
+        )
+        specs.append(PointSpec("dense", ROUNDED_CHAIN_BITS, DENSE_SPEC_SHAPE, ROUNDED_P_ERROR))
     return specs
 
 
@@ -125,7 +145,11 @@ def _compile(spec: PointSpec, seed: int = 0) -> tuple[Any, Any]:
 
     rng = np.random.default_rng(seed)
     bits = spec.bits
-    high = 2**bits - 1
+    # the input: ``shape`` of ``bits``-bit values; a dense layer's is one row of 2-bit values
+    shape, high = (spec.shape[:1], 3) if spec.kind == "dense" else (spec.shape, 2**bits - 1)
+    inputset = [rng.integers(0, high + 1, size=shape) for _ in range(16)]
+    inputset += [np.full(shape, high), np.full(shape, high - 1), np.zeros(shape)]
+    inputset = [a.astype(np.int64) for a in inputset]
     if spec.kind == "tlu":
         table = fhe.LookupTable([(7 * i + 3) % 2**bits for i in range(2**bits)])
 
@@ -144,6 +168,24 @@ def _compile(spec: PointSpec, seed: int = 0) -> tuple[Any, Any]:
             return fhe.univariate(lambda v: (7 * v + 3) % 2**bits)(parity @ weights)
 
         function = chain
+    elif spec.kind == "dense":
+        inputs, width = spec.shape
+        layers = [
+            rng.integers(-1, 2, size=(inputs, width)),
+            rng.integers(-1, 2, size=(width, width)),
+        ]
+        rounders = [fhe.AutoRounder(target_msbs=bits) for _ in layers]
+
+        @fhe.compiler({"x": "encrypted"})
+        def dense(x):
+            for weights, rounder in zip(layers, rounders):
+                x = fhe.round_bit_pattern(
+                    x @ weights, lsbs_to_remove=rounder, exactness=fhe.Exactness.APPROXIMATE
+                )
+                x = fhe.univariate(lambda v, r=rounder: (v >> r.lsbs_to_remove) % 4)(x)
+            return x
+
+        function = dense
     elif spec.kind == "wop":
         table = fhe.LookupTable([(7 * i + 3) % 2**bits for i in range(2**bits)])
         anchor = fhe.LookupTable([(5 * i + 1) % 2**WOP_ANCHOR_BITS
@@ -156,15 +198,13 @@ def _compile(spec: PointSpec, seed: int = 0) -> tuple[Any, Any]:
         function = wop
     else:
         raise ValueError(f"unknown benchmark circuit kind {spec.kind!r}")
-    inputset = [rng.integers(0, high + 1, size=spec.shape) for _ in range(16)]
-    inputset += [np.full(spec.shape, high), np.full(spec.shape, high - 1), np.zeros(spec.shape)]
-    inputset = [a.astype(np.int64) for a in inputset]
     if spec.kind == "wop":
         top = 2**WOP_ANCHOR_BITS - 1
         anchors = [np.array([v]) for v in rng.integers(0, top + 1, size=len(inputset) - 2)]
         anchors += [np.array([top]), np.array([0])]
         inputset = [(x, z.astype(np.int64)) for x, z in zip(inputset, anchors)]
-    circuit = function.compile(inputset, p_error=spec.p_error, global_p_error=None)
+    circuit = function.compile(inputset, p_error=spec.p_error, global_p_error=None,
+                               auto_adjust_rounders=spec.kind == "dense")  # fmt: skip
     if spec.kind == "wop" and not circuit.statistics.get("packing_key_switch_count"):
         raise RuntimeMismatchError(
             f"{spec.name}: concrete compiled the {WOP_ANCHOR_BITS}-bit lookup without WoP-PBS; "
@@ -212,7 +252,8 @@ def _statistics(circuit: Any) -> dict[str, Any]:
 
     raw = dict(circuit.statistics)
     keep = ("programmable_bootstrap_count", "programmable_bootstrap_count_per_parameter",
-            "key_switch_count", "key_switch_count_per_parameter")  # fmt: skip
+            "key_switch_count", "key_switch_count_per_parameter",
+            *(f"{key}_count_per_parameter" for key in cost.LINEAR_KEYS))  # fmt: skip
     return {key: jsonable_statistic(key, raw[key]) for key in keep if key in raw}
 
 
@@ -234,6 +275,7 @@ def _point(prepared: _Prepared) -> dict[str, Any]:
         "pbs_count": int(stats.get("programmable_bootstrap_count", 0)),
         "pbs_count_per_parameter": stats.get("programmable_bootstrap_count_per_parameter", []),
         "key_switch_count_per_parameter": stats.get("key_switch_count_per_parameter", []),
+        **{k: v for k, v in stats.items() if k.split("_count")[0] in cost.LINEAR_KEYS},
         "run_seconds": [round(r, 6) for r in prepared.runs],
         "run_seconds_median": statistics.median(prepared.runs),
         "encrypt_run_decrypt_seconds": round(round_trip, 6),

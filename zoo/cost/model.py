@@ -5,10 +5,11 @@ key switches (KS)::
 
     seconds per image = Σ_p count_p × seconds_per_pbs(p) + Σ_q count_q × seconds_per_ks(q)
                         + overhead
-    seconds_per_pbs(p) = c × n × (level + 1) × (k + 1)² × N × log2(N)
+    seconds_per_pbs(p) = c × n × level × (k + 1)² × N × log2(N) + e × n × (k + 1) × N × log2(N)
     seconds_per_ks(q) = d × n_in × level × (n_out + 1)
+    linear seconds = g × Σ linear operations × (LWE dimension + 1)
 
-with ``c``, ``d`` and ``overhead`` fitted by ``zoo bench pbs`` on this machine
+with ``c``, ``e``, ``d``, ``g`` and ``overhead`` fitted by ``zoo bench pbs`` on this machine
 (``$ZOO_HOME/calibration/pbs.json``), else the shipped ``calibration/default.json``; WoP-PBS
 lookups have a fit of their own. Why this form, how well it fits and where each calibration
 comes from: ``docs/cost-model.md``. Imports neither torch nor concrete (``zoo info`` uses it).
@@ -16,7 +17,6 @@ comes from: ``docs/cost-model.md``. Imports neither torch nor concrete (``zoo in
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import warnings
@@ -29,8 +29,11 @@ from zoo.cost import machine
 
 DEFAULT_SECONDS_PER_PBS = {4: 0.019, 6: 0.070, 8: 0.530}
 DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "calibration" / "default.json"
-FORMULA = "c * n * (level + 1) * (k + 1)**2 * N * log2(N)"
+FORMULA = "c * n * level * (k + 1)**2 * N * log2(N) + e * n * (k + 1) * N * log2(N)"
 KS_FORMULA = "d * n_in * level * (n_out + 1)"
+LINEAR_FORMULA = "g * operations * (dimension + 1)"
+#: concrete's statistics of the linear operations on ciphertexts (``<key>_count_per_parameter``)
+LINEAR_KEYS = ("clear_multiplication", "encrypted_addition", "clear_addition", "encrypted_negation")
 WOP_FORMULA = "(a + b * bits) * n * (level + 1) * (k + 1)**2 * N * log2(N)"
 CALIBRATION_SCHEMA = 1
 
@@ -42,8 +45,28 @@ class StaleCalibrationWarning(UserWarning):
 # -- the work of one bootstrap ----------------------------------------------------------------
 
 
+def pbs_terms(parameter: dict[str, Any]) -> tuple[float, float]:
+    """The two parts of one PBS's work in :data:`FORMULA`: ``n × level × (k + 1)² × N ×
+    log2(N)``, the blind rotation's decompositions, forward FFTs and products, which grow with
+    the level, and ``n × (k + 1) × N × log2(N)``, its inverse FFTs, which do not."""
+    n = int(parameter["input_lwe_dimension"])
+    level = int(parameter["level"])
+    k = int(parameter["glwe_dimension"])
+    size = int(parameter["polynomial_size"])
+    fft = size * math.log2(size)
+    return float(n * level * (k + 1) ** 2 * fft), float(n * (k + 1) * fft)
+
+
+def pbs_seconds(parameter: dict[str, Any], fit_: dict[str, Any]) -> float:
+    """Seconds of one PBS at ``parameter`` under a calibration's ``fit``."""
+    by_level, level_free = pbs_terms(parameter)
+    c, e = float(fit_["coefficient"]), float(fit_.get("level_free_coefficient") or 0.0)
+    return c * by_level + e * level_free
+
+
 def pbs_work(parameter: dict[str, Any]) -> float:
-    """Relative cost of one PBS: ``n × (level + 1) × (k + 1)² × N × log2(N)``."""
+    """The unit of work of a WoP lookup (:data:`WOP_FORMULA`): ``n × (level + 1) × (k + 1)² ×
+    N × log2(N)``."""
     n = int(parameter["input_lwe_dimension"])
     level = int(parameter["level"])
     k = int(parameter["glwe_dimension"])
@@ -100,6 +123,20 @@ def key_switch_work(circuit: dict[str, Any]) -> float | None:
             return None
         total += int(row["count"]) * n_in * int(p["level"]) * (n_out + 1)
     return total
+
+
+def linear_work(circuit: dict[str, Any]) -> float | None:
+    """``Σ operations × (dimension + 1)`` over the circuit's linear operations on ciphertexts
+    (clear multiplications, encrypted and clear additions, negations: each reads and writes a
+    ciphertext of ``dimension + 1`` words), None when concrete's statistics do not say; the
+    registry's catalogue states it as ``linear_work``."""
+    if circuit.get("linear_work") is not None:
+        return float(circuit["linear_work"])
+    rows = [_statistic(circuit, f"{key}_count_per_parameter") for key in LINEAR_KEYS]
+    if all(r is None for r in rows):
+        return None
+    return float(sum(int(row["count"]) * (int(row["parameter"]["dimension"]) + 1)
+                     for r in rows for row in r or []))  # fmt: skip
 
 
 def uses_wop(circuit: dict[str, Any]) -> bool:
@@ -161,8 +198,7 @@ def user_calibration_path() -> Path:
 
 def _read(path: Path) -> dict[str, Any] | None:
     """A calibration document, refitted from its measured points if it was fitted with another
-    formula or without the key-switch term (the points are the measurement; the fit is
-    derived); None if unreadable."""
+    formula (the points are the measurement; the fit is derived); None if unreadable."""
     try:
         document = json.loads(Path(path).read_text())
     except (OSError, ValueError):
@@ -171,16 +207,12 @@ def _read(path: Path) -> dict[str, Any] | None:
         return None
     has_wop = any(p.get("kind") == "wop" for p in document.get("points") or [])
     wop_stale = has_wop and (document.get("wop_fit") or {}).get("formula") != WOP_FORMULA
-    if document["fit"].get("formula") != FORMULA or wop_stale:
+    fit_ = document["fit"]
+    if (fit_.get("formula"), fit_.get("linear_formula")) != (FORMULA, LINEAR_FORMULA) or wop_stale:
         try:
             document = {**document, **make_calibration(document["points"])}
         except (KeyError, TypeError, ValueError):
             return None
-    elif "key_switch_formula" not in document["fit"] and any(
-        p.get("key_switch_count_per_parameter") for p in document.get("points") or []
-    ):  # fitted before the key-switch term: refit from its points, else keep its PBS-only fit
-        with contextlib.suppress(KeyError, TypeError, ValueError):
-            document = {**document, **make_calibration(document["points"])}
     return document
 
 
@@ -269,6 +301,7 @@ def calibration_summary(calibration: dict[str, Any] | None) -> dict[str, Any] | 
         "ks_formula": fit_.get("key_switch_formula")
         if fit_.get("key_switch_coefficient")
         else None,
+        "linear_formula": fit_.get("linear_formula") if fit_.get("linear_coefficient") else None,
         "max_abs_relative_error": fit_.get("max_abs_relative_error"),
         "wop_formula": wop_fit.get("formula"),
         "wop_max_abs_relative_error": wop_fit.get("max_abs_relative_error"),
@@ -317,11 +350,10 @@ def breakdown(
                           "seconds_each": each, "seconds": each * count})  # fmt: skip
         return _result("wop", terms, overhead, False, calibration)
     if rows and calibration is not None:
-        coefficient = float(calibration["fit"]["coefficient"])
         overhead = float(calibration["fit"].get("overhead_seconds", 0.0))
         terms = []
         for row in rows:
-            each = coefficient * pbs_work(row["parameter"])
+            each = pbs_seconds(row["parameter"], calibration["fit"])
             terms.append(
                 {
                     "parameter": _short(row["parameter"]),
@@ -337,6 +369,11 @@ def breakdown(
             seconds = ks_coefficient * ks_work
             terms.append({"key_switch": True, "count": ks_count,
                           "seconds_each": seconds / ks_count, "seconds": seconds})  # fmt: skip
+        linear_coefficient = float(calibration["fit"].get("linear_coefficient") or 0.0)
+        linear = linear_work(circuit)
+        if linear_coefficient and linear:
+            terms.append({"linear": True, "work": linear,
+                          "seconds": linear_coefficient * linear})  # fmt: skip
         return _result("per-parameter", terms, overhead, wop, calibration)
     by_width = circuit.get("pbs_count_by_bit_width")
     if not by_width:
@@ -389,74 +426,59 @@ def estimate_seconds(
 
 
 def fit(points: list[dict[str, Any]]) -> dict[str, Any]:
-    """Fit ``run seconds = overhead + c × Σ count × pbs_work + d × key_switch_work`` to
-    measured circuits.
+    """Fit ``run seconds = overhead + Σ count × (c × by_level + e × level_free) + d ×
+    key_switch_work + g × linear_work`` (:func:`pbs_terms`, :func:`key_switch_work`,
+    :func:`linear_work`) to measured circuits.
 
-    Minimises the squared relative errors (each circuit counts alike, whatever its duration),
-    with ``overhead, d >= 0``; ``d`` is fitted only when every point has its key switches
-    (``key_switch_count_per_parameter``; older calibrations have ``d`` = 0, their ``c`` then
-    covers the key switches too). Each point needs ``circuit``, ``pbs_count_per_parameter`` and
-    ``run_seconds_median``. Returns ``{"formula", "coefficient", "key_switch_formula",
-    "key_switch_coefficient", "overhead_seconds", "errors": [{"circuit", "measured_seconds",
-    "predicted_seconds", "relative_error"}], "max_abs_relative_error", "rms_relative_error"}``.
+    Minimises the squared relative errors (each circuit counts alike, whatever its duration)
+    with every coefficient >= 0 (non-negative least squares). ``e`` is fitted only when the
+    points have bootstraps of two levels or more, ``d`` (``g``) only when every point has its key
+    switches (linear operations) in its statistics; the others are 0, the terms fitted then
+    covering that work too (older calibrations). Each point needs ``circuit``,
+    ``pbs_count_per_parameter`` and ``run_seconds_median``. Returns ``{"formula",
+    "coefficient" (c), "level_free_coefficient" (e), "key_switch_formula",
+    "key_switch_coefficient" (d), "linear_formula", "linear_coefficient" (g),
+    "overhead_seconds", "errors": [{"circuit", "measured_seconds", "predicted_seconds",
+    "relative_error"}], "max_abs_relative_error", "rms_relative_error"}``.
     """
-    pairs = []
+    import numpy as np
+    from scipy.optimize import nnls
+
+    rows = []
     for point in points:
         if point.get("kind") == "wop":
             continue  # WoP lookups: fit_wop
-        work = sum(r["count"] * pbs_work(r["parameter"]) for r in point["pbs_count_per_parameter"])
-        if work > 0 and point["run_seconds_median"] > 0:
-            pairs.append((point, work, float(point["run_seconds_median"])))
-    if not pairs:
+        by_level = level_free = 0.0
+        for row in point["pbs_count_per_parameter"]:
+            a, b = pbs_terms(row["parameter"])
+            by_level, level_free = by_level + row["count"] * a, level_free + row["count"] * b
+        if by_level > 0 and point["run_seconds_median"] > 0:
+            features = [1.0, by_level, level_free, key_switch_work(point), linear_work(point)]
+            rows.append((point, features, float(point["run_seconds_median"])))
+    if not rows:
         raise ValueError("no measured point with PBS to fit")
-    ks = [key_switch_work(p) for p, _, _ in pairs]
-    if len(pairs) > 3 and all(k is not None for k in ks):
-        with_ks = _fit_with_key_switches([(p, w, k, y) for (p, w, y), k in zip(pairs, ks)])
-        if with_ks is not None:
-            return with_ks
-    # minimise Σ (o·a + c·b − 1)² with a = 1/y, b = work/y: 2×2 normal equations
-    a = [1.0 / y for _, _, y in pairs]
-    b = [w / y for _, w, y in pairs]
-    saa, sab, sbb = sum(x * x for x in a), sum(x * z for x, z in zip(a, b)), sum(z * z for z in b)
-    det = saa * sbb - sab * sab
-    overhead = (sum(a) * sbb - sum(b) * sab) / det if len(pairs) > 1 and det > 0 else 0.0
-    if overhead <= 0:
-        overhead, coefficient = 0.0, sum(b) / sbb
-    else:
-        coefficient = (saa * sum(b) - sab * sum(a)) / det
+    # What the points can tell apart: the level-free term needs bootstraps of two levels or more;
+    # key switches (column 3) and linear work (4) need every point to state them, and some work.
+    levels = {r["parameter"]["level"] for p, _, _ in rows for r in p["pbs_count_per_parameter"]}
+    used = [0, 1] + ([2] if len(levels) > 1 else [])
+    used += [i for i in (3, 4) if all(f[i] is not None for _, f, _ in rows)
+             and any(f[i] for _, f, _ in rows) and (i == 4 or len(rows) > 3)]  # fmt: skip
+    design = np.array([[f[i] for i in used] for _, f, _ in rows], dtype=float)
+    seconds = np.array([y for *_, y in rows])
+    scale = design.max(axis=0)  # columns of comparable size for the solver
+    solution, _ = nnls(design / scale / seconds[:, None], np.ones(len(rows)))
+    coefficients = dict.fromkeys(range(5), 0.0) | dict(zip(used, (solution / scale).tolist()))
+    predicted = [float(np.dot(design[j], solution / scale)) for j in range(len(rows))]
     return {
         "formula": FORMULA,
-        "coefficient": coefficient,
+        "coefficient": coefficients[1],
+        "level_free_coefficient": coefficients[2],
         "key_switch_formula": KS_FORMULA,
-        "key_switch_coefficient": 0.0,
-        "overhead_seconds": overhead,
-        **_fit_errors([(p, y, overhead + coefficient * w) for p, w, y in pairs]),
-    }
-
-
-def _fit_with_key_switches(
-    rows: list[tuple[dict[str, Any], float, float, float]],
-) -> dict[str, Any] | None:
-    """:func:`fit` with the key-switch term: least squares on relative errors over
-    ``(point, pbs work, key-switch work, seconds)`` rows; None if a coefficient comes out
-    negative (the points cannot tell the terms apart)."""
-    import numpy as np
-
-    y = np.array([r[3] for r in rows])
-    design = np.column_stack([1.0 / y, [r[1] for r in rows] / y, [r[2] for r in rows] / y])
-    (overhead, coefficient, ks), *_ = np.linalg.lstsq(design, np.ones(len(rows)), rcond=None)
-    if overhead < 0:  # no fixed cost: the two work terms alone
-        overhead = 0.0
-        (coefficient, ks), *_ = np.linalg.lstsq(design[:, 1:], np.ones(len(rows)), rcond=None)
-    if coefficient <= 0 or ks < 0:
-        return None
-    return {
-        "formula": FORMULA,
-        "coefficient": float(coefficient),
-        "key_switch_formula": KS_FORMULA,
-        "key_switch_coefficient": float(ks),
-        "overhead_seconds": float(overhead),
-        **_fit_errors([(p, s, overhead + coefficient * w + ks * k) for p, w, k, s in rows]),
+        "key_switch_coefficient": coefficients[3],
+        "linear_formula": LINEAR_FORMULA,
+        "linear_coefficient": coefficients[4],
+        "overhead_seconds": coefficients[0],
+        **_fit_errors([(p, y, q) for (p, _, y), q in zip(rows, predicted)]),
     }
 
 

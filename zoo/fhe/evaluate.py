@@ -16,6 +16,8 @@ lists every machine. Records written before records named their machine take the
 the summary that closed their run. ``cpu_steal`` is the share of CPU time the hypervisor gave to
 other guests while the image ran here (``machine.steal``; None on Ray): a time measured
 while it was high is not the machine's; the summary gives the largest as ``cpu_steal_max``.
+Images run by Ray's local workers side by side say how many shared the machine (``parallel``):
+they count for accuracy, and their seconds are kept apart from those of images run alone.
 
 Real FHE also runs the simulation of each image and reports their agreement image by image:
 the measurement no reference published. ``backend="ray"`` spreads the encrypted runs over a Ray
@@ -152,15 +154,22 @@ def _rows(logits: np.ndarray) -> list[list[float]]:
 
 def seconds_by_machine(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Real-FHE seconds per image on each machine that ran some of ``records``, most images
-    first: ``[{"machine": {...} or None, "n_images": n, "seconds_per_image": s}]``."""
+    first: ``[{"machine": {...} or None, "n_images": n, "seconds_per_image": s}]``. Images
+    that shared the machine with others (``parallel`` > 1 in their record: Ray workers on one
+    host) make rows of their own, with ``parallel``: their seconds are not one image's alone."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for record in records:
-        groups.setdefault(json.dumps(record.get("machine"), sort_keys=True), []).append(record)
-    rows = [
-        {"machine": group[0].get("machine"), "n_images": len(group),
-         "seconds_per_image": round(float(np.mean([r["seconds"] for r in group])), 3)}
-        for group in groups.values()
-    ]  # fmt: skip
+        key = json.dumps([record.get("machine"), record.get("parallel", 1)], sort_keys=True)
+        groups.setdefault(key, []).append(record)
+    rows = []
+    for group in groups.values():
+        shared = group[0].get("parallel", 1)
+        rows.append({
+            "machine": group[0].get("machine"),
+            **({"parallel": shared} if shared > 1 else {}),
+            "n_images": len(group),
+            "seconds_per_image": round(float(np.mean([r["seconds"] for r in group])), 3),
+        })  # fmt: skip
     return sorted(rows, key=lambda row: -row["n_images"])
 
 
@@ -185,7 +194,8 @@ def summarize(
             summary[f"execute_top{k}"] = topk(executed, labels, k)
         agree = executed.argmax(1) == simulated.argmax(1)
         by_machine = seconds_by_machine(records)
-        timed = next((row for row in by_machine if row["machine"] == machine), by_machine[0])
+        alone = [row for row in by_machine if "parallel" not in row] or by_machine
+        timed = next((row for row in alone if row["machine"] == machine), alone[0])
         steals = [r["cpu_steal"] for r in records if r.get("cpu_steal") is not None]
         summary.update(
             agreement_with_simulation=float(agree.mean()),
@@ -348,12 +358,17 @@ def _executed(
         return
     inputs = model.head(images[pending])
     simulated = dict(zip(pending, _rows(model.logits(images[pending], "simulate"))))
+    # up to this many circuits run at once on this machine: Ray's local workers share its cores
+    at_once = (
+        min(len(pending), workers or os.cpu_count() or 1) if backend == "ray" and machine else 1
+    )
+    parallel = {"parallel": at_once} if at_once > 1 else {}
 
     def record(index: int, result: bytes, seconds: float, steal: float | None) -> dict[str, Any]:
         logits = model.client.deserialize_decrypt_dequantize(result)
         return {"index": index, "label": int(labels[index]), "simulate": simulated[index],
                 "execute": _rows(logits)[0], "seconds": round(seconds, 3),
-                "machine": machine, "cpu_steal": steal}  # fmt: skip
+                "machine": machine, "cpu_steal": steal, **parallel}  # fmt: skip
 
     model.ensure_keys()
     keys = model.client.get_serialized_evaluation_keys()
