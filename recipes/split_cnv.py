@@ -68,6 +68,14 @@ from torch import nn
 from zoo.build import kernels
 from zoo.build.data import load_cifar10
 from zoo.build.run import BuildContext, RecipeResult
+from zoo.build.schedule import (
+    ScheduleKeys,
+    criterion,
+    make_optimizer,
+    one_cycle_lr,
+    per_step,
+    weight_average,
+)
 from zoo.build.training import (
     TORCH_THREADS,
     CompileSettings,
@@ -89,6 +97,7 @@ from zoo.build.training import (
     topk_accuracy,
     train_epoch,
 )
+from zoo.errors import BuildError
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -124,8 +133,9 @@ class _Monitor(TypedDict, total=False):
     monitor_every: int  # log clear test top-1 every this many epochs
 
 
-class Profile(ProfileBase, _Monitor):
-    """One training profile (see below)."""
+class Profile(ProfileBase, _Monitor, ScheduleKeys):
+    """One training profile (see below; the optional keys of the shared schedule:
+    :mod:`zoo.build.schedule`)."""
 
     epochs: int
     lr: float
@@ -731,7 +741,7 @@ def _lr_at(cfg: dict[str, Any], epoch: int) -> float:
 
 
 def _save_checkpoint(
-    path: Path, epoch: int, model: SplitCNV, opt, history: list, cfg: dict[str, Any]
+    path: Path, epoch: int, model: SplitCNV, opt, history: list, cfg: dict[str, Any], ema=None
 ) -> None:
     masks = (
         [layer.weight_mask.detach().cpu() for layer in model.encrypted.quant_layers()]
@@ -745,6 +755,7 @@ def _save_checkpoint(
         "optimizer": opt.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "history": history,
+        **({"ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()}} if ema else {}),
     }
     save_checkpoint(path, state, cfg)
 
@@ -760,9 +771,17 @@ def train(
     """Quantization-aware training with fan-in pruning; checkpoints every epoch.
 
     With the profile's ``monitor_every`` = k, the clear top-1 on ``monitor`` (images, labels)
-    is logged and kept in the history every k epochs; it never steers training.
+    is logged and kept in the history every k epochs; it never steers training. The profile's
+    schedule keys (:mod:`zoo.build.schedule`) choose the optimizer, a per-step learning rate,
+    label smoothing and a weight average (then the averaged weights are monitored and shipped).
     """
     prof, arch, seed = cfg["profile"], cfg["arch"], cfg["seed"]
+    if prof.get("ema_decay") is not None and arch["fanin"] is not None:
+        raise BuildError(
+            "ema_decay with fan-in pruning is not supported (the average would keep the "
+            "unpruned parameters)",
+            hint="use an arch without fanin, or a profile without ema_decay",
+        )
     ckpt_path = Path(ctx.work_dir) / "checkpoint.pt"
     state = None
     if ctx.resume and ckpt_path.exists():
@@ -774,16 +793,20 @@ def train(
     if prof["prune_epoch"] == 0:
         apply_fanin_pruning(model, arch["fanin"])
     model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=_lr_at(cfg, 0))
+    opt = make_optimizer(model, prof, _lr_at(cfg, 0))
+    ema = weight_average(model, prof)
+    steps = max(1, len(labels) // prof["batch_size"])  # per epoch (train_epoch: full batches)
 
     if state is not None:
         if state["masks"] and not is_pruned(model):
             model.cpu()
             apply_fanin_pruning(model, arch["fanin"], state["masks"])
             model.to(device)
-            opt = torch.optim.Adam(model.parameters(), lr=_lr_at(cfg, 0))
+            opt = make_optimizer(model, prof, _lr_at(cfg, 0))
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["torch_rng"])
         history = list(state["history"])
         ctx.log.info("resumed from %s after epoch %d", ckpt_path, start_epoch)
@@ -793,21 +816,35 @@ def train(
             # Masks from the current magnitudes; the optimizer keeps its state because the
             # parameter becomes ``weight_orig`` (same tensor object).
             apply_fanin_pruning(model, arch["fanin"])
-            opt = _rebind_optimizer(opt, model)
+            opt = _rebind_optimizer(opt, model, prof)
         for group in opt.param_groups:
             group["lr"] = _lr_at(cfg, epoch)
+        lr_at_step = None
+        if per_step(prof):
+
+            def lr_at_step(b: int, first: int = epoch * steps) -> float:
+                return one_cycle_lr(prof["lr"], first + b, prof["epochs"] * steps,
+                                    prof.get("warmup", 0.2))  # fmt: skip
+
+        def after_step(m: SplitCNV) -> None:
+            m.clip_weights(WEIGHT_CLIP)
+            if ema is not None:
+                ema.update_parameters(m)
+
         t0 = time.perf_counter()
         rec = train_epoch(
             model, opt, images, labels, np.random.default_rng([seed, epoch]), DATA,
             prof["batch_size"], device, f"epoch {epoch + 1}/{prof['epochs']}",
-            after_step=lambda m: m.clip_weights(WEIGHT_CLIP),
-            progress=ctx.log.isEnabledFor(logging.INFO),
+            after_step=after_step, progress=ctx.log.isEnabledFor(logging.INFO),
+            loss_fn=criterion(prof), lr_at_step=lr_at_step,
         )  # fmt: skip
-        rec = {"epoch": epoch + 1, "lr": _lr_at(cfg, epoch), **rec, **gpu_record(device)}
+        lr = opt.param_groups[0]["lr"]  # the epoch's (last step's, per step)
+        rec = {"epoch": epoch + 1, "lr": lr, **rec, **gpu_record(device)}
         every = prof.get("monitor_every")
         if monitor is not None and every and (epoch + 1) % every == 0:
-            logits = clear_logits(model.cpu(), monitor[0], prof["eval_batch_size"])
-            model.to(device)
+            shipped = model if ema is None else ema.module
+            logits = clear_logits(shipped.cpu(), monitor[0], prof["eval_batch_size"])
+            shipped.to(device)
             rec["monitor_top1"] = topk_accuracy(logits, monitor[1], ks=(1,))[1]
             ctx.log.info("epoch %d: clear test top-1 %.4f", epoch + 1, rec["monitor_top1"])
         history.append(rec)
@@ -820,8 +857,10 @@ def train(
             rec["train_top1"],
             time.perf_counter() - t0,
         )
-        _save_checkpoint(ckpt_path, epoch, model, opt, history, cfg)
+        _save_checkpoint(ckpt_path, epoch, model, opt, history, cfg, ema)
         ctx.checkpointed(f"epoch {epoch + 1}/{prof['epochs']}")
+    if ema is not None:  # the averaged weights and BatchNorm statistics are the model
+        model.load_state_dict(ema.module.state_dict())
     if not is_pruned(model):  # a schedule shorter than prune_epoch still ships pruned weights
         apply_fanin_pruning(model.cpu(), arch["fanin"])
     model.cpu()
@@ -829,9 +868,11 @@ def train(
     return history
 
 
-def _rebind_optimizer(opt: torch.optim.Optimizer, model: SplitCNV) -> torch.optim.Optimizer:
-    """A new Adam over the (re-registered) parameters, carrying the per-tensor state over."""
-    new = torch.optim.Adam(model.parameters(), lr=opt.param_groups[0]["lr"])
+def _rebind_optimizer(
+    opt: torch.optim.Optimizer, model: SplitCNV, prof: dict[str, Any]
+) -> torch.optim.Optimizer:
+    """A new optimizer over the (re-registered) parameters, carrying the per-tensor state over."""
+    new = make_optimizer(model, prof, opt.param_groups[0]["lr"])
     for p in model.parameters():
         if p in opt.state:
             new.state[p] = opt.state[p]

@@ -56,6 +56,14 @@ from torch import nn
 from zoo.build import kernels
 from zoo.build.data import load_cifar10, load_cifar100_split, require_complete
 from zoo.build.run import BuildContext, RecipeResult
+from zoo.build.schedule import (
+    ScheduleKeys,
+    criterion,
+    make_optimizer,
+    one_cycle_lr,
+    per_step,
+    weight_average,
+)
 from zoo.build.training import (
     TORCH_THREADS,
     CompileSettings,
@@ -106,8 +114,9 @@ class Arch(CompileSettings):
     bits: int  # weights, activations and input, every layer
 
 
-class Profile(ProfileBase):
-    """One training profile: a float stage, then QAT."""
+class Profile(ProfileBase, ScheduleKeys):
+    """One training profile: a float stage, then QAT (the optional keys of the shared schedule,
+    :mod:`zoo.build.schedule`, apply to both, each stage's lr being its peak)."""
 
     width_divisor: int  # channels of every layer divided by this
     float_epochs: int
@@ -390,7 +399,9 @@ def train_stage(
     cfg: dict[str, Any],
     ctx: BuildContext,
 ) -> list[dict[str, Any]]:
-    """Train ``model`` for the stage's epochs; checkpoint (and resume) every epoch."""
+    """Train ``model`` for the stage's epochs; checkpoint (and resume) every epoch. The
+    profile's schedule keys (:mod:`zoo.build.schedule`) choose the optimizer, a per-step
+    learning rate, label smoothing and a weight average (whose weights the stage then keeps)."""
     prof, data, seed = cfg["profile"], cfg["data"], cfg["seed"]
     epochs = prof[f"{stage}_epochs"]
     ckpt = Path(ctx.work_dir) / f"{stage}.pt"
@@ -398,11 +409,16 @@ def train_stage(
     start = 0 if state is None else int(state["epoch"]) + 1
     device = torch.device(ctx.train_device(start < epochs))
     model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=prof[f"{stage}_lr"])
+    peak = prof[f"{stage}_lr"]
+    opt = make_optimizer(model, prof, peak)
+    ema = weight_average(model, prof)
+    steps = max(1, len(labels) // prof["batch_size"])  # per epoch (train_epoch: full batches)
     history: list[dict[str, Any]] = []
     if state is not None:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         torch.set_rng_state(state["torch_rng"])
         history = list(state["history"])
         ctx.log.info("%s stage: resumed from %s after epoch %d", stage, ckpt, start)
@@ -411,12 +427,20 @@ def train_stage(
         lr = _float_lr(prof, epoch) if stage == "float" else prof["qat_lr"]
         for group in opt.param_groups:
             group["lr"] = lr
+        lr_at_step = None
+        if per_step(prof):
+
+            def lr_at_step(b: int, first: int = epoch * steps) -> float:
+                return one_cycle_lr(peak, first + b, epochs * steps, prof.get("warmup", 0.2))
+
         t0 = time.perf_counter()
         rec = train_epoch(
             model, opt, images, labels, np.random.default_rng([seed, stage_id, epoch]), data,
             prof["batch_size"], device, f"{stage} {epoch + 1}/{epochs}",
-            progress=ctx.log.isEnabledFor(logging.INFO),
+            progress=ctx.log.isEnabledFor(logging.INFO), loss_fn=criterion(prof),
+            after_step=None if ema is None else ema.update_parameters, lr_at_step=lr_at_step,
         )  # fmt: skip
+        lr = opt.param_groups[0]["lr"]  # the epoch's (last step's, per step)
         rec = {"stage": stage, "epoch": epoch + 1, "lr": lr, **rec, **gpu_record(device)}
         history.append(rec)
         ctx.log.info("%s epoch %d/%d lr %.6f loss %.4f train acc %.4f (%.1f s)", stage,
@@ -428,8 +452,12 @@ def train_stage(
             "optimizer": opt.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "history": history,
+            **({"ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()}}
+               if ema is not None else {}),
         }, cfg)  # fmt: skip
         ctx.checkpointed(f"{stage} epoch {epoch + 1}/{epochs}")
+    if ema is not None:  # the averaged weights and BatchNorm statistics are the stage's model
+        model.load_state_dict(ema.module.state_dict())
     model.cpu()
     return history
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import sys
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -16,8 +17,13 @@ from safetensors.torch import save as st_save
 
 from zoo.build.data import load_cifar10
 from zoo.build.run import BuildContext
-from zoo.build.training import check_records, load_checkpoint, save_checkpoint
-from zoo.errors import BitWidthBoundError, BuildError
+from zoo.build.training import (
+    check_records,
+    load_checkpoint,
+    save_checkpoint,
+    training_fingerprint,
+)
+from zoo.errors import BitWidthBoundError, BuildError, BuildPaused
 from zoo.fhe import head as zoo_head
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -347,3 +353,59 @@ def test_resume_refuses_a_checkpoint_of_another_training(tmp_path: Path) -> None
     for other in (other_seed, other_lr):
         with pytest.raises(BuildError, match="another configuration"):
             load_checkpoint(path, other, 4)
+
+
+# -- the shared fast-training schedule (zoo/build/schedule.py) on this recipe -------------------
+
+FAST = {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4, "lr_schedule": "one-cycle",
+        "warmup": 0.25, "lr": 0.05, "label_smoothing": 0.1, "ema_decay": 0.9}  # fmt: skip
+
+
+def test_epoch_counts_join_the_fingerprint_under_a_per_step_schedule() -> None:
+    params = {"arch": "tiny", "fanin": None, "profile_overrides": TINY_PROFILE}
+    cfg = sc.resolve_config("cifar10-split-tiny", params, "smoke", 0)
+    longer = {**cfg, "profile": {**cfg["profile"], "epochs": 3}}
+    assert training_fingerprint(cfg) == training_fingerprint(longer)  # step rule: continues
+    fast = {**cfg, "profile": {**cfg["profile"], **FAST}}
+    fast_longer = {**fast, "profile": {**fast["profile"], "epochs": 3}}
+    assert training_fingerprint(fast) != training_fingerprint(fast_longer)
+
+
+def _train(cifar_dir: Path, work: Path, resume: bool = False, stop_now: bool = False):
+    params = {"arch": "tiny", "fanin": None, "profile_overrides": {**TINY_PROFILE, **FAST}}
+    cfg = sc.resolve_config("cifar10-split-tiny", params, "smoke", 0)
+    sc.seed_everything(0, "cpu")
+    model = sc.SplitCNV(cfg["arch"])
+    x, y = load_cifar10(cifar_dir, "train")
+    ctx = make_ctx(work_dir=work, data_dir=cifar_dir, resume=resume, params=params)
+    if stop_now:
+        ctx.stop_at = time.monotonic()  # pause at the first checkpoint
+    work.mkdir(parents=True, exist_ok=True)
+    history = sc.train(model, x[:300], y[:300], cfg, ctx)
+    return model, history
+
+
+def test_fast_schedule_trains_deterministically_and_resumes_mid_schedule(
+    cifar_dir: Path, tmp_path: Path
+) -> None:
+    model, history = _train(cifar_dir, tmp_path / "a")
+    again, _ = _train(cifar_dir, tmp_path / "b")
+    weights = st_save(model.state_dict())
+    assert weights == st_save(again.state_dict())
+    # the per-step rate: epoch 1 ends past its peak (warm-up 25 % of 12 steps), epoch 2 at 0
+    assert 0 < history[0]["lr"] < FAST["lr"] and history[1]["lr"] == pytest.approx(0.0, abs=0.01)
+    with pytest.raises(BuildPaused):
+        _train(cifar_dir, tmp_path / "c", stop_now=True)
+    resumed, _ = _train(cifar_dir, tmp_path / "c", resume=True)
+    assert st_save(resumed.state_dict()) == weights  # optimizer, schedule and average resumed
+    # the shipped weights are the average, not the last step's
+    last = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
+    assert any(not torch.equal(last[k], v) for k, v in model.state_dict().items() if k in last)
+
+
+def test_weight_average_with_fanin_pruning_is_refused(cifar_dir: Path, tmp_path: Path) -> None:
+    params = {"arch": "tiny", "profile_overrides": {**TINY_PROFILE, "ema_decay": 0.9}}
+    cfg = sc.resolve_config("cifar10-split-tiny", params, "smoke", 0)
+    ctx = make_ctx(work_dir=tmp_path, data_dir=cifar_dir, params=params)
+    with pytest.raises(BuildError, match="fan-in pruning"):
+        sc.train(sc.SplitCNV(cfg["arch"]), None, None, cfg, ctx)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from zoo.build.data import CIFAR10_DIRNAME, fingerprint
+from zoo.build.schedule import ScheduleKeys
 from zoo.cost import progress
 from zoo.errors import BitWidthBoundError, BuildError
 from zoo.fhe import head as zoo_head
@@ -71,8 +72,9 @@ def check_records(records: dict[str, Any], kind: Any) -> None:
 
 
 #: Profile keys a variant may set through ``profile_overrides`` though no profile has them:
-#: ``n_simulate``, how many of the test images the build simulates in FHE (default: all).
-OPTIONAL_PROFILE_KEYS = frozenset({"n_simulate"})
+#: ``n_simulate``, how many of the test images the build simulates in FHE (default: all), and
+#: the keys of the shared schedule (:class:`zoo.build.schedule.ScheduleKeys`).
+OPTIONAL_PROFILE_KEYS = frozenset({"n_simulate"}) | ScheduleKeys.__optional_keys__
 
 
 def merge_params(
@@ -207,16 +209,20 @@ def train_epoch(
     desc: str,
     after_step: Callable[[torch.nn.Module], None] | None = None,
     progress: bool = False,
+    loss_fn: torch.nn.Module | None = None,
+    lr_at_step: Callable[[int], float] | None = None,
 ) -> dict[str, float]:
-    """One epoch of cross-entropy training in the order ``rng`` draws, with the recipe's
-    augmentation (``data``: mean, std, crop_padding, hflip); ``after_step(model)`` runs after
-    every optimizer step (weight clipping); ``progress`` shows a bar. Full batches only
-    (BatchNorm needs > 1 sample), at least one. Returns the mean ``loss`` and ``train_top1``."""
+    """One epoch of training in the order ``rng`` draws, with the recipe's augmentation
+    (``data``: mean, std, crop_padding, hflip); ``loss_fn`` defaults to cross-entropy;
+    ``lr_at_step(b)`` sets the learning rate before batch ``b`` (a per-step schedule, see
+    :mod:`zoo.build.schedule`); ``after_step(model)`` runs after every optimizer step (weight
+    clipping, weight average); ``progress`` shows a bar. Full batches only (BatchNorm needs > 1
+    sample), at least one. Returns the mean ``loss`` and ``train_top1``."""
     from tqdm import tqdm
 
     mean = torch.tensor(data["mean"], dtype=torch.float32)
     std = torch.tensor(data["std"], dtype=torch.float32)
-    criterion = torch.nn.CrossEntropyLoss()
+    criterion = loss_fn if loss_fn is not None else torch.nn.CrossEntropyLoss()
     order = rng.permutation(len(labels))
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
@@ -224,6 +230,9 @@ def train_epoch(
     # disable=None: a bar on terminals only, not in logs
     bar = tqdm(range(n_batches), desc=desc, leave=False, disable=None if progress else True)
     for b in bar:
+        if lr_at_step is not None:
+            for group in opt.param_groups:
+                group["lr"] = lr_at_step(b)
         idx = order[b * batch_size : (b + 1) * batch_size]
         x = augment(images[idx], rng, data["crop_padding"], data["hflip"])
         x = normalize_images(x, mean, std).to(device)
@@ -254,13 +263,20 @@ NOT_TRAINING = frozenset(
 )  # fmt: skip
 
 
+#: Epoch counts that a per-step schedule (``lr_schedule``, :mod:`zoo.build.schedule`) spans:
+#: there they are part of what training computes.
+EPOCH_COUNTS = frozenset({"epochs", "qat_epochs"})
+
+
 def training_fingerprint(cfg: dict[str, Any]) -> str:
-    """sha256 of the config keys that training depends on (see :data:`NOT_TRAINING`)."""
+    """sha256 of the config keys that training depends on (see :data:`NOT_TRAINING`; the
+    epoch counts too under a per-step schedule, whose learning rate spans them)."""
     import hashlib
     import json
 
     def keep(d: dict[str, Any]) -> dict[str, Any]:
-        return {k: v for k, v in d.items() if k not in NOT_TRAINING}
+        spans = EPOCH_COUNTS if d.get("lr_schedule") else frozenset()
+        return {k: v for k, v in d.items() if k not in NOT_TRAINING - spans}
 
     relevant = {k: v for k, v in cfg.items() if k not in ("arch", "profile", "profile_name")}
     relevant.update(arch=keep(cfg["arch"]), profile=keep(cfg["profile"]))

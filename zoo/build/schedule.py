@@ -1,0 +1,95 @@
+"""The training schedule both recipes share: optimizer, learning rate per step, loss smoothing
+and a running average of the weights, each chosen by a profile's keys (:class:`ScheduleKeys`).
+
+A profile that names none of them trains as the recipes always did (Adam; the recipe's own
+learning-rate rule per epoch; plain cross-entropy; the last weights), so existing profiles, and
+the builds pinned from them, do not change. The keys are part of the profile, hence of the
+training fingerprint (:func:`zoo.build.training.training_fingerprint`).
+
+The other choices are those of fast CIFAR-10 training recipes: Nesterov SGD with high momentum,
+a one-cycle learning rate (linear warm-up, then linear decay to zero, set every step), label
+smoothing, decoupled weight decay (not applied to BatchNorm parameters and biases), and an
+exponential moving average of the weights (torch's ``AveragedModel``), whose weights are the ones
+evaluated and shipped. Which of them help 2-bit and 5-bit quantization-aware training is
+measured, not assumed: ``benchmarks/fast_training.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, TypedDict
+
+import torch
+
+
+class ScheduleKeys(TypedDict, total=False):
+    """Optional profile keys of the shared schedule (absent: the recipe's own rule)."""
+
+    optimizer: Literal["adam", "sgd"]  # sgd: Nesterov momentum
+    momentum: float  # sgd only (default 0.9)
+    weight_decay: float  # decoupled: AdamW / SGD with decay on weights, not BatchNorm or biases
+    lr_schedule: Literal["one-cycle"]  # per step; absent: the recipe's per-epoch rule
+    warmup: float  # one-cycle: fraction of all steps spent rising to the peak lr (default 0.2)
+    label_smoothing: float  # cross-entropy label smoothing (default 0)
+    ema_decay: float  # average of the weights per step (absent: the last weights)
+
+
+def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Parameter groups: weight decay on weight tensors of 2+ dims only (not BatchNorm's scale,
+    not biases), as fast-training recipes do."""
+    decay, rest = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim > 1 else rest).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def make_optimizer(
+    model: torch.nn.Module, prof: dict[str, Any], lr: float
+) -> torch.optim.Optimizer:
+    """The profile's optimizer over ``model``'s parameters at learning rate ``lr``: Adam (the
+    default, exactly as before: one group, no decay), AdamW with ``weight_decay``, or Nesterov SGD
+    with ``momentum`` and ``weight_decay`` (decay per unit lr, as in SGD)."""
+    name = prof.get("optimizer", "adam")
+    decay = float(prof.get("weight_decay", 0.0))
+    if name == "adam":
+        if not decay:
+            return torch.optim.Adam(model.parameters(), lr=lr)
+        return torch.optim.AdamW(_decay_groups(model, decay), lr=lr)
+    if name == "sgd":
+        momentum = float(prof.get("momentum", 0.9))
+        return torch.optim.SGD(_decay_groups(model, decay), lr=lr, momentum=momentum,
+                               nesterov=True)  # fmt: skip
+    raise ValueError(f"unknown optimizer {name!r}: use 'adam' or 'sgd'")
+
+
+def per_step(prof: dict[str, Any]) -> bool:
+    """Whether the profile sets the learning rate every step (one-cycle)."""
+    schedule = prof.get("lr_schedule")
+    if schedule not in (None, "one-cycle"):
+        raise ValueError(f"unknown lr_schedule {schedule!r}: use 'one-cycle' or leave it out")
+    return schedule == "one-cycle"
+
+
+def one_cycle_lr(peak: float, step: int, total_steps: int, warmup: float = 0.2) -> float:
+    """Linear from ``peak / 25`` up to ``peak`` over the first ``warmup`` of ``total_steps``,
+    then linear down to 0 after the last step (a function of the step alone: resume-safe)."""
+    rise = max(1, round(warmup * total_steps))
+    if step < rise:
+        return peak * (0.04 + 0.96 * step / rise)
+    return peak * max(0.0, (total_steps - step) / max(1, total_steps - rise))
+
+
+def criterion(prof: dict[str, Any]) -> torch.nn.Module:
+    """Cross-entropy with the profile's ``label_smoothing`` (0: plain cross-entropy)."""
+    return torch.nn.CrossEntropyLoss(label_smoothing=float(prof.get("label_smoothing", 0.0)))
+
+
+def weight_average(model: torch.nn.Module, prof: dict[str, Any]) -> Any | None:
+    """An exponential moving average of ``model`` (weights and BatchNorm statistics) with the
+    profile's ``ema_decay``, or None without one; ``update_parameters(model)`` after each step."""
+    decay = prof.get("ema_decay")
+    if decay is None:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(decay)), use_buffers=True)
