@@ -74,10 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         p for p in calibration["points"] if p.get("kind") != "wop" and p.get("seconds_per_pbs")
     ]
     best = min(p["seconds_per_pbs"] for p in points)
-    # the bench's fastest circuit on this build's own parameter set (key switch included), if any
-    own = [p["seconds_per_pbs"] for p in points
-           if [r["parameter"] for r in p["pbs_count_per_parameter"]] == [r["parameter"]
-               for r in cost.pbs_rows(circuit)]]  # fmt: skip
+    # the bench's fastest circuit on exactly this build's parameter sets (key switch included)
+    mine = [r["parameter"] for r in cost.pbs_rows(circuit)]
+    same = [p for p in points if [r["parameter"] for r in p["pbs_count_per_parameter"]] == mine]
+    own = min((p["seconds_per_pbs"] for p in same), default=None)
     row = {
         "ref": pulled.build.short_ref,
         "machine": cost.describe_machine(here["machine"]),
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         "estimate_error": round(estimate["total_seconds"] / measured - 1, 3),
         "floor_seconds_per_pbs": best,
         "floor_seconds": round(int(circuit["pbs_count"]) * best, 1),
-        "bench_seconds_per_pbs_same_parameters": min(own, default=None),
+        "bench_seconds_per_pbs_same_parameters": own,
     }
     print(
         f"{row['ref']} on {row['machine']}: measured {measured:.1f} s/img"
@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         f" estimate {row['estimate_seconds']:.1f} ({row['estimate_error']:+.0%});"
         f" floor {row['floor_seconds']:.1f} s = {row['pbs_count']:,} PBS x {best * 1e3:.2f} ms"
         + (
-            f"; at the bench's {min(own) * 1e3:.2f} ms per PBS of this parameter set:"
-            f" {int(circuit['pbs_count']) * min(own):.1f} s"
+            f"; at the bench's {own * 1e3:.2f} ms per PBS of this parameter set:"
+            f" {int(circuit['pbs_count']) * own:.1f} s"
             if own
             else ""
         )
