@@ -114,7 +114,7 @@ def prepare(args: argparse.Namespace) -> None:
         sys.exit(f"{shared} has no materialize_cifar.py: pass --shared-data DIR")
     shutil.copytree(shared, CARRY / "data")
     work = build_dir(args.variant, args.profile) / "work"
-    checkpoints = sorted(work.glob("*.pt")) if work.is_dir() else []
+    checkpoints = sorted(work.glob("*.safetensors")) if work.is_dir() else []
     split(checkpoints, CARRY / "work")
     size = sum(p.stat().st_size for p in CARRY.rglob("*") if p.is_file())
     print(f"prepared {CARRY}: {size / 2**20:.1f} MiB ({len(checkpoints)} checkpoints from {work})")
@@ -145,7 +145,7 @@ def piece(args: argparse.Namespace) -> None:
     status = subprocess.run(cmd, env=env, cwd=ROOT).returncode
     out.mkdir(parents=True, exist_ok=True)
     if not args.log_only:
-        split(sorted((build / "work").glob("*.pt")), out)
+        split(sorted((build / "work").glob("*.safetensors")), out)
     shutil.copy(build / "work" / "build.log", out / f"{args.variant}-build.log")
     print(f"zoo build exited {status} (10: paused or trained, as asked)")
     if status not in (0, 10):

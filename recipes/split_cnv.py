@@ -782,7 +782,7 @@ def train(
             "unpruned parameters)",
             hint="use an arch without fanin, or a profile without ema_decay",
         )
-    ckpt_path = Path(ctx.work_dir) / "checkpoint.pt"
+    ckpt_path = Path(ctx.work_dir) / "checkpoint.safetensors"
     state = None
     if ctx.resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, cfg, prof["epochs"])

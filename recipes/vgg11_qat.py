@@ -404,7 +404,7 @@ def train_stage(
     learning rate, label smoothing and a weight average (whose weights the stage then keeps)."""
     prof, data, seed = cfg["profile"], cfg["data"], cfg["seed"]
     epochs = prof[f"{stage}_epochs"]
-    ckpt = Path(ctx.work_dir) / f"{stage}.pt"
+    ckpt = Path(ctx.work_dir) / f"{stage}.safetensors"
     state = load_checkpoint(ckpt, cfg, epochs) if ctx.resume and ckpt.exists() else None
     start = 0 if state is None else int(state["epoch"]) + 1
     device = torch.device(ctx.train_device(start < epochs))

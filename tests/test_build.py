@@ -77,7 +77,8 @@ def test_a_build_in_pieces_gives_the_same_bytes(
                                       str(cifar_dir), "--out", str(out), "--stop-after", "0"])
     assert first.exit_code == 10, first.output
     assert "paused: stopped after epoch 1/2" in first.output and "--resume" in first.output
-    assert (out / "work" / "checkpoint.pt").is_file() and not (out / "manifest.json").exists()
+    assert (out / "work" / "checkpoint.safetensors").is_file()
+    assert not (out / "manifest.json").exists()
     with pytest.raises(BuildPaused, match="trained; stopped before compiling"):
         builder.build(TINY, profile="smoke", data_dir=cifar_dir, out_dir=out, resume=True,
                       train_only=True)

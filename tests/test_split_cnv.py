@@ -288,7 +288,7 @@ def test_small_build_end_to_end(cifar_dir: Path, tmp_path: Path) -> None:
         "compile",
         "evaluate_fhe_simulation",
     }
-    assert (tmp_path / "work" / "checkpoint.pt").exists()
+    assert (tmp_path / "work" / "checkpoint.safetensors").exists()
     # The head shipped to clients feeds the circuit directly.
     x, _ = load_cifar10(cifar_dir, "test")
     inp = zoo_head.forward(r.head, r.head_config, x[:4])
@@ -341,7 +341,7 @@ def test_resume_refuses_a_checkpoint_of_another_training(tmp_path: Path) -> None
     rounding = {"method": "APPROXIMATE", "n_bits": 4}
     rounded = sc.resolve_config("x", {"arch": "tiny", "rounding_threshold_bits": rounding},
                                 "smoke", 0)  # fmt: skip
-    path = tmp_path / "checkpoint.pt"
+    path = tmp_path / "checkpoint.safetensors"
     save_checkpoint(path, {"epoch": torch.tensor(3)}, base)
     assert int(load_checkpoint(path, rounded, 4)["epoch"]) == 3
     with pytest.raises(BuildError, match="more than the 3 of this profile"):
@@ -353,6 +353,38 @@ def test_resume_refuses_a_checkpoint_of_another_training(tmp_path: Path) -> None
     for other in (other_seed, other_lr):
         with pytest.raises(BuildError, match="another configuration"):
             load_checkpoint(path, other, 4)
+
+
+def test_checkpoint_round_trips_an_optimizer_and_refuses_a_damaged_file(tmp_path: Path) -> None:
+    """Safetensors checkpoints (no pickle) give back every tensor bit for bit and the values
+    around them with their types: the optimizer's state is keyed by parameter index (int)."""
+    cfg = sc.resolve_config("cifar10-split-tiny", {"arch": "tiny"}, "smoke", 0)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    model(torch.ones(4, 3)).sum().backward()
+    opt.step()
+    state = {
+        "epoch": torch.tensor(0),
+        "optimizer": opt.state_dict(),
+        "masks": [],
+        "history": [{"epoch": 1, "loss": 0.1 + 0.2}],
+        "torch_rng": torch.get_rng_state(),
+    }
+    path = tmp_path / "checkpoint.safetensors"
+    save_checkpoint(path, state, cfg)
+    back = load_checkpoint(path, cfg, 1)
+    assert back["history"] == state["history"] and back["masks"] == []
+    assert torch.equal(back["torch_rng"], state["torch_rng"])
+    assert set(back["optimizer"]["state"]) == {0, 1}
+    for k, v in state["optimizer"]["state"][1].items():
+        assert torch.equal(back["optimizer"]["state"][1][k], v)
+    again = torch.optim.Adam(torch.nn.Linear(3, 2).parameters(), lr=0.5)
+    again.load_state_dict(back["optimizer"])
+    assert again.param_groups[0]["lr"] == 0.01 and len(again.state) == 2
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(BuildError, match="not a training checkpoint"):
+        load_checkpoint(path, cfg, 1)
 
 
 # -- the shared fast-training schedule (zoo/build/schedule.py) on this recipe -------------------
@@ -399,7 +431,9 @@ def test_fast_schedule_trains_deterministically_and_resumes_mid_schedule(
     resumed, _ = _train(cifar_dir, tmp_path / "c", resume=True)
     assert st_save(resumed.state_dict()) == weights  # optimizer, schedule and average resumed
     # the shipped weights are the average, not the last step's
-    last = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["model"]
+    cfg = sc.resolve_config("cifar10-split-tiny", {"arch": "tiny", "fanin": None,
+                            "profile_overrides": {**TINY_PROFILE, **FAST}}, "smoke", 0)  # fmt: skip
+    last = load_checkpoint(tmp_path / "a" / "checkpoint.safetensors", cfg, 2)["model"]
     assert any(not torch.equal(last[k], v) for k, v in model.state_dict().items() if k in last)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import random
 import time
@@ -272,7 +273,6 @@ def training_fingerprint(cfg: dict[str, Any]) -> str:
     """sha256 of the config keys that training depends on (see :data:`NOT_TRAINING`; the
     epoch counts too under a per-step schedule, whose learning rate spans them)."""
     import hashlib
-    import json
 
     def keep(d: dict[str, Any]) -> dict[str, Any]:
         spans = EPOCH_COUNTS if d.get("lr_schedule") else frozenset()
@@ -284,20 +284,59 @@ def training_fingerprint(cfg: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
+def _split_tensors(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """``obj`` as JSON, each tensor moved into ``tensors`` (named by order) and left as a
+    reference; dict keys keep their type (an optimizer's state is keyed by int)."""
+    if isinstance(obj, torch.Tensor):
+        name = f"t{len(tensors)}"
+        tensors[name] = obj.detach().cpu().clone()  # clone: no storage shared between entries
+        return {"tensor": name}
+    if isinstance(obj, dict):
+        return {"dict": [[k, _split_tensors(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {"list": [_split_tensors(v, tensors) for v in obj]}
+    return {"value": obj}
+
+
+def _join_tensors(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Undo :func:`_split_tensors`."""
+    if "tensor" in tree:
+        return tensors[tree["tensor"]]
+    if "dict" in tree:
+        return {k: _join_tensors(v, tensors) for k, v in tree["dict"]}
+    if "list" in tree:
+        return [_join_tensors(v, tensors) for v in tree["list"]]
+    return tree["value"]
+
+
 def save_checkpoint(path: Path, state: dict[str, Any], cfg: dict[str, Any]) -> None:
-    """``torch.save`` to a temporary file, then rename: a kill never leaves half a checkpoint.
-    The training fingerprint of ``cfg`` goes with it."""
-    tmp = path.with_suffix(".tmp")
-    torch.save({**state, "fingerprint": training_fingerprint(cfg)}, tmp)
+    """Write ``state`` (tensors, and JSON-able values around them: optimizer settings, history)
+    as safetensors with the structure in its metadata, to a temporary file, then rename: a
+    kill never leaves half a checkpoint, and nothing in it is pickle. The training fingerprint
+    of ``cfg`` goes with it."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    tree = json.dumps(_split_tensors(state, tensors), sort_keys=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata={"state": tree, "fingerprint": training_fingerprint(cfg)})
     tmp.replace(path)
 
 
 def load_checkpoint(path: Path, cfg: dict[str, Any], epochs: int) -> dict[str, Any]:
-    """Load a checkpoint (tensors only: ``weights_only``, no pickle code); refuse one trained
-    under another config, or for more than the ``epochs`` this config trains."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """Load a :func:`save_checkpoint` file; refuse one trained under another config, or for
+    more than the ``epochs`` this config trains."""
+    from safetensors import SafetensorError, safe_open
+
     hint = "remove the build's work/ folder, or build into another --out"
-    if state.get("fingerprint") != training_fingerprint(cfg):
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
+        state = _join_tensors(json.loads(meta["state"]), tensors)
+    except (SafetensorError, KeyError, ValueError) as err:
+        raise BuildError(f"{path} is not a training checkpoint ({err})", hint=hint) from err
+    if meta.get("fingerprint") != training_fingerprint(cfg):
         raise BuildError(
             f"{path} was trained with another configuration (recipe, arch, profile, seed or "
             "data settings differ, or it predates training fingerprints), so --resume cannot "
