@@ -131,6 +131,8 @@ class Arch(CompileSettings, _ArchOptions):
 
 class _Monitor(TypedDict, total=False):
     monitor_every: int  # log clear test top-1 every this many epochs
+    round_accumulators: int  # round each accumulator to this many bits in training (STE)
+    round_from: int  # ... from this epoch on (default 0)
 
 
 class Profile(ProfileBase, _Monitor, ScheduleKeys):
@@ -244,6 +246,28 @@ PROFILES: dict[str, Profile] = {
         "n_calib": 1000,
         "eval_batch_size": 500,
     },
+    # Fast training on these 2 CPU cores (~145 s per epoch of cnv-2w2a, 70 epochs: ~2.8 h, in
+    # pieces with --resume; benchmarks/fast_training.py measured each choice): Adam with a
+    # one-cycle learning rate set every step (peak 0.02 after a fifth of the steps, then down
+    # to 0), label smoothing 0.1 and an EMA of the weights (decay 0.99 per step), which is
+    # what ships; the full-FHE CNV also trains its last 14 epochs with its circuit's 6-bit
+    # accumulator rounding in the loop (PROFILE_OVERRIDES).
+    "fast": {
+        "epochs": 70,
+        "batch_size": 100,
+        "lr": 0.02,
+        "lr_halve_every": 70,  # unused: the one-cycle rate is set every step
+        "lr_schedule": "one-cycle",
+        "warmup": 0.2,
+        "label_smoothing": 0.1,
+        "ema_decay": 0.99,
+        "monitor_every": 10,
+        "prune_epoch": 6,
+        "n_train": None,
+        "n_test": None,
+        "n_calib": 1000,
+        "eval_batch_size": 500,
+    },
     # The reference trains for hundreds of epochs (lr halved every 40). Here a CPU epoch of
     # split-8bit takes ~110 s on 50k images, so ``full`` compresses the same step schedule
     # into 15 epochs (lr halved every 5, fan-in pruning from epoch 4) and logs clear test top-1
@@ -297,6 +321,10 @@ PROFILE_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
     # simulation took 373 s for them here (rounded circuits simulate several times slower than
     # unrounded ones), and the 15 training epochs already take ~35 min on the 2 cores.
     ("cnv-2w2a", "full"): {"n_test": 2000},
+    # The -r6 circuit rounds every accumulator to 6 bits: the last fifth of training sees it
+    # (rounding in the loop, fine-tuning from the 60-epoch build for 3 epochs: FHE-sim 0.764
+    # without, 0.813 with, first 1,000 test images; benchmarks/results/fast_training-*.jsonl).
+    ("cnv-2w2a", "fast"): {"round_accumulators": 6, "round_from": 56},
     ("tiny", "quick"): {"epochs": 3, "n_train": None},
     ("tiny", "smoke"): {"epochs": 2, "n_train": 2000},
 }
@@ -740,6 +768,99 @@ def _lr_at(cfg: dict[str, Any], epoch: int) -> float:
     return prof["lr"] * 0.5 ** (epoch // prof["lr_halve_every"])
 
 
+class AccumulatorRounding:
+    """Rounding in the training loop (profile key ``round_accumulators``: bits).
+
+    Concrete ML's ``rounding_threshold_bits`` keeps the ``bits`` most significant bits of every
+    conv / linear accumulator before its lookup: it removes ``lsbs = width - bits`` low bits,
+    ``width`` being the bit width of the integer range the calibration images give that
+    accumulator (with the layers before it already rounded), rounding half up. This applies
+    the same rounding to the outputs of the encrypted layers during training, with a
+    straight-through gradient, so that the weights learn to live with it; :meth:`calibrate`
+    (before each epoch) recomputes each layer's ``lsbs`` from the calibration images as the
+    compiler will. Accumulators are integers: a layer's float output divided by its input's
+    and its weight's (constant) quantization scales. Not rounded, as in the circuit: the layers
+    the client runs in the clear, and a last layer whose accumulator is the circuit's output
+    (no TensorNorm). Pool sums (4 ternary values, 4 bits) are never wide enough to round at 4
+    bits or more. Not for pool-first architectures (their circuits round the pooled sum of a
+    folded conv).
+    """
+
+    def __init__(self, model: SplitCNV, arch: dict[str, Any], bits: int) -> None:
+        from brevitas.nn import QuantIdentity
+
+        if arch.get("pool_first"):
+            raise BuildError(
+                "round_accumulators is not supported with pool_first (the circuit rounds the "
+                "folded conv's pooled sum, not the conv's accumulator)",
+                hint="leave round_accumulators out of the profile for this architecture",
+            )
+        self.bits, self.calibrating, self.active = bits, False, False
+        self.scales: list[float] = []
+        self.lsbs: list[int] = []
+        self.handles: list[Any] = []
+        self.layers: list[nn.Module] = []
+        quant_layers, last_quant = set(model.encrypted.quant_layers()), None
+        for m in model.encrypted.modules():
+            if isinstance(m, QuantIdentity):
+                last_quant = m
+            elif m in quant_layers:
+                self.layers.append(m)
+                self.scales.append(float(last_quant.quant_act_scale() * m.quant_weight_scale()))
+        self.skip = skip = arch.get("clear_blocks", 0)  # one conv per block
+        # Without a TensorNorm the last accumulator is the circuit's output: not rounded.
+        end = len(self.layers) - (0 if arch["tensor_norm"] else 1)
+        self.layers, self.scales = self.layers[skip:end], self.scales[skip:end]
+        self.lsbs = [0] * len(self.layers)
+
+    def attach(self, encrypted: nn.Module) -> None:
+        """Round the outputs of ``encrypted``'s layers (a model's, or its weight average's)."""
+        from brevitas.nn import QuantConv2d, QuantLinear
+
+        own = [m for m in encrypted.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
+        for i, layer in enumerate(own[self.skip : self.skip + len(self.layers)]):
+            self.handles.append(layer.register_forward_hook(self._hook(i)))
+
+    def _hook(self, i: int):
+        from concrete.ml.common.utils import compute_bits_precision
+
+        def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> torch.Tensor:
+            if not self.active:
+                return out
+            acc = out / self.scales[i]
+            if self.calibrating:
+                width = compute_bits_precision(acc.detach().round().cpu().numpy())
+                self.lsbs[i] = max(0, width - self.bits)
+            if self.lsbs[i] == 0:
+                return out
+            step = 2.0 ** self.lsbs[i]
+            rounded = torch.floor(acc / step + 0.5) * step * self.scales[i]
+            return out + (rounded - out).detach()  # straight through
+
+        return hook
+
+    @torch.no_grad()
+    def calibrate(self, model: SplitCNV, images: np.ndarray, batch: int) -> list[int]:
+        """Each layer's ``lsbs`` from the calibration images (all in one pass, as the compiler
+        sees them: eval mode, the layers before already rounded), and round from now on;
+        returns them."""
+        device = next(model.parameters()).device
+        feats = torch.from_numpy(head_outputs(model.cpu(), images, batch))
+        self.calibrating = self.active = True
+        try:
+            model.encrypted(feats)
+        finally:
+            self.calibrating = False
+            model.to(device)
+        return list(self.lsbs)
+
+    def detach(self) -> None:
+        """Remove the hooks: the model computes in plain float again."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+
 def _save_checkpoint(
     path: Path, epoch: int, model: SplitCNV, opt, history: list, cfg: dict[str, Any], ema=None
 ) -> None:
@@ -771,7 +892,8 @@ def train(
     """Quantization-aware training with fan-in pruning; checkpoints every epoch.
 
     With the profile's ``monitor_every`` = k, the clear top-1 on ``monitor`` (images, labels)
-    is logged and kept in the history every k epochs; it never steers training. The profile's
+    is logged and kept in the history every k epochs (with the accumulators rounded under
+    ``round_accumulators``: :class:`AccumulatorRounding`); it never steers training. The profile's
     schedule keys (:mod:`zoo.build.schedule`) choose the optimizer, a per-step learning rate,
     label smoothing and a weight average (then the averaged weights are monitored and shipped).
     """
@@ -810,6 +932,12 @@ def train(
         torch.set_rng_state(state["torch_rng"])
         history = list(state["history"])
         ctx.log.info("resumed from %s after epoch %d", ckpt_path, start_epoch)
+    rounding = None
+    if prof.get("round_accumulators"):
+        rounding = AccumulatorRounding(model, arch, prof["round_accumulators"])
+        rounding.attach(model.encrypted)
+        if ema is not None:
+            rounding.attach(ema.module.encrypted)
 
     for epoch in range(start_epoch, prof["epochs"]):
         if epoch == prof["prune_epoch"] and arch["fanin"] is not None and not is_pruned(model):
@@ -831,6 +959,11 @@ def train(
             if ema is not None:
                 ema.update_parameters(m)
 
+        lsbs = None
+        if rounding is not None and epoch >= prof.get("round_from", 0):
+            # as the compiler would round the weights this epoch starts from
+            lsbs = rounding.calibrate(model, images[: prof["n_calib"]], prof["eval_batch_size"])
+            ctx.log.info("accumulators rounded to %d bits: lsbs removed %s", rounding.bits, lsbs)
         t0 = time.perf_counter()
         rec = train_epoch(
             model, opt, images, labels, np.random.default_rng([seed, epoch]), DATA,
@@ -840,13 +973,16 @@ def train(
         )  # fmt: skip
         lr = opt.param_groups[0]["lr"]  # the epoch's (last step's, per step)
         rec = {"epoch": epoch + 1, "lr": lr, **rec, **gpu_record(device)}
+        if lsbs is not None:
+            rec["lsbs_removed"] = lsbs
         every = prof.get("monitor_every")
         if monitor is not None and every and (epoch + 1) % every == 0:
             shipped = model if ema is None else ema.module
             logits = clear_logits(shipped.cpu(), monitor[0], prof["eval_batch_size"])
             shipped.to(device)
             rec["monitor_top1"] = topk_accuracy(logits, monitor[1], ks=(1,))[1]
-            ctx.log.info("epoch %d: clear test top-1 %.4f", epoch + 1, rec["monitor_top1"])
+            ctx.log.info("epoch %d: clear test top-1 %.4f%s", epoch + 1, rec["monitor_top1"],
+                         "" if rounding is None else " (accumulators rounded)")  # fmt: skip
         history.append(rec)
         ctx.log.info(
             "epoch %d/%d lr %.5f loss %.4f train acc %.4f (%.1f s)",
@@ -859,6 +995,8 @@ def train(
         )
         _save_checkpoint(ckpt_path, epoch, model, opt, history, cfg, ema)
         ctx.checkpointed(f"epoch {epoch + 1}/{prof['epochs']}")
+    if rounding is not None:
+        rounding.detach()
     if ema is not None:  # the averaged weights and BatchNorm statistics are the model
         model.load_state_dict(ema.module.state_dict())
     if not is_pruned(model):  # a schedule shorter than prune_epoch still ships pruned weights

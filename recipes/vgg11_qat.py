@@ -403,6 +403,9 @@ def train_stage(
     profile's schedule keys (:mod:`zoo.build.schedule`) choose the optimizer, a per-step
     learning rate, label smoothing and a weight average (whose weights the stage then keeps)."""
     prof, data, seed = cfg["profile"], cfg["data"], cfg["seed"]
+    if prof.get("round_accumulators"):
+        raise BuildError("round_accumulators is a split-CNV profile key; VGG11 does not have it",
+                         hint="leave it out of this variant's profile_overrides")  # fmt: skip
     epochs = prof[f"{stage}_epochs"]
     ckpt = Path(ctx.work_dir) / f"{stage}.safetensors"
     state = load_checkpoint(ckpt, cfg, epochs) if ctx.resume and ckpt.exists() else None

@@ -387,6 +387,45 @@ def test_checkpoint_round_trips_an_optimizer_and_refuses_a_damaged_file(tmp_path
         load_checkpoint(path, cfg, 1)
 
 
+def test_rounding_in_the_loop_is_the_circuits_rounding(cifar_dir: Path, tmp_path: Path) -> None:
+    """``round_accumulators`` trains with each encrypted accumulator rounded as concrete-ml's
+    ``rounding_threshold_bits`` rounds it: after training, the rounded torch model and the
+    compiled circuit (exact rounding, run in the clear) give the same classes on test images,
+    where the unrounded model does not; the layers the client runs stay unrounded."""
+    from zoo.build.training import compile_qat
+
+    rounding = {"method": "EXACT", "n_bits": 4}
+    overrides = {**TINY_PROFILE, "epochs": 1, "round_accumulators": 4}
+    params = {"arch": "tiny", "fanin": None, "clear_blocks": 1,
+              "rounding_threshold_bits": rounding, "profile_overrides": overrides}  # fmt: skip
+    cfg = sc.resolve_config("x", params, "smoke", 0)
+    arch = cfg["arch"]
+    sc.seed_everything(0, "cpu")
+    model = sc.SplitCNV(arch)
+    x, y = load_cifar10(cifar_dir, "train")
+    ctx = make_ctx(work_dir=tmp_path, data_dir=cifar_dir, params=params)
+    history = sc.train(model, x[:300], y[:300], cfg, ctx)
+    lsbs = history[0]["lsbs_removed"]
+    # rounded: every encrypted layer but the first (in the clear) and the last (the output)
+    assert len(lsbs) == len(model.encrypted.quant_layers()) - 2 and max(lsbs) > 0
+    model.eval()
+    test_x, _ = load_cifar10(cifar_dir, "test")
+    calib = sc.head_outputs(model, x[:60], 60, sc._clear_end(arch))
+    circuit = compile_qat(sc.encrypted_part(model, arch), calib, arch, tmp_path / "c.onnx")
+    compiled = circuit.forward(sc.head_outputs(model, test_x[:200], 100, sc._clear_end(arch)),
+                               fhe="disable")  # fmt: skip
+    plain = sc.clear_logits(model, test_x[:200], 100)
+    hooks = sc.AccumulatorRounding(model, arch, 4)
+    hooks.attach(model.encrypted)
+    hooks.calibrate(model, x[:60], 60)  # the ranges of the trained weights, as the compiler's
+    rounded = sc.clear_logits(model, test_x[:200], 100)
+    hooks.detach()
+    assert np.array_equal(rounded, compiled) and not np.array_equal(plain, compiled)
+    assert np.array_equal(sc.clear_logits(model, test_x[:200], 100), plain)  # hooks gone
+    with pytest.raises(BuildError, match="pool_first"):
+        sc.AccumulatorRounding(sc.SplitCNV(sc.ARCHS["cnv-2w2a-pf"]), sc.ARCHS["cnv-2w2a-pf"], 6)
+
+
 # -- the shared fast-training schedule (zoo/build/schedule.py) on this recipe -------------------
 
 FAST = {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4, "lr_schedule": "one-cycle",

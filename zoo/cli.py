@@ -351,9 +351,11 @@ def pull(
 # fmt: off
 @main.command("build")
 @click.argument("variant", shell_complete=complete_ref)
-@click.option("--profile", type=click.Choice(["finetune", "long", "full", "quick", "smoke"]),
-              default="quick", help="long: for a GPU, in pieces (--stop-after); finetune: "
-              "continues the build its arch names")
+@click.option("--profile",
+              type=click.Choice(["fast", "finetune", "long", "full", "quick", "smoke"]),
+              default="quick", help="long: for a GPU, in pieces (--stop-after); fast: "
+              "one-cycle schedule for the CPU, in pieces; finetune: continues the build its "
+              "arch names")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help="folder with cifar-10-batches-py/ (default $ZOO_DATA_DIR)")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
