@@ -774,8 +774,9 @@ class AccumulatorRounding:
     Concrete ML's ``rounding_threshold_bits`` keeps the ``bits`` most significant bits of every
     conv / linear accumulator before its lookup: it removes ``lsbs = width - bits`` low bits,
     ``width`` being the bit width of the integer range the calibration images give that
-    accumulator (with the layers before it already rounded), rounding half up. This applies
-    the same rounding to the outputs of the encrypted layers during training, with a
+    accumulator (with the layers before it already rounded), rounding half up (the
+    ``APPROXIMATE`` method adds off-by-one errors near the halves, which this does not model).
+    This applies the same rounding to the outputs of the encrypted layers during training, with a
     straight-through gradient, so that the weights learn to live with it; :meth:`calibrate`
     (before each epoch) recomputes each layer's ``lsbs`` from the calibration images as the
     compiler will. Accumulators are integers: a layer's float output divided by its input's
@@ -796,29 +797,25 @@ class AccumulatorRounding:
                 hint="leave round_accumulators out of the profile for this architecture",
             )
         self.bits, self.calibrating, self.active = bits, False, False
-        self.scales: list[float] = []
-        self.lsbs: list[int] = []
         self.handles: list[Any] = []
-        self.layers: list[nn.Module] = []
-        quant_layers, last_quant = set(model.encrypted.quant_layers()), None
+        scales, quant_layers, last_quant = [], set(model.encrypted.quant_layers()), None
         for m in model.encrypted.modules():
             if isinstance(m, QuantIdentity):
                 last_quant = m
             elif m in quant_layers:
-                self.layers.append(m)
-                self.scales.append(float(last_quant.quant_act_scale() * m.quant_weight_scale()))
-        self.skip = skip = arch.get("clear_blocks", 0)  # one conv per block
+                scales.append(float(last_quant.quant_act_scale() * m.quant_weight_scale()))
+        self.skip = arch.get("clear_blocks", 0)  # one conv per block
         # Without a TensorNorm the last accumulator is the circuit's output: not rounded.
-        end = len(self.layers) - (0 if arch["tensor_norm"] else 1)
-        self.layers, self.scales = self.layers[skip:end], self.scales[skip:end]
-        self.lsbs = [0] * len(self.layers)
+        end = len(scales) - (0 if arch["tensor_norm"] else 1)
+        self.scales = scales[self.skip : end]  # of the rounded layers, in order
+        self.lsbs = [0] * len(self.scales)
 
     def attach(self, encrypted: nn.Module) -> None:
         """Round the outputs of ``encrypted``'s layers (a model's, or its weight average's)."""
         from brevitas.nn import QuantConv2d, QuantLinear
 
         own = [m for m in encrypted.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
-        for i, layer in enumerate(own[self.skip : self.skip + len(self.layers)]):
+        for i, layer in enumerate(own[self.skip : self.skip + len(self.scales)]):
             self.handles.append(layer.register_forward_hook(self._hook(i)))
 
     def _hook(self, i: int):
@@ -982,7 +979,7 @@ def train(
             shipped.to(device)
             rec["monitor_top1"] = topk_accuracy(logits, monitor[1], ks=(1,))[1]
             ctx.log.info("epoch %d: clear test top-1 %.4f%s", epoch + 1, rec["monitor_top1"],
-                         "" if rounding is None else " (accumulators rounded)")  # fmt: skip
+                         " (accumulators rounded)" if lsbs is not None else "")  # fmt: skip
         history.append(rec)
         ctx.log.info(
             "epoch %d/%d lr %.5f loss %.4f train acc %.4f (%.1f s)",
