@@ -71,9 +71,8 @@ from zoo.build.run import BuildContext, RecipeResult
 from zoo.build.schedule import (
     ScheduleKeys,
     criterion,
+    lr_at_step,
     make_optimizer,
-    one_cycle_lr,
-    per_step,
     weight_average,
 )
 from zoo.build.training import (
@@ -914,7 +913,6 @@ def train(
     model.to(device)
     opt = make_optimizer(model, prof, _lr_at(cfg, 0))
     ema = weight_average(model, prof)
-    steps = max(1, len(labels) // prof["batch_size"])  # per epoch (train_epoch: full batches)
 
     if state is not None:
         if state["masks"] and not is_pruned(model):
@@ -944,12 +942,6 @@ def train(
             opt = _rebind_optimizer(opt, model, prof)
         for group in opt.param_groups:
             group["lr"] = _lr_at(cfg, epoch)
-        lr_at_step = None
-        if per_step(prof):
-
-            def lr_at_step(b: int, first: int = epoch * steps) -> float:
-                return one_cycle_lr(prof["lr"], first + b, prof["epochs"] * steps,
-                                    prof.get("warmup", 0.2))  # fmt: skip
 
         def after_step(m: SplitCNV) -> None:
             m.clip_weights(WEIGHT_CLIP)
@@ -966,7 +958,8 @@ def train(
             model, opt, images, labels, np.random.default_rng([seed, epoch]), DATA,
             prof["batch_size"], device, f"epoch {epoch + 1}/{prof['epochs']}",
             after_step=after_step, progress=ctx.log.isEnabledFor(logging.INFO),
-            loss_fn=criterion(prof), lr_at_step=lr_at_step,
+            loss_fn=criterion(prof),
+            lr_at_step=lr_at_step(prof, prof["lr"], epoch, prof["epochs"], len(labels)),
         )  # fmt: skip
         lr = opt.param_groups[0]["lr"]  # the epoch's (last step's, per step)
         rec = {"epoch": epoch + 1, "lr": lr, **rec, **gpu_record(device)}

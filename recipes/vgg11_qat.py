@@ -59,9 +59,8 @@ from zoo.build.run import BuildContext, RecipeResult
 from zoo.build.schedule import (
     ScheduleKeys,
     criterion,
+    lr_at_step,
     make_optimizer,
-    one_cycle_lr,
-    per_step,
     weight_average,
 )
 from zoo.build.training import (
@@ -415,7 +414,6 @@ def train_stage(
     peak = prof[f"{stage}_lr"]
     opt = make_optimizer(model, prof, peak)
     ema = weight_average(model, prof)
-    steps = max(1, len(labels) // prof["batch_size"])  # per epoch (train_epoch: full batches)
     history: list[dict[str, Any]] = []
     if state is not None:
         model.load_state_dict(state["model"])
@@ -430,18 +428,14 @@ def train_stage(
         lr = _float_lr(prof, epoch) if stage == "float" else prof["qat_lr"]
         for group in opt.param_groups:
             group["lr"] = lr
-        lr_at_step = None
-        if per_step(prof):
-
-            def lr_at_step(b: int, first: int = epoch * steps) -> float:
-                return one_cycle_lr(peak, first + b, epochs * steps, prof.get("warmup", 0.2))
 
         t0 = time.perf_counter()
         rec = train_epoch(
             model, opt, images, labels, np.random.default_rng([seed, stage_id, epoch]), data,
             prof["batch_size"], device, f"{stage} {epoch + 1}/{epochs}",
             progress=ctx.log.isEnabledFor(logging.INFO), loss_fn=criterion(prof),
-            after_step=None if ema is None else ema.update_parameters, lr_at_step=lr_at_step,
+            after_step=None if ema is None else ema.update_parameters,
+            lr_at_step=lr_at_step(prof, peak, epoch, epochs, len(labels)),
         )  # fmt: skip
         lr = opt.param_groups[0]["lr"]  # the epoch's (last step's, per step)
         rec = {"stage": stage, "epoch": epoch + 1, "lr": lr, **rec, **gpu_record(device)}

@@ -16,6 +16,7 @@ measured, not assumed: ``benchmarks/fast_training.py``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal, TypedDict
 
 import torch
@@ -77,6 +78,19 @@ def one_cycle_lr(peak: float, step: int, total_steps: int, warmup: float = 0.2) 
     if step < rise:
         return peak * (0.04 + 0.96 * step / rise)
     return peak * max(0.0, (total_steps - step) / max(1, total_steps - rise))
+
+
+def lr_at_step(
+    prof: dict[str, Any], peak: float, epoch: int, epochs: int, n_images: int
+) -> Callable[[int], float] | None:
+    """The learning rate of batch ``b`` of epoch ``epoch`` (out of ``epochs`` over ``n_images``
+    images in full batches of the profile's ``batch_size``) under the profile's per-step
+    schedule, for :func:`zoo.build.training.train_epoch`; None without one."""
+    if not per_step(prof):
+        return None
+    steps = max(1, n_images // prof["batch_size"])  # per epoch (train_epoch: full batches)
+    first, total, warmup = epoch * steps, epochs * steps, prof.get("warmup", 0.2)
+    return lambda b: one_cycle_lr(peak, first + b, total, warmup)
 
 
 def criterion(prof: dict[str, Any]) -> torch.nn.Module:
