@@ -67,6 +67,7 @@ from torch import nn
 
 from zoo.build import kernels
 from zoo.build.data import load_cifar10
+from zoo.build.rounding import AccumulatorRounding
 from zoo.build.run import BuildContext, RecipeResult
 from zoo.build.schedule import (
     ScheduleKeys,
@@ -130,8 +131,6 @@ class Arch(CompileSettings, _ArchOptions):
 
 class _Monitor(TypedDict, total=False):
     monitor_every: int  # log clear test top-1 every this many epochs
-    round_accumulators: int  # round each accumulator to this many bits in training (STE)
-    round_from: int  # ... from this epoch on (default 0)
 
 
 class Profile(ProfileBase, _Monitor, ScheduleKeys):
@@ -767,94 +766,33 @@ def _lr_at(cfg: dict[str, Any], epoch: int) -> float:
     return prof["lr"] * 0.5 ** (epoch // prof["lr_halve_every"])
 
 
-class AccumulatorRounding:
-    """Rounding in the training loop (profile key ``round_accumulators``: bits).
+def accumulator_rounding(model: SplitCNV, arch: dict[str, Any], bits: int) -> AccumulatorRounding:
+    """Rounding in the loop (:mod:`zoo.build.rounding`) of the encrypted part: not its first
+    ``clear_blocks`` convs (one per block, run by the client), nor, without a TensorNorm, its last
+    linear (whose accumulator is the circuit's output); pools of ternary values are never wide
+    enough to round. Not for pool-first architectures (their circuits round the pooled sum of a
+    folded conv)."""
+    if arch.get("pool_first"):
+        raise BuildError(
+            "round_accumulators is not supported with pool_first (the circuit rounds the "
+            "folded conv's pooled sum, not the conv's accumulator)",
+            hint="leave round_accumulators out of the profile for this architecture",
+        )
+    return AccumulatorRounding(model.encrypted, bits, skip=arch.get("clear_blocks", 0),
+                               round_last=arch["tensor_norm"], round_bias=True)  # fmt: skip
 
-    Concrete ML's ``rounding_threshold_bits`` keeps the ``bits`` most significant bits of every
-    conv / linear accumulator before its lookup: it removes ``lsbs = width - bits`` low bits,
-    ``width`` being the bit width of the integer range the calibration images give that
-    accumulator (with the layers before it already rounded), rounding half up (the
-    ``APPROXIMATE`` method adds off-by-one errors near the halves, which this does not model).
-    This applies the same rounding to the outputs of the encrypted layers during training, with a
-    straight-through gradient, so that the weights learn to live with it; :meth:`calibrate`
-    (before each epoch) recomputes each layer's ``lsbs`` from the calibration images as the
-    compiler will. Accumulators are integers: a layer's float output divided by its input's
-    and its weight's (constant) quantization scales. Not rounded, as in the circuit: the layers
-    the client runs in the clear, and a last layer whose accumulator is the circuit's output
-    (no TensorNorm). Pool sums (4 ternary values, 4 bits) are never wide enough to round at 4
-    bits or more. Not for pool-first architectures (their circuits round the pooled sum of a
-    folded conv).
-    """
 
-    def __init__(self, model: SplitCNV, arch: dict[str, Any], bits: int) -> None:
-        from brevitas.nn import QuantIdentity
-
-        if arch.get("pool_first"):
-            raise BuildError(
-                "round_accumulators is not supported with pool_first (the circuit rounds the "
-                "folded conv's pooled sum, not the conv's accumulator)",
-                hint="leave round_accumulators out of the profile for this architecture",
-            )
-        self.bits, self.calibrating, self.active = bits, False, False
-        self.handles: list[Any] = []
-        scales, quant_layers, last_quant = [], set(model.encrypted.quant_layers()), None
-        for m in model.encrypted.modules():
-            if isinstance(m, QuantIdentity):
-                last_quant = m
-            elif m in quant_layers:
-                scales.append(float(last_quant.quant_act_scale() * m.quant_weight_scale()))
-        self.skip = arch.get("clear_blocks", 0)  # one conv per block
-        # Without a TensorNorm the last accumulator is the circuit's output: not rounded.
-        end = len(scales) - (0 if arch["tensor_norm"] else 1)
-        self.scales = scales[self.skip : end]  # of the rounded layers, in order
-        self.lsbs = [0] * len(self.scales)
-
-    def attach(self, encrypted: nn.Module) -> None:
-        """Round the outputs of ``encrypted``'s layers (a model's, or its weight average's)."""
-        from brevitas.nn import QuantConv2d, QuantLinear
-
-        own = [m for m in encrypted.modules() if isinstance(m, (QuantConv2d, QuantLinear))]
-        for i, layer in enumerate(own[self.skip : self.skip + len(self.scales)]):
-            self.handles.append(layer.register_forward_hook(self._hook(i)))
-
-    def _hook(self, i: int):
-        from concrete.ml.common.utils import compute_bits_precision
-
-        def hook(module: nn.Module, inputs: Any, out: torch.Tensor) -> torch.Tensor:
-            if not self.active:
-                return out
-            acc = out / self.scales[i]
-            if self.calibrating:
-                width = compute_bits_precision(acc.detach().round().cpu().numpy())
-                self.lsbs[i] = max(0, width - self.bits)
-            if self.lsbs[i] == 0:
-                return out
-            step = 2.0 ** self.lsbs[i]
-            rounded = torch.floor(acc / step + 0.5) * step * self.scales[i]
-            return out + (rounded - out).detach()  # straight through
-
-        return hook
-
-    @torch.no_grad()
-    def calibrate(self, model: SplitCNV, images: np.ndarray, batch: int) -> list[int]:
-        """Each layer's ``lsbs`` from the calibration images (all in one pass, as the compiler
-        sees them: eval mode, the layers before already rounded), and round from now on;
-        returns them."""
-        device = next(model.parameters()).device
-        feats = torch.from_numpy(head_outputs(model.cpu(), images, batch))
-        self.calibrating = self.active = True
-        try:
-            model.encrypted(feats)
-        finally:
-            self.calibrating = False
-            model.to(device)
-        return list(self.lsbs)
-
-    def detach(self) -> None:
-        """Remove the hooks: the model computes in plain float again."""
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+def calibrate_rounding(
+    rounding: AccumulatorRounding, model: SplitCNV, images: np.ndarray, batch: int
+) -> list[int]:
+    """Each rounded layer's ``lsbs`` from the calibration images (all in one pass, in eval
+    mode, as the compiler sees them); rounds from now on and returns them."""
+    device = next(model.parameters()).device
+    feats = torch.from_numpy(head_outputs(model.cpu(), images, batch))
+    try:
+        return rounding.calibrate(lambda: model.encrypted(feats))
+    finally:
+        model.to(device)
 
 
 def _save_checkpoint(
@@ -889,7 +827,7 @@ def train(
 
     With the profile's ``monitor_every`` = k, the clear top-1 on ``monitor`` (images, labels)
     is logged and kept in the history every k epochs (with the accumulators rounded under
-    ``round_accumulators``: :class:`AccumulatorRounding`); it never steers training. The profile's
+    ``round_accumulators``: :func:`accumulator_rounding`); it never steers training. The profile's
     schedule keys (:mod:`zoo.build.schedule`) choose the optimizer, a per-step learning rate,
     label smoothing and a weight average (then the averaged weights are monitored and shipped).
     """
@@ -929,7 +867,7 @@ def train(
         ctx.log.info("resumed from %s after epoch %d", ckpt_path, start_epoch)
     rounding = None
     if prof.get("round_accumulators"):
-        rounding = AccumulatorRounding(model, arch, prof["round_accumulators"])
+        rounding = accumulator_rounding(model, arch, prof["round_accumulators"])
         rounding.attach(model.encrypted)
         if ema is not None:
             rounding.attach(ema.module.encrypted)
@@ -951,7 +889,8 @@ def train(
         lsbs = None
         if rounding is not None and epoch >= prof.get("round_from", 0):
             # as the compiler would round the weights this epoch starts from
-            lsbs = rounding.calibrate(model, images[: prof["n_calib"]], prof["eval_batch_size"])
+            lsbs = calibrate_rounding(rounding, model, images[: prof["n_calib"]],
+                                      prof["eval_batch_size"])  # fmt: skip
             ctx.log.info("accumulators rounded to %d bits: lsbs removed %s", rounding.bits, lsbs)
         t0 = time.perf_counter()
         rec = train_epoch(

@@ -415,15 +415,15 @@ def test_rounding_in_the_loop_is_the_circuits_rounding(cifar_dir: Path, tmp_path
     compiled = circuit.forward(sc.head_outputs(model, test_x[:200], 100, sc._clear_end(arch)),
                                fhe="disable")  # fmt: skip
     plain = sc.clear_logits(model, test_x[:200], 100)
-    hooks = sc.AccumulatorRounding(model, arch, 4)
+    hooks = sc.accumulator_rounding(model, arch, 4)
     hooks.attach(model.encrypted)
-    hooks.calibrate(model, x[:60], 60)  # the ranges of the trained weights, as the compiler's
+    sc.calibrate_rounding(hooks, model, x[:60], 60)  # the trained weights' ranges, as compiled
     rounded = sc.clear_logits(model, test_x[:200], 100)
     hooks.detach()
     assert np.array_equal(rounded, compiled) and not np.array_equal(plain, compiled)
     assert np.array_equal(sc.clear_logits(model, test_x[:200], 100), plain)  # hooks gone
     with pytest.raises(BuildError, match="pool_first"):
-        sc.AccumulatorRounding(sc.SplitCNV(sc.ARCHS["cnv-2w2a-pf"]), sc.ARCHS["cnv-2w2a-pf"], 6)
+        sc.accumulator_rounding(sc.SplitCNV(sc.ARCHS["cnv-2w2a-pf"]), sc.ARCHS["cnv-2w2a-pf"], 6)
 
 
 # -- the shared fast-training schedule (zoo/build/schedule.py) on this recipe -------------------

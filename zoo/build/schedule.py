@@ -11,7 +11,9 @@ a one-cycle learning rate (linear warm-up, then linear decay to zero, set every 
 smoothing, decoupled weight decay (not applied to BatchNorm parameters and biases), and an
 exponential moving average of the weights (torch's ``AveragedModel``), whose weights are the ones
 evaluated and shipped. Which of them help 2-bit and 5-bit quantization-aware training is
-measured, not assumed: ``benchmarks/fast_training.py``.
+measured, not assumed: ``benchmarks/fast_training.py``. ``round_accumulators`` rounds the
+accumulators during quantization-aware training as the compiled circuit will
+(:mod:`zoo.build.rounding`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ class ScheduleKeys(TypedDict, total=False):
     warmup: float  # one-cycle: fraction of all steps spent rising to the peak lr (default 0.2)
     label_smoothing: float  # cross-entropy label smoothing (default 0)
     ema_decay: float  # average of the weights per step (absent: the last weights)
+    round_accumulators: int  # QAT: round accumulators to these bits (zoo.build.rounding)
+    round_from: int  # ... from this (QAT) epoch on (default 0)
 
 
 def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:

@@ -73,13 +73,10 @@ def check_records(records: dict[str, Any], kind: Any) -> None:
 
 
 #: Profile keys a variant may set through ``profile_overrides`` though no profile has them:
-#: ``n_simulate``, how many of the test images the build simulates in FHE (default: all),
-#: ``round_accumulators`` / ``round_from``, rounding in the training loop (split CNV: bits kept
-#: of each accumulator, as ``rounding_threshold_bits`` will, from an epoch on), and the keys of
-#: the shared schedule (:class:`zoo.build.schedule.ScheduleKeys`).
-OPTIONAL_PROFILE_KEYS = (
-    frozenset({"n_simulate", "round_accumulators", "round_from"}) | ScheduleKeys.__optional_keys__
-)
+#: ``n_simulate``, how many of the test images the build simulates in FHE (default: all), and
+#: the keys of the shared schedule (:class:`zoo.build.schedule.ScheduleKeys`), rounding in the
+#: training loop among them.
+OPTIONAL_PROFILE_KEYS = frozenset({"n_simulate"}) | ScheduleKeys.__optional_keys__
 
 
 def merge_params(
