@@ -50,9 +50,10 @@ class AccumulatorRounding:
     circuit will: its first ``skip`` layers are not (the client runs them in the clear), nor
     its last one unless ``round_last`` (an accumulator that is the circuit's output feeds no
     lookup). ``pools``: average pools' sums too (pools of ternary values are never wider than
-    4 bits; those of 5-bit activations are). ``round_bias``: round the float bias with the
-    accumulator, which the circuit does not do; the split CNV's ``fast`` builds were trained so
-    (their hidden linears' biases), and their rebuilds must give the same bytes."""
+    4 bits; those of 5-bit activations are). ``round_bias``: round the float output, bias
+    included, as it is (not snapped to an integer first), which differs from the circuit where
+    a linear has a bias; the split CNV's ``fast`` builds were trained so (the biases of their
+    hidden linears), and their rebuilds must give the same bytes."""
 
     def __init__(
         self,
@@ -82,16 +83,15 @@ class AccumulatorRounding:
             if not self.active:
                 return out
             scale = scale_of().detach()
-            bias = getattr(module, "bias", None)
-            if bias is not None and not self.round_bias:
-                # per output channel: NC (linear) or NCHW (conv)
+            bias = None if self.round_bias else getattr(module, "bias", None)
+            if bias is not None:  # per output channel: NC (linear) or NCHW (conv)
                 bias = bias.detach().reshape(1, -1, *[1] * (out.dim() - 2))
                 out = out - bias
-            else:
-                bias = None
-            acc = torch.round(out / scale)  # an integer, up to float error
+            acc = out / scale
+            if not self.round_bias:
+                acc = torch.round(acc)  # an integer, up to float error
             if self.calibrating:
-                width = compute_bits_precision(acc.detach().cpu().numpy())
+                width = compute_bits_precision(acc.detach().round().cpu().numpy())
                 self.lsbs[i] = max(0, width - self.bits)
             if self.lsbs[i] > 0:
                 step = 2.0 ** self.lsbs[i]
