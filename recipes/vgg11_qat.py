@@ -33,9 +33,9 @@ Profiles: ``full`` is the reference network at full width (train it on a GPU wit
 fit a 2-core CPU in about 2 hours (the shared fast-training schedule), 30 and 3 minutes; the
 manifest records it, and their accuracies are those of the narrower network.
 
-CIFAR-100 needs the complete official archive for every profile but ``smoke``; given only a partial
-copy (such as ``../shared/data``'s), the build stops and says what is missing. ``smoke`` runs
-on whatever is there and records ``"partial": true`` in the manifest's data block.
+CIFAR-100 needs the complete official archive for every profile but ``smoke``; given only a
+partial copy (such as ``../shared/data``'s), the build stops and says what is missing. ``smoke``
+runs on whatever is there and records ``"partial": true`` in the manifest's data block.
 
 Determinism as in ``split_cnv``: every draw comes from the seed, the data order and
 augmentation of epoch ``e`` of stage ``s`` from ``numpy.random.default_rng([seed, s, e])``, and
@@ -423,7 +423,9 @@ def train_stage(
 ) -> list[dict[str, Any]]:
     """Train ``model`` for the stage's epochs; checkpoint (and resume) every epoch. The
     profile's schedule keys (:mod:`zoo.build.schedule`) choose the optimizer, a per-step
-    learning rate, label smoothing and a weight average (whose weights the stage then keeps)."""
+    learning rate, label smoothing and a weight average (whose weights the stage then keeps);
+    in the QAT stage, ``round_accumulators`` rounds every conv and pool sum as the circuit will
+    (:mod:`zoo.build.rounding`) from QAT epoch ``round_from`` on."""
     prof, data, seed = cfg["profile"], cfg["data"], cfg["seed"]
     epochs = prof[f"{stage}_epochs"]
     ckpt = Path(ctx.work_dir) / f"{stage}.safetensors"
