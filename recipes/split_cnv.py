@@ -79,6 +79,7 @@ from zoo.build.schedule import (
 from zoo.build.training import (
     TORCH_THREADS,
     CompileSettings,
+    MonitorKeys,
     ProfileBase,
     Stages,
     cifar10_name,
@@ -129,11 +130,7 @@ class Arch(CompileSettings, _ArchOptions):
     output_bits: int  # the circuit's input and output quantization
 
 
-class _Monitor(TypedDict, total=False):
-    monitor_every: int  # log clear test top-1 every this many epochs
-
-
-class Profile(ProfileBase, _Monitor, ScheduleKeys):
+class Profile(ProfileBase, MonitorKeys, ScheduleKeys):
     """One training profile (see below; the optional keys of the shared schedule:
     :mod:`zoo.build.schedule`)."""
 

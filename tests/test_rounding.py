@@ -23,7 +23,7 @@ vgg = builder.load_recipe("recipes/vgg11_qat.py")
 def test_vgg_qat_rounds_as_the_circuit_does(cifar_dir: Path, tmp_path: Path) -> None:
     bits = 6
     overrides = {"n_train": 256, "n_calib": 64, "batch_size": 64, "qat_epochs": 1,
-                 "round_accumulators": bits}  # fmt: skip
+                 "round_accumulators": bits, "monitor_every": 1}  # fmt: skip
     params = {"arch": "vgg11-5bit", "profile_overrides": overrides,
               "rounding_threshold_bits": {"method": "EXACT", "n_bits": bits}}  # fmt: skip
     cfg = vgg.resolve_config("cifar10-vgg11-qat", params, "smoke", 0)
@@ -33,15 +33,18 @@ def test_vgg_qat_rounds_as_the_circuit_does(cifar_dir: Path, tmp_path: Path) -> 
     seed_everything(0, "cpu")
     model = vgg.QuantVGG11(10, 5, cfg["profile"]["width_divisor"])
     x, y = load_cifar10(cifar_dir, "train")
-    history = vgg.train_stage("qat", model, x[:256], y[:256], cfg, ctx)
+    test_x, test_y = load_cifar10(cifar_dir, "test")
+    history = vgg.train_stage("qat", model, x[:256], y[:256], cfg, ctx,
+                              monitor=(test_x[:100], test_y[:100]))  # fmt: skip
     # every conv and pool sum is rounded, the output linear is not; the wide ones lose bits
     lsbs = history[0]["lsbs_removed"]
     assert len(lsbs) == 8 + 5 and max(lsbs) > 0
+    assert 0.0 <= history[0]["monitor_top1"] <= 1.0  # monitor_every: 1
 
     mean = torch.tensor(cfg["data"]["mean"], dtype=torch.float32)
     std = torch.tensor(cfg["data"]["std"], dtype=torch.float32)
     calib = normalize_images(x[:64], mean, std)
-    test = normalize_images(load_cifar10(cifar_dir, "test")[0][:100], mean, std)
+    test = normalize_images(test_x[:100], mean, std)
     circuit = compile_qat(model, calib.numpy(), cfg["arch"], tmp_path / "c.onnx")
     compiled = circuit.forward(test.numpy(), fhe="disable")
     model.eval()

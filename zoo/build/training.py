@@ -61,6 +61,14 @@ class ProfileBase(TypedDict):
     eval_batch_size: int
 
 
+class MonitorKeys(TypedDict, total=False):
+    """Optional profile key of both recipes: log (and keep in the training history) the clear
+    test top-1 of the weights that would ship every ``monitor_every`` epochs; it never steers
+    training."""
+
+    monitor_every: int
+
+
 def check_records(records: dict[str, Any], kind: Any) -> None:
     """Every record of ``records`` has the required keys of the TypedDict ``kind`` and no key it
     does not know: a recipe's ARCHS and PROFILES are checked so by the tests."""
@@ -73,10 +81,12 @@ def check_records(records: dict[str, Any], kind: Any) -> None:
 
 
 #: Profile keys a variant may set through ``profile_overrides`` though no profile has them:
-#: ``n_simulate``, how many of the test images the build simulates in FHE (default: all), and
-#: the keys of the shared schedule (:class:`zoo.build.schedule.ScheduleKeys`), rounding in the
-#: training loop among them.
-OPTIONAL_PROFILE_KEYS = frozenset({"n_simulate"}) | ScheduleKeys.__optional_keys__
+#: ``n_simulate``, how many of the test images the build simulates in FHE (default: all),
+#: ``monitor_every`` (:class:`MonitorKeys`) and the keys of the shared schedule
+#: (:class:`zoo.build.schedule.ScheduleKeys`), rounding in the training loop among them.
+OPTIONAL_PROFILE_KEYS = (
+    frozenset({"n_simulate"}) | MonitorKeys.__optional_keys__ | ScheduleKeys.__optional_keys__
+)
 
 
 def merge_params(
