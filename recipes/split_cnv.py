@@ -765,18 +765,14 @@ def _lr_at(cfg: dict[str, Any], epoch: int) -> float:
 
 def accumulator_rounding(model: SplitCNV, arch: dict[str, Any], bits: int) -> AccumulatorRounding:
     """Rounding in the loop (:mod:`zoo.build.rounding`) of the encrypted part: not its first
-    ``clear_blocks`` convs (one per block, run by the client), nor, without a TensorNorm, its last
-    linear (whose accumulator is the circuit's output); pools of ternary values are never wide
-    enough to round. Not for pool-first architectures (their circuits round the pooled sum of a
-    folded conv)."""
-    if arch.get("pool_first"):
-        raise BuildError(
-            "round_accumulators is not supported with pool_first (the circuit rounds the "
-            "folded conv's pooled sum, not the conv's accumulator)",
-            hint="leave round_accumulators out of the profile for this architecture",
-        )
+    ``clear_blocks`` blocks (one rounded sum each: the conv's, or with ``pool_first`` the
+    pooled sum of a pooled block, which the circuit folds into one conv; run by the client),
+    nor, without a TensorNorm, its last linear (whose accumulator is the circuit's output);
+    pools of ternary activations are never wide enough to round. Non-pool-first archs calibrate
+    with the earlier layers rounded, as the ``fast`` build of ``cnv-2w2a`` was trained."""
     return AccumulatorRounding(model.encrypted, bits, skip=arch.get("clear_blocks", 0),
-                               round_last=arch["tensor_norm"], round_bias=True)  # fmt: skip
+                               round_last=arch["tensor_norm"],
+                               calibrate_rounded=not arch.get("pool_first"))  # fmt: skip
 
 
 def calibrate_rounding(
