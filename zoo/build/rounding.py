@@ -2,13 +2,14 @@
 first epoch that rounds), shared by the recipes.
 
 Concrete ML's ``rounding_threshold_bits`` keeps the ``bits`` most significant bits of every
-accumulator that feeds a lookup: it removes ``lsbs = width - bits`` low bits, ``width`` being the
-bit width of the integer range the calibration images give that accumulator (with the layers
-before it already rounded), rounding half up (the ``APPROXIMATE`` method adds off-by-one errors
-near the halves, which this does not model). :class:`AccumulatorRounding` applies the same
-rounding to the outputs of a Brevitas network's layers during training, with a straight-through
-gradient, so that the weights learn to live with it; :meth:`AccumulatorRounding.calibrate`
-recomputes each layer's ``lsbs`` from the calibration images as the compiler will.
+accumulator that feeds a lookup: it removes ``lsbs = width - bits`` low bits, ``width`` being
+the bit width of the integer range the calibration images give that accumulator (all measured
+in one pass of the unrounded network), rounding half up (the ``APPROXIMATE`` method adds
+off-by-one errors near the halves, which this does not model). :class:`AccumulatorRounding`
+applies the same rounding to the outputs of a Brevitas network's layers during training, with a
+straight-through gradient, so that the weights learn to live with it;
+:meth:`AccumulatorRounding.calibrate` recomputes each layer's ``lsbs`` from the calibration
+images as the compiler will.
 
 The accumulators are integers: a conv's or linear's float output less its float bias (which
 the compiled circuit adds after rounding, in the lookup that follows), divided by its input
