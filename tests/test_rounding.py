@@ -1,7 +1,7 @@
 """Rounding in the training loop (zoo/build/rounding.py) on VGG11: its QAT stage rounds every
 conv accumulator and every pool sum as concrete-ml's ``rounding_threshold_bits`` does, so the
 rounded Brevitas network and the compiled circuit compute the same logits. (The split CNV's
-case: tests/test_split_cnv.py::test_rounding_in_the_loop_is_the_circuits_rounding.)"""
+cases, plain and pool-first: the rounding tests of tests/test_split_cnv.py.)"""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_vgg_qat_rounds_as_the_circuit_does(cifar_dir: Path, tmp_path: Path) -> 
         rounded = model(test).numpy()
         hooks.detach()
         assert np.array_equal(model(test).numpy(), plain)  # hooks gone
-    assert hooks.lsbs == list(circuit_lsbs(circuit))
+    assert hooks.lsbs == circuit_lsbs(circuit)
     # equal up to float error (1e-8 here); unrounded, the model is 1e-3 away
     np.testing.assert_allclose(rounded, compiled, rtol=0, atol=1e-6)
     assert not np.allclose(plain, compiled, rtol=0, atol=1e-4)
