@@ -8,6 +8,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -137,7 +138,6 @@ def read_json(path: Path) -> dict:
 
 from collections.abc import Callable, Iterator  # noqa: E402
 from contextlib import ExitStack  # noqa: E402
-from typing import Any  # noqa: E402
 
 from hubserver import FaultHub, HubServer, fault_hub, find_olah_cli, olah_hub  # noqa: E402
 
@@ -174,3 +174,13 @@ def fault_hub_factory() -> Iterator[Callable[..., FaultHub]]:
             return stack.enter_context(fault_hub(files, repo_id, **kwargs))
 
         yield start
+
+
+def circuit_lsbs(circuit: Any) -> list[int]:
+    """The low bits each rounded op of a compiled module removes, in the order of its graph."""
+    ops = circuit.quant_layers_dict.values()
+    return [
+        lsbs
+        for _, op in ops
+        for lsbs in (getattr(op, "lsbs_to_remove", None) or {}).values()
+    ]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from conftest import circuit_lsbs
 
 from zoo.build import run as builder
 from zoo.build.data import load_cifar10
@@ -61,12 +62,3 @@ def test_vgg_qat_rounds_as_the_circuit_does(cifar_dir: Path, tmp_path: Path) -> 
     np.testing.assert_allclose(rounded, compiled, rtol=0, atol=1e-6)
     assert not np.allclose(plain, compiled, rtol=0, atol=1e-4)
 
-
-def circuit_lsbs(circuit) -> list[int]:
-    """The low bits each rounded op of a compiled module removes, in the order of its graph."""
-    ops = circuit.quant_layers_dict.values()
-    return [
-        lsbs
-        for _, op in ops
-        for lsbs in (getattr(op, "lsbs_to_remove", None) or {}).values()
-    ]

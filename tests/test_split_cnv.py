@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from conftest import circuit_lsbs
 from safetensors.torch import save as st_save
 
 from zoo.build.data import load_cifar10
@@ -429,8 +430,6 @@ def test_rounding_in_the_loop_rounds_the_pooled_sums_of_a_pool_first_circuit(
 ) -> None:
     """Pooled first, a block's conv and pool compile to one strided conv: its accumulator, the
     pooled sum, is what the circuit rounds (and the conv's is never formed)."""
-    from test_rounding import circuit_lsbs
-
     from zoo.build.training import compile_qat
 
     rounding = {"method": "EXACT", "n_bits": 5}
