@@ -11,11 +11,14 @@ files of 16 MiB. Its Python has torch but neither brevitas nor concrete-ml. So a
 2. ``piece`` (there, the prepared command): install the wheels into /tmp, write the data,
    join the parts, and ``zoo build VARIANT --profile P --device cuda --resume --train-only
    --stop-after SECONDS``: it trains until its time is up or training is done, checkpointing
-   every epoch; then the checkpoints go to ``$OUT`` in parts, with the build log.
-3. ``collect`` (here): join the parts returned into ``build-out/VARIANT-PROFILE/work/``, checked
-   against the sha256 the piece recorded. Run ``prepare`` again for the next piece; once
-   training is done, ``zoo build VARIANT --profile P --device cuda --resume`` here compiles and
-   simulates on the CPU (training is skipped) and records ``device: cuda``.
+   every epoch; then the checkpoints go to ``$OUT`` in parts, with the build log. Parts
+   beyond what one reply brings back stay on the machine: ``send`` (there, at once, while it
+   is warm) brings the rest.
+3. ``collect`` (here): join the parts returned (from one folder or several) into
+   ``build-out/VARIANT-PROFILE/work/``, checked against the sha256 the piece recorded. Run
+   ``prepare`` again for the next piece; once training is done, ``zoo build VARIANT --profile
+   P --device cuda --resume`` here compiles and simulates on the CPU (training is skipped)
+   and records ``device: cuda``.
 
 Usage (the device tool's ``run`` takes the middle command)::
 
@@ -41,6 +44,7 @@ from zoo.store.hashing import sha256_file  # noqa: E402  (light: no torch, no co
 
 CARRY = ROOT / ".gpu"
 PART = 15 * 2**20  # the device tool returns files of at most 16 MiB
+PARTS_PER_CALL = 4  # ... and 64 MiB in all: 60 MiB of parts, a log and an index
 #: What zoo's training imports that the GPU machine's image lacks (it has torch, numpy, click,
 #: tqdm, filelock, safetensors, huggingface_hub, attrs): brevitas and its own needs, and
 #: jsonschema (the registry's schema) with its needs. Versions: brevitas as pinned here.
@@ -75,22 +79,33 @@ def split(files: list[Path], dest: Path) -> dict[str, dict]:
     return index
 
 
-def join(src: Path, dest: Path) -> list[Path]:
-    """Join the parts that ``src/parts.json`` lists into ``dest``; check size and sha256."""
-    index = json.loads((src / "parts.json").read_text())
+def join(srcs: list[Path], dest: Path) -> list[Path]:
+    """Join the parts that ``srcs[0]/parts.json`` lists, each found in one of ``srcs``, into
+    ``dest``, all or nothing: every part must be there and every joined file match its size
+    and sha256 before any replaces its namesake (no work/ with some checkpoints new, some old)."""
+    index = json.loads((srcs[0] / "parts.json").read_text())
+    where = {part: next((src / part for src in srcs if (src / part).is_file()), None)
+             for entry in index.values() for part in entry["parts"]}  # fmt: skip
+    missing = sorted(part for part, path in where.items() if path is None)
+    if missing:
+        sys.exit(f"{', '.join(missing)} missing: pass every folder that the piece and its "
+                 "`send` commands returned")  # fmt: skip
     dest.mkdir(parents=True, exist_ok=True)
-    joined = []
-    for name, entry in index.items():
-        tmp = dest / f".{name}.joining"
-        with tmp.open("wb") as out:
-            for part in entry["parts"]:
-                out.write((src / part).read_bytes())
-        if tmp.stat().st_size != entry["size"] or sha256_file(tmp) != entry["sha256"]:
-            tmp.unlink()
-            sys.exit(f"{name}: the joined parts do not match their sha256; fetch them again")
-        tmp.replace(dest / name)
-        joined.append(dest / name)
-    return joined
+    tmps = {name: dest / f".{name}.joining" for name in index}
+    try:
+        for name, entry in index.items():
+            tmp = tmps[name]
+            with tmp.open("wb") as out:
+                for part in entry["parts"]:
+                    out.write(where[part].read_bytes())
+            if tmp.stat().st_size != entry["size"] or sha256_file(tmp) != entry["sha256"]:
+                sys.exit(f"{name}: the joined parts do not match their sha256; fetch them again")
+        for name, tmp in tmps.items():
+            tmp.replace(dest / name)
+    finally:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+    return [dest / name for name in index]
 
 
 def build_dir(variant: str, profile: str) -> Path:
@@ -134,7 +149,7 @@ def piece(args: argparse.Namespace) -> None:
     if not (data / "cifar-10-batches-py").is_dir():
         subprocess.run([sys.executable, str(CARRY / "data" / "materialize_cifar.py"), str(data)],
                        check=True)  # fmt: skip
-    join(CARRY / "work", build / "work")
+    join([CARRY / "work"], build / "work")
     (build / "work" / "build.log").unlink(missing_ok=True)  # a warm machine keeps the last one
     env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}", "PYTHONUNBUFFERED": "1",
            "TQDM_DISABLE": "1"}  # fmt: skip
@@ -145,19 +160,45 @@ def piece(args: argparse.Namespace) -> None:
     status = subprocess.run(cmd, env=env, cwd=ROOT).returncode
     out.mkdir(parents=True, exist_ok=True)
     if not args.log_only:
-        split(sorted((build / "work").glob("*.safetensors")), out)
+        parts = build / "parts"
+        shutil.rmtree(parts, ignore_errors=True)
+        split(sorted((build / "work").glob("*.safetensors")), parts)
+        _send(args, parts, out, first=0)
     shutil.copy(build / "work" / "build.log", out / f"{args.variant}-build.log")
     print(f"zoo build exited {status} (10: paused or trained, as asked)")
     if status not in (0, 10):
         sys.exit(status)
 
 
+def _send(args: argparse.Namespace, parts: Path, out: Path, first: int) -> None:
+    """Copy ``parts.json`` and the parts from number ``first`` on into ``out``, as many as one
+    command brings back (:data:`PARTS_PER_CALL`); say how to fetch the rest."""
+    names = [p for entry in json.loads((parts / "parts.json").read_text()).values()
+             for p in entry["parts"]]  # fmt: skip
+    shutil.copy(parts / "parts.json", out / "parts.json")
+    end = min(len(names), first + PARTS_PER_CALL)
+    for name in names[first:end]:
+        shutil.copy(parts / name, out / name)
+    print(f"parts {first + 1}-{end} of {len(names)} in $OUT")
+    if end < len(names):
+        print(f"MORE: run at once, while the machine is warm: python3 benchmarks/gpu_piece.py "
+              f"send {args.variant} --profile {args.profile} --first {end}")  # fmt: skip
+
+
+def send(args: argparse.Namespace) -> None:
+    """On the GPU machine, right after a piece: the parts it could not bring back."""
+    build = Path("/tmp/build") / f"{args.variant}-{args.profile}"
+    out = Path(os.environ.get("OUT", "gpu-out"))
+    out.mkdir(parents=True, exist_ok=True)
+    _send(args, build / "parts", out, args.first)
+
+
 def collect(args: argparse.Namespace) -> None:
     """Join what a piece returned into the build's ``work/``."""
     work = build_dir(args.variant, args.profile) / "work"
-    for path in join(Path(args.files), work):
+    for path in join([Path(f) for f in args.files], work):
         print(f"{path} ({path.stat().st_size / 2**20:.1f} MiB, sha256 verified)")
-    log = Path(args.files) / f"{args.variant}-build.log"
+    log = Path(args.files[0]) / f"{args.variant}-build.log"
     if log.is_file():
         with (work / "gpu-build.log").open("a") as f:
             f.write(log.read_text())
@@ -166,7 +207,8 @@ def collect(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="step", required=True)
-    for name, fn in (("prepare", prepare), ("piece", piece), ("collect", collect)):
+    steps = (("prepare", prepare), ("piece", piece), ("send", send), ("collect", collect))
+    for name, fn in steps:
         p = sub.add_parser(name, help=fn.__doc__)
         p.add_argument("variant")
         p.add_argument("--profile", default="long")
@@ -186,8 +228,11 @@ def main() -> None:
                 help="bring back the build log only (a timing run, or checkpoints "
                 "too large to carry)",
             )
+        if name == "send":
+            p.add_argument("--first", type=int, required=True, help="the first part to send")
         if name == "collect":
-            p.add_argument("files", help="the folder the device tool put the piece's files in")
+            p.add_argument("files", nargs="+", help="the folders the device tool put the "
+                           "piece's files in (the piece's first, then its `send`s')")  # fmt: skip
     args = parser.parse_args()
     args.fn(args)
 

@@ -440,16 +440,17 @@ def train_stage(
     model.to(device)
     peak = prof[f"{stage}_lr"]
     opt = make_optimizer(model, prof, peak)
-    ema = weight_average(model, prof)
     history: list[dict[str, Any]] = []
     if state is not None:
         model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
+        if start < epochs:  # a finished stage's checkpoint holds the weights it keeps, no more
+            opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         history = list(state["history"])
         ctx.log.info("%s stage: resumed from %s after epoch %d", stage, ckpt, start)
+    ema = weight_average(model, prof) if start < epochs else None
+    if ema is not None and state is not None:
+        ema.load_state_dict(state["ema"])
     rounding = None
     if stage == "qat" and prof.get("round_accumulators"):
         # as the circuit rounds: every conv and pool sum, not the output linear's accumulator
@@ -497,20 +498,24 @@ def train_stage(
         ctx.log.info("%s epoch %d/%d lr %.6f loss %.4f train acc %.4f (%.1f s)", stage,
                      epoch + 1, epochs, lr, rec["loss"], rec["train_top1"],
                      time.perf_counter() - t0)  # fmt: skip
+        # The last epoch's checkpoint keeps only the weights the stage ships (the average's
+        # weights and BatchNorm statistics, if any): a third of the size, so that a GPU piece
+        # can bring a finished full-width stage back (docs/gpu.md).
+        last = epoch + 1 == epochs
+        if last and ema is not None:
+            model.load_state_dict(ema.module.state_dict())
         save_checkpoint(ckpt, {
             "epoch": torch.tensor(epoch),
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-            "optimizer": opt.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "history": history,
+            **({} if last else {"optimizer": opt.state_dict()}),
             **({"ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()}}
-               if ema is not None else {}),
+               if ema is not None and not last else {}),
         }, cfg)  # fmt: skip
         ctx.checkpointed(f"{stage} epoch {epoch + 1}/{epochs}")
     if rounding is not None:
         rounding.detach()
-    if ema is not None:  # the averaged weights and BatchNorm statistics are the stage's model
-        model.load_state_dict(ema.module.state_dict())
     model.cpu()
     return history
 

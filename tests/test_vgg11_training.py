@@ -1,0 +1,68 @@
+"""The VGG11 recipe's training stages: deterministic, resumable from any epoch, and a finished
+stage's checkpoint keeps only the weights the stage ships (small enough for a GPU piece to
+bring a full-width stage back)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save as st_save
+
+from zoo.build import run as builder
+from zoo.build.data import load_cifar10
+from zoo.build.run import BuildContext
+from zoo.build.training import load_checkpoint
+from zoo.errors import BuildPaused
+
+vgg = builder.load_recipe("recipes/vgg11_qat.py")
+
+#: Width/8, two float epochs over 256 images under the fast schedule (one-cycle, EMA).
+PROFILE = {"width_divisor": 8, "n_train": 256, "batch_size": 64, "float_epochs": 2,
+           "lr_schedule": "one-cycle", "label_smoothing": 0.1, "ema_decay": 0.9}  # fmt: skip
+PARAMS = {"arch": "vgg11-5bit", "profile_overrides": PROFILE}
+
+
+def _float_stage(cifar_dir: Path, work: Path, resume: bool = False, stop_now: bool = False):
+    cfg = vgg.resolve_config("cifar10-vgg11-qat", PARAMS, "smoke", 0)
+    vgg.seed_everything(0, "cpu")
+    model = vgg.FloatVGG11(10, PROFILE["width_divisor"])
+    x, y = load_cifar10(cifar_dir, "train")
+    work.mkdir(parents=True, exist_ok=True)
+    ctx = BuildContext(variant="cifar10-vgg11-qat", params=PARAMS, profile="smoke", seed=0,
+                       data_dir=cifar_dir, work_dir=work, device="cpu", resume=resume,
+                       log=logging.getLogger("test-vgg11"))  # fmt: skip
+    if stop_now:
+        ctx.stop_at = time.monotonic()  # pause at the first checkpoint
+    history = vgg.train_stage("float", model, x[:256], y[:256], cfg, ctx)
+    return model, history, cfg
+
+
+def test_a_stage_resumes_to_the_same_weights_and_finishes_with_its_weights_only(
+    cifar_dir: Path, tmp_path: Path
+) -> None:
+    model, history, cfg = _float_stage(cifar_dir, tmp_path / "a")
+    weights = st_save(model.state_dict())
+    with pytest.raises(BuildPaused):
+        _float_stage(cifar_dir, tmp_path / "b", stop_now=True)
+    ckpt = tmp_path / "b" / "float.safetensors"
+    mid = load_checkpoint(ckpt, cfg, 2)
+    assert {"optimizer", "ema"} <= set(mid)
+    mid_size = ckpt.stat().st_size
+    resumed, resumed_history, _ = _float_stage(cifar_dir, tmp_path / "b", resume=True)
+    assert st_save(resumed.state_dict()) == weights  # optimizer, schedule and average resumed
+    assert resumed_history == history
+
+    # Finished: the averaged weights alone, under a third of a mid-stage checkpoint's bytes.
+    done = load_checkpoint(ckpt, cfg, 2)
+    assert "optimizer" not in done and "ema" not in done
+    assert st_save(done["model"]) == weights
+    assert ckpt.stat().st_size < mid_size / 2.5
+    # and resuming a finished stage trains nothing and gives the same model
+    again, again_history, _ = _float_stage(cifar_dir, tmp_path / "b", resume=True)
+    assert st_save(again.state_dict()) == weights and again_history == history
+    assert any(not torch.equal(done["model"][k], v) for k, v in
+               mid["model"].items() if v.is_floating_point())  # fmt: skip
