@@ -1,4 +1,5 @@
-"""Ablate the shared fast-training schedule (``zoo/build/schedule.py``) on the full-FHE CNV.
+"""Ablate the shared fast-training schedule (``zoo/build/schedule.py``) on the full-FHE CNV
+and on VGG11 (``vgg-*`` configurations: float stage, then 5-bit QAT, at width/4).
 
 Each named configuration trains the ``cnv-2w2a`` architecture (2-bit weights and activations,
 no pruning) from the same seed (or from a build's weights) for ``--epochs`` epochs on all 50,000
@@ -16,6 +17,8 @@ as one JSON line, with the seconds its training took (summed over the runs that 
         --config +ema
     .venv/bin/python benchmarks/fast_training.py --epochs 3 --simulate 1000 \\
         --config finetune --config finetune+round6
+    .venv/bin/python benchmarks/fast_training.py --epochs 4 --qat-epochs 1 \\
+        --config vgg-fast --config vgg-fast+bn
 
 The configurations (``baseline`` is the recipe's ``full`` schedule, Adam at lr 0.02 halved every
 5 epochs; ``+smoothing`` and ``+ema`` add to ``adam-one-cycle``):
@@ -67,9 +70,17 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "finetune": {"profile": "finetune", "init_from": LONG},
     "finetune+round6": {"profile": "finetune", "init_from": LONG, "round_accumulators": 6},
 }
+#: ``--family vgg11``: overrides of VGG11's ``quick`` profile (width/4, Adam, cosine lr per
+#: epoch, peak 1e-3); each trains ``--epochs`` float epochs, then ``--qat-epochs`` of 5-bit QAT.
+VGG_FAST = {"lr_schedule": "one-cycle", "warmup": 0.2, "label_smoothing": 0.1, "ema_decay": 0.99}
+VGG_CONFIGS: dict[str, dict[str, Any]] = {
+    "vgg-fast": VGG_FAST,
+    "vgg-fast+bn": {**VGG_FAST, "batch_norm": True},
+}
 #: What ``--simulate`` compiles: the -r6 circuit of ``cifar10-cnv-2w2a-r6``.
 R6 = {"p_error": 0.01, "rounding_threshold_bits": {"method": "APPROXIMATE", "n_bits": 6}}
-__doc__ += "".join(f"\n* ``{name}``: {json.dumps(over)}" for name, over in CONFIGS.items()) + "\n"
+_ALL = {**CONFIGS, **VGG_CONFIGS}
+__doc__ += "".join(f"\n* ``{name}``: {json.dumps(over)}" for name, over in _ALL.items()) + "\n"
 
 
 def run(
@@ -141,14 +152,65 @@ def run(
     }
 
 
+def run_vgg(
+    name: str, epochs: int, qat_epochs: int, n_test: int, work: Path, stop_after: float | None
+) -> dict | None:
+    """Train (or resume) one VGG11 configuration, both stages as ``zoo build`` does; its result
+    row (float and QAT clear top-1 on the first ``n_test`` test images), or None if it paused."""
+    from zoo.build.training import Stages
+
+    recipe = load_recipe("recipes/vgg11_qat.py")
+    overrides = {**VGG_CONFIGS[name], "float_epochs": epochs, "qat_epochs": qat_epochs,
+                 "n_test": n_test, "n_train": None}  # fmt: skip
+    params = {"arch": "vgg11-5bit", "profile_overrides": overrides}
+    cfg = recipe.resolve_config("cifar10-vgg11-qat", params, "quick", 0)
+    folder = work / name
+    folder.mkdir(parents=True, exist_ok=True)
+    ctx = BuildContext(
+        variant="cifar10-vgg11-qat", params=params, profile="quick", seed=0, device="cpu",
+        resume=True, work_dir=folder, data_dir=config.data_dir(),
+        log=logging.getLogger("fast_training"),
+        stop_at=None if stop_after is None else time.monotonic() + stop_after,
+    )  # fmt: skip
+    recipe.seed_everything(0, "cpu")
+    train = load_cifar10(ctx.data_dir, "train")
+    test = tuple(a[:n_test] for a in load_cifar10(ctx.data_dir, "test"))
+    stages = Stages()
+    try:
+        float_model, qmodel, history = recipe.train_stages(ctx, cfg, stages, train, test)
+    except BuildPaused as paused:
+        print(f"{name}: {paused}")
+        return None
+    bs = cfg["profile"]["eval_batch_size"]
+    top1 = [topk_accuracy(recipe.logits_of(m, test[0], cfg, bs), test[1], ks=(1,))[1]
+            for m in (float_model, qmodel)]  # fmt: skip
+    return {
+        "family": "vgg11",
+        "config": name,
+        "overrides": VGG_CONFIGS[name],
+        "width_divisor": cfg["profile"]["width_divisor"],
+        "epochs": epochs,
+        "qat_epochs": qat_epochs,
+        "n_test": n_test,
+        "n_train": len(train[1]),
+        "float_top1": top1[0],
+        "clear_top1": top1[1],
+        "history": history,
+        "seconds": round(stages.seconds("train_float") + stages.seconds("train_qat"), 1),
+        "machine": cost.describe_machine(cpu()),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the configurations not yet in ``--out``."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", action="append", choices=sorted(CONFIGS), required=True)
-    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--config", action="append", required=True,
+                        choices=sorted(_ALL))  # fmt: skip
+    parser.add_argument("--epochs", type=int, default=4, help="(VGG11: float epochs)")
+    parser.add_argument("--qat-epochs", type=int, default=1, help="VGG11's QAT epochs")
     parser.add_argument("-n", "--n-test", type=int, default=2000)
     parser.add_argument("--work", type=Path, default=ROOT / "build-out" / "fast_training")
-    parser.add_argument("--out", type=Path, default=RESULTS / "fast_training-cnv-2w2a.jsonl")
+    parser.add_argument("--out", type=Path, help="default: results/fast_training-FAMILY.jsonl")
     parser.add_argument("--stop-after", type=float, help="seconds; stop at an epoch boundary")
     parser.add_argument("--n-train", type=int, help="first N training images (default: all)")
     parser.add_argument(
@@ -159,6 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         help="then simulate the -r6 circuit on the first N test images",
     )
     args = parser.parse_args(argv)
+    vgg = [name in VGG_CONFIGS for name in args.config]
+    if any(vgg) and not all(vgg):
+        parser.error("VGG11 and CNV configurations go to different files: run them apart")
+    if args.out is None:
+        args.out = RESULTS / f"fast_training-{'vgg11' if all(vgg) else 'cnv-2w2a'}.jsonl"
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     done = set()
     if args.out.exists():
@@ -168,8 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         if (name, args.epochs, args.n_test, args.n_train or 50_000) in done:
             print(f"{name}: already in {args.out}")
             continue
-        row = run(name, args.epochs, args.n_test, args.work, args.stop_after, args.n_train,
-                  args.simulate)  # fmt: skip
+        if name in VGG_CONFIGS:
+            row = run_vgg(name, args.epochs, args.qat_epochs, args.n_test, args.work,
+                          args.stop_after)  # fmt: skip
+        else:
+            row = run(name, args.epochs, args.n_test, args.work, args.stop_after, args.n_train,
+                      args.simulate)  # fmt: skip
         if row is None:
             return 3
         print(f"{name}: clear top-1 {row['clear_top1']:.4f} after {args.epochs} epochs")

@@ -368,7 +368,7 @@ def resolve_config(variant: str, params: dict[str, Any], profile: str, seed: int
     params = dict(params)
     clear_blocks = params.pop("clear_blocks", 0)
     arch_name, arch, prof = merge_params(
-        "split-CNV", ARCHS, PROFILES, PROFILE_OVERRIDES, variant, params, profile
+        "split-CNV", ARCHS, PROFILES, PROFILE_OVERRIDES, variant, params, profile, Profile
     )
     if clear_blocks:  # absent when 0, so that older builds keep their bytes
         if not 0 < clear_blocks < len(arch["plan"]):

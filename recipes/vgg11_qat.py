@@ -48,7 +48,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -116,7 +116,11 @@ class Arch(CompileSettings):
     bits: int  # weights, activations and input, every layer
 
 
-class Profile(ProfileBase, MonitorKeys, ScheduleKeys):
+class _ProfileOptions(TypedDict, total=False):
+    batch_norm: bool  # float stage: BatchNorm after every conv, folded into it before QAT
+
+
+class Profile(ProfileBase, MonitorKeys, ScheduleKeys, _ProfileOptions):
     """One training profile: a float stage, then QAT (the optional keys of the shared schedule,
     :mod:`zoo.build.schedule`, apply to both, each stage's lr being its peak)."""
 
@@ -224,7 +228,7 @@ AUGMENT = {"crop_padding": 4, "hflip": True}
 def resolve_config(variant: str, params: dict[str, Any], profile: str, seed: int) -> dict:
     """Architecture, registry params and profile merged into one JSON-able config."""
     arch_name, arch, prof = merge_params(
-        "VGG11", ARCHS, PROFILES, PROFILE_OVERRIDES, variant, params, profile
+        "VGG11", ARCHS, PROFILES, PROFILE_OVERRIDES, variant, params, profile, Profile
     )
     if arch["dataset"] not in DATASETS:
         raise ValueError(f"unknown dataset {arch['dataset']!r}; choose from {sorted(DATASETS)}")
@@ -291,9 +295,11 @@ def _channels(out: int, divisor: int) -> int:
 
 class FloatVGG11(nn.Module):
     """The float network. "I" entries are ``nn.Identity`` so that parameter names match the
-    Brevitas copy's (``features.<i>.weight``) and the weights carry over one to one."""
+    Brevitas copy's (``features.<i>.weight``) and the weights carry over one to one. With
+    ``batch_norm`` each conv's ReLU is preceded by a BatchNorm (``features.<i+1>.0``), which
+    :func:`folded_state` folds into the conv for the Brevitas copy."""
 
-    def __init__(self, num_classes: int, width_divisor: int = 1) -> None:
+    def __init__(self, num_classes: int, width_divisor: int = 1, batch_norm: bool = False) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         ch = 3
@@ -302,7 +308,8 @@ class FloatVGG11(nn.Module):
                 layers.append(nn.Identity())
             elif item[0] == "C":
                 out = _channels(item[1], width_divisor)
-                layers += [nn.Conv2d(ch, out, 3, padding=1), nn.ReLU()]
+                act = nn.Sequential(nn.BatchNorm2d(out), nn.ReLU()) if batch_norm else nn.ReLU()
+                layers += [nn.Conv2d(ch, out, 3, padding=1), act]
                 ch = out
             else:
                 layers.append(nn.AvgPool2d(item[1], item[2]))
@@ -319,6 +326,27 @@ class FloatVGG11(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits from normalised NCHW images."""
         return self.final(torch.flatten(self.features(x), 1))
+
+
+def folded_state(model: FloatVGG11) -> dict[str, torch.Tensor]:
+    """``model``'s state dict in the Brevitas copy's names, each BatchNorm (eval statistics)
+    folded into the conv before it: ``w * g / sqrt(var + eps)``, ``(b - mean) * g / sqrt(var +
+    eps) + beta``; the same function of the input, without the BatchNorm."""
+    state = {}
+    layers = list(model.features)
+    for i, layer in enumerate(layers):
+        if not isinstance(layer, nn.Conv2d):
+            continue
+        weight, bias = layer.weight.detach(), layer.bias.detach()
+        after = layers[i + 1]
+        if isinstance(after, nn.Sequential) and isinstance(after[0], nn.BatchNorm2d):
+            bn = after[0]
+            scale = bn.weight.detach() / torch.sqrt(bn.running_var + bn.eps)
+            weight = weight * scale[:, None, None, None]
+            bias = (bias - bn.running_mean) * scale + bn.bias.detach()
+        state[f"features.{i}.weight"], state[f"features.{i}.bias"] = weight, bias
+    state.update({f"final.{k}": v.detach() for k, v in model.final.state_dict().items()})
+    return state
 
 
 class QuantVGG11(nn.Module):
@@ -388,12 +416,11 @@ def load_init(model: FloatVGG11, path: Path) -> dict[str, Any]:
                 f"has {len(convs)}",
                 hint="pass a torchvision vgg11 state dict or a float stage saved by this recipe",
             )
-        mapped = {}
+        mapped = dict(ours)  # the convs replaced; the rest (final, any BatchNorm) kept fresh
         for key, conv in zip(weights, convs):
             theirs = key.rsplit(".", 1)[0]
             mapped[f"{conv}.weight"] = tensors[key]
             mapped[f"{conv}.bias"] = tensors[f"{theirs}.bias"]
-        mapped.update({k: v for k, v in ours.items() if k.startswith("final.")})
     for key, value in mapped.items():
         if tuple(value.shape) != tuple(ours[key].shape):
             raise BuildError(
@@ -572,11 +599,38 @@ def export_head(model: QuantVGG11, cfg: dict[str, Any]) -> tuple[dict, dict]:
 # --------------------------------------------------------------------------------------------
 
 
+def train_stages(
+    ctx: BuildContext,
+    cfg: dict[str, Any],
+    stages: Stages,
+    train: tuple[np.ndarray, np.ndarray],
+    monitor: tuple[np.ndarray, np.ndarray],
+) -> tuple[FloatVGG11, QuantVGG11, list[dict[str, Any]]]:
+    """Steps 2-3 of :func:`build`: the float stage, from scratch or from ``ctx.init`` (whose
+    hash then enters the config, and with it the training fingerprint and the manifest), then
+    the QAT stage from its weights (any BatchNorm folded in); the models and the history."""
+    arch, prof = cfg["arch"], cfg["profile"]
+    n_classes = cfg["data"]["num_classes"]
+    with stages("train_float", ctx.device):
+        float_model = FloatVGG11(n_classes, prof["width_divisor"], prof.get("batch_norm", False))
+        if ctx.init is not None:
+            cfg["init"] = load_init(float_model, ctx.init)
+            ctx.log.info("float stage starts from %s (%s)", ctx.init, cfg["init"]["sha256"])
+        history = train_stage("float", float_model, *train, cfg, ctx, monitor=monitor)
+    with stages("train_qat", ctx.device):
+        torch.manual_seed(ctx.seed)
+        qmodel = QuantVGG11(n_classes, arch["bits"], prof["width_divisor"])
+        missing, unexpected = qmodel.load_state_dict(folded_state(float_model), strict=False)
+        if unexpected or any(k.endswith(("weight", "bias")) for k in missing):
+            raise BuildError(f"float -> QAT weight transfer failed: {missing=} {unexpected=}")
+        history += train_stage("qat", qmodel, *train, cfg, ctx, monitor=monitor)
+    return float_model, qmodel, history
+
+
 def build(ctx: BuildContext) -> RecipeResult:
     """Data -> float training -> QAT -> evaluate clear -> compile -> FHE simulation."""
     cfg = resolve_config(ctx.variant, ctx.params, ctx.profile, ctx.seed)
     arch, prof = cfg["arch"], cfg["profile"]
-    n_classes = cfg["data"]["num_classes"]
     Path(ctx.work_dir).mkdir(parents=True, exist_ok=True)
     stages = Stages()
     seed_everything(ctx.seed, ctx.device)
@@ -589,25 +643,9 @@ def build(ctx: BuildContext) -> RecipeResult:
     ctx.log.info("data: %s, %d train, %d test images", data["dataset"], len(train_y),
                  len(test_y))  # fmt: skip
 
-    # 2. Float stage, from scratch or from --init (whose hash then enters the config, and with
-    # it the training fingerprint and the manifest).
-    with stages("train_float", ctx.device):
-        float_model = FloatVGG11(n_classes, prof["width_divisor"])
-        if ctx.init is not None:
-            cfg["init"] = load_init(float_model, ctx.init)
-            ctx.log.info("float stage starts from %s (%s)", ctx.init, cfg["init"]["sha256"])
-        float_history = train_stage("float", float_model, train_x, train_y, cfg, ctx,
-                                    monitor=(test_x, test_y))  # fmt: skip
-
-    # 3. QAT stage, initialised from the float weights.
-    with stages("train_qat", ctx.device):
-        torch.manual_seed(ctx.seed)
-        qmodel = QuantVGG11(n_classes, arch["bits"], prof["width_divisor"])
-        missing, unexpected = qmodel.load_state_dict(float_model.state_dict(), strict=False)
-        if unexpected or any(k.endswith(("weight", "bias")) for k in missing):
-            raise BuildError(f"float -> QAT weight transfer failed: {missing=} {unexpected=}")
-        qat_history = train_stage("qat", qmodel, train_x, train_y, cfg, ctx,
-                                  monitor=(test_x, test_y))  # fmt: skip
+    # 2-3. Float stage, then QAT.
+    float_model, qmodel, history = train_stages(ctx, cfg, stages, (train_x, train_y),
+                                                (test_x, test_y))  # fmt: skip
     ctx.trained()
     n_params = sum(p.numel() for p in float_model.parameters())
 
@@ -637,6 +675,6 @@ def build(ctx: BuildContext) -> RecipeResult:
         metrics={
             "float_top1": float_acc[1],
             "n_parameters": n_params,
-            "train_history": float_history + qat_history,
+            "train_history": history,
         },
     )  # fmt: skip

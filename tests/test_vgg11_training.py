@@ -66,3 +66,31 @@ def test_a_stage_resumes_to_the_same_weights_and_finishes_with_its_weights_only(
     assert st_save(again.state_dict()) == weights and again_history == history
     assert any(not torch.equal(done["model"][k], v) for k, v in
                mid["model"].items() if v.is_floating_point())  # fmt: skip
+
+
+def test_batch_norm_folds_into_the_convs_the_brevitas_copy_loads(cifar_dir: Path) -> None:
+    """A float stage with BatchNorm (eval statistics) and the same network without it, loaded
+    with the folded weights, compute the same logits; the Brevitas copy takes them."""
+    torch.manual_seed(0)
+    with_bn = vgg.FloatVGG11(10, width_divisor=8, batch_norm=True)
+    for m in with_bn.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):  # statistics and affine far from the identity
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.2, 3)
+            m.weight.data.uniform_(0.5, 2)
+            m.bias.data.uniform_(-0.5, 0.5)
+    with_bn.eval()
+    folded = vgg.folded_state(with_bn)
+    plain = vgg.FloatVGG11(10, width_divisor=8)
+    plain.load_state_dict(folded)  # strict: exactly the plain network's names
+    images = vgg.normalize_images(load_cifar10(cifar_dir, "test")[0][:16],
+                                  torch.tensor([0.5] * 3), torch.tensor([0.25] * 3))  # fmt: skip
+    unfolded = vgg.FloatVGG11(10, width_divisor=8).eval()  # the raw convs, BatchNorm dropped
+    unfolded.load_state_dict({k: v for k, v in with_bn.state_dict().items() if k in folded})
+    with torch.no_grad():
+        want, got = with_bn(images), plain.eval()(images)
+        assert not torch.allclose(unfolded(images), want, rtol=1e-2, atol=1e-3)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    quant = vgg.QuantVGG11(10, 5, width_divisor=8)
+    missing, unexpected = quant.load_state_dict(folded, strict=False)
+    assert not unexpected and not any(k.endswith(("weight", "bias")) for k in missing)

@@ -97,10 +97,12 @@ def merge_params(
     variant: str,
     params: dict[str, Any],
     profile: str,
+    profile_type: type | None = None,
 ) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """(arch name, arch, profile) of a variant: the registry's ``params`` name an ``arch`` and
     may override any of its keys; ``params["profile_overrides"]`` may override profile keys
-    (tests shrink a profile so). Unknown names and keys raise ``ValueError``."""
+    (tests shrink a profile so), the profile's own and the optional ones (the shared ones and
+    those of the recipe's ``profile_type``). Unknown names and keys raise ``ValueError``."""
     params = dict(params)
     arch_name = params.pop("arch", None) or variant
     overrides = dict(params.pop("profile_overrides", None) or {})
@@ -115,7 +117,8 @@ def merge_params(
         arch[key] = value
     prof = dict(profiles[profile])
     prof.update(profile_overrides.get((arch_name, profile), {}))
-    unknown = set(overrides) - set(prof) - OPTIONAL_PROFILE_KEYS
+    optional = OPTIONAL_PROFILE_KEYS | getattr(profile_type, "__optional_keys__", frozenset())
+    unknown = set(overrides) - set(prof) - optional
     if unknown:
         raise ValueError(f"unknown profile keys in profile_overrides: {sorted(unknown)}")
     prof.update(overrides)
