@@ -130,15 +130,7 @@ class Arch(CompileSettings, _ArchOptions):
     output_bits: int  # the circuit's input and output quantization
 
 
-class _ProfileOptions(TypedDict, total=False):
-    init_from: str  # VARIANT@REV whose weights start training (else the arch's, if any)
-    # Rounding in the loop: measure each layer's width with the layers before it rounded (how
-    # the ``fast`` cnv-2w2a build was trained; the default for archs without ``pool_first``)
-    # or, False, on the unrounded network as the compiler does.
-    calibrate_rounded: bool
-
-
-class Profile(ProfileBase, MonitorKeys, ScheduleKeys, _ProfileOptions):
+class Profile(ProfileBase, MonitorKeys, ScheduleKeys):
     """One training profile (see below; the optional keys of the shared schedule:
     :mod:`zoo.build.schedule`)."""
 
@@ -220,8 +212,8 @@ ARCHS["cnv-2w2a-pf"] = {
 #: ``prune_epoch`` is the epoch at whose start the fan-in masks are computed (from weight
 #: magnitude) and frozen.
 PROFILES: dict[str, Profile] = {
-    # A short fine-tune of ``init_from``'s weights (the arch's, or per arch the profile's):
-    # lr 0.002, halved every 2 epochs, clear test top-1 logged after every epoch.
+    # A short fine-tune of ``init_from``'s weights (architectures that name one): lr 0.002,
+    # halved every 2 epochs, clear test top-1 logged after every epoch.
     "finetune": {
         "epochs": 6,
         "batch_size": 100,
@@ -328,21 +320,6 @@ PROFILE_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
     # (rounding in the loop, fine-tuning from the 60-epoch build for 3 epochs: FHE-sim 0.764
     # without, 0.813 with, first 1,000 test images; benchmarks/results/fast_training-*.jsonl).
     ("cnv-2w2a", "fast"): {"round_accumulators": 6, "round_from": 56},
-    # The ``fast`` build (FHE-sim 0.8316) trained once more with its circuit's 6-bit rounding
-    # throughout: a second, shorter one-cycle (peak 0.003, a seventh of the first's), with the
-    # same smoothing and EMA, rounding calibrated as the compiler measures widths.
-    ("cnv-2w2a", "finetune"): {
-        "init_from": "cifar10-cnv-2w2a-r6@0f0df7804d58",
-        "epochs": 12,
-        "lr": 0.003,
-        "lr_halve_every": 12,  # unused: the one-cycle rate is set every step
-        "lr_schedule": "one-cycle",
-        "warmup": 0.1,
-        "label_smoothing": 0.1,
-        "ema_decay": 0.99,
-        "round_accumulators": 6,
-        "calibrate_rounded": False,
-    },
     ("tiny", "quick"): {"epochs": 3, "n_train": None},
     ("tiny", "smoke"): {"epochs": 2, "n_train": 2000},
 }
@@ -786,21 +763,16 @@ def _lr_at(cfg: dict[str, Any], epoch: int) -> float:
     return prof["lr"] * 0.5 ** (epoch // prof["lr_halve_every"])
 
 
-def accumulator_rounding(
-    model: SplitCNV, arch: dict[str, Any], bits: int, calibrate_rounded: bool | None = None
-) -> AccumulatorRounding:
+def accumulator_rounding(model: SplitCNV, arch: dict[str, Any], bits: int) -> AccumulatorRounding:
     """Rounding in the loop (:mod:`zoo.build.rounding`) of the encrypted part: not its first
     ``clear_blocks`` blocks (one rounded sum each: the conv's, or with ``pool_first`` the
     pooled sum of a pooled block, which the circuit folds into one conv; run by the client),
     nor, without a TensorNorm, its last linear (whose accumulator is the circuit's output);
-    pools of ternary activations are never wide enough to round. ``calibrate_rounded`` (the
-    profile's; by default, non-pool-first archs): calibrate with the earlier layers rounded, as
-    the ``fast`` build of ``cnv-2w2a`` was trained."""
-    if calibrate_rounded is None:
-        calibrate_rounded = not arch.get("pool_first")
+    pools of ternary activations are never wide enough to round. Non-pool-first archs calibrate
+    with the earlier layers rounded, as the ``fast`` build of ``cnv-2w2a`` was trained."""
     return AccumulatorRounding(model.encrypted, bits, skip=arch.get("clear_blocks", 0),
                                round_last=arch["tensor_norm"],
-                               calibrate_rounded=calibrate_rounded)  # fmt: skip
+                               calibrate_rounded=not arch.get("pool_first"))  # fmt: skip
 
 
 def calibrate_rounding(
@@ -888,8 +860,7 @@ def train(
         ctx.log.info("resumed from %s after epoch %d", ckpt_path, start_epoch)
     rounding = None
     if prof.get("round_accumulators"):
-        rounding = accumulator_rounding(model, arch, prof["round_accumulators"],
-                                        prof.get("calibrate_rounded"))  # fmt: skip
+        rounding = accumulator_rounding(model, arch, prof["round_accumulators"])
         rounding.attach(model.encrypted)
         if ema is not None:
             rounding.attach(ema.module.encrypted)
@@ -1115,10 +1086,9 @@ def build(ctx: BuildContext) -> RecipeResult:
     model = SplitCNV(arch)
     n_params = sum(p.numel() for p in model.parameters())
     ctx.log.info("model %s: %d parameters", cfg["arch_name"], n_params)
-    parent = prof.get("init_from", arch.get("init_from"))
-    if parent:
-        load_parent(model, parent)
-        ctx.log.info("training starts from the weights of %s", parent)
+    if "init_from" in arch:
+        load_parent(model, arch["init_from"])
+        ctx.log.info("training starts from the weights of %s", arch["init_from"])
 
     # 3. Train (QAT + fan-in pruning).
     with stages("train", ctx.device):

@@ -355,7 +355,7 @@ def pull(
               type=click.Choice(["fast", "finetune", "long", "full", "quick", "smoke"]),
               default="quick", help="long: for a GPU, in pieces (--stop-after); fast: "
               "one-cycle schedule for the CPU, in pieces; finetune: continues the build its "
-              "arch or profile names")
+              "arch names")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help="folder with cifar-10-batches-py/ (default $ZOO_DATA_DIR)")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
