@@ -20,9 +20,10 @@ from zoo.errors import BuildPaused
 
 vgg = builder.load_recipe("recipes/vgg11_qat.py")
 
-#: Width/8, two float epochs over 256 images under the fast schedule (one-cycle, EMA).
+#: Width/8, two epochs per stage over 256 images under the fast schedule (one-cycle, EMA).
 PROFILE = {"width_divisor": 8, "n_train": 256, "batch_size": 64, "float_epochs": 2,
-           "lr_schedule": "one-cycle", "label_smoothing": 0.1, "ema_decay": 0.9}  # fmt: skip
+           "qat_epochs": 2, "lr_schedule": "one-cycle", "label_smoothing": 0.1,
+           "ema_decay": 0.9}  # fmt: skip
 PARAMS = {"arch": "vgg11-5bit", "profile_overrides": PROFILE}
 
 
@@ -94,3 +95,28 @@ def test_batch_norm_folds_into_the_convs_the_brevitas_copy_loads(cifar_dir: Path
     quant = vgg.QuantVGG11(10, 5, width_divisor=8)
     missing, unexpected = quant.load_state_dict(folded, strict=False)
     assert not unexpected and not any(k.endswith(("weight", "bias")) for k in missing)
+
+
+def test_the_weight_average_of_a_qat_stage_switches_its_scales_with_the_model(
+    cifar_dir: Path, tmp_path: Path
+) -> None:
+    """Brevitas' activation scales collect statistics for a number of training steps, then
+    learn from them; the average's copy switches with them (else it kept the statistics, and
+    its state dict missed the learned scales that the stage ships)."""
+    from brevitas.core.scaling.standalone import ParameterFromRuntimeStatsScaling as Runtime
+
+    cfg = vgg.resolve_config("cifar10-vgg11-qat", PARAMS, "smoke", 0)
+    vgg.seed_everything(0, "cpu")
+    model = vgg.QuantVGG11(10, 5, PROFILE["width_divisor"])
+    scales = [m for m in model.modules() if isinstance(m, Runtime)]
+    for m in scales:
+        m.collect_stats_steps = 2  # of the 8 steps of two QAT epochs (default: hundreds)
+    x, y = load_cifar10(cifar_dir, "train")
+    ctx = BuildContext(variant="cifar10-vgg11-qat", params=PARAMS, profile="smoke", seed=0,
+                       data_dir=cifar_dir, work_dir=tmp_path, device="cpu", resume=False,
+                       log=logging.getLogger("test-vgg11"))  # fmt: skip
+    vgg.train_stage("qat", model, x[:256], y[:256], cfg, ctx)  # ships the average
+    assert scales and all(m.counter > m.collect_stats_steps for m in scales)
+    assert all(not torch.all(m.value == 1.0) for m in scales)  # learned, not the initial 1.0
+    shipped = load_checkpoint(tmp_path / "qat.safetensors", cfg, 2)["model"]
+    assert st_save(shipped) == st_save(model.state_dict())

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any, Literal, TypedDict
 
 import torch
+import torch.optim.swa_utils
 
 
 class ScheduleKeys(TypedDict, total=False):
@@ -102,12 +103,39 @@ def criterion(prof: dict[str, Any]) -> torch.nn.Module:
     return torch.nn.CrossEntropyLoss(label_smoothing=float(prof.get("label_smoothing", 0.0)))
 
 
-def weight_average(model: torch.nn.Module, prof: dict[str, Any]) -> Any | None:
-    """An exponential moving average of ``model`` (weights and BatchNorm statistics) with the
-    profile's ``ema_decay``, or None without one; ``update_parameters(model)`` after each step."""
-    decay = prof.get("ema_decay")
-    if decay is None:
-        return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+class WeightAverage(torch.optim.swa_utils.AveragedModel):
+    """An exponential moving average of a model's weights and buffers (BatchNorm statistics).
 
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(float(decay)), use_buffers=True)
+    Brevitas' runtime-statistics scales (``ParameterFromRuntimeStatsScaling``: the VGG11
+    recipe's activation quantizers) use their running statistics for their first
+    ``collect_stats_steps`` training steps, then set their learned ``value`` from them once.
+    The average's copy never runs a training step, so by itself it would never switch to
+    ``value`` (its scales would stay the statistics, and its state dict would lack the key):
+    here it switches with the model, from the model's value, and averages it from then on."""
+
+    def __init__(self, model: torch.nn.Module, decay: float) -> None:
+        from brevitas.core.scaling.standalone import ParameterFromRuntimeStatsScaling
+        from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+        super().__init__(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+        self._runtime_scales = [
+            (mine, theirs)
+            for mine, theirs in zip(self.module.modules(), model.modules())
+            if isinstance(theirs, ParameterFromRuntimeStatsScaling)
+        ]
+
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        """Average one more step of ``model`` (the one this average was made of)."""
+        super().update_parameters(model)
+        for mine, theirs in self._runtime_scales:
+            if mine.counter != theirs.counter:
+                with torch.no_grad():
+                    mine.value.copy_(theirs.value)
+                mine.counter = theirs.counter
+
+
+def weight_average(model: torch.nn.Module, prof: dict[str, Any]) -> WeightAverage | None:
+    """An exponential moving average of ``model`` (:class:`WeightAverage`) with the profile's
+    ``ema_decay``, or None without one; ``update_parameters(model)`` after each step."""
+    decay = prof.get("ema_decay")
+    return None if decay is None else WeightAverage(model, float(decay))
