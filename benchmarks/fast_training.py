@@ -31,6 +31,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,20 @@ _ALL = {**CONFIGS, **VGG_CONFIGS}
 __doc__ += "".join(f"\n* ``{name}``: {json.dumps(over)}" for name, over in _ALL.items()) + "\n"
 
 
+@contextmanager
+def _clock(folder: Path) -> Iterator[dict[str, float]]:
+    """Add the block's seconds to ``folder/seconds.json`` (summed over the runs that resumed a
+    configuration, even one that paused); the dict yielded holds the total once it ends."""
+    clock = folder / "seconds.json"
+    total = {"seconds": json.loads(clock.read_text())["seconds"] if clock.exists() else 0.0}
+    started = time.perf_counter()
+    try:
+        yield total
+    finally:
+        total["seconds"] = round(total["seconds"] + time.perf_counter() - started, 1)
+        clock.write_text(json.dumps(total))
+
+
 def run(
     name: str,
     epochs: int,
@@ -114,17 +130,12 @@ def run(
     images, labels = (a[:n_train] for a in load_cifar10(ctx.data_dir, "train"))
     test_images, test_labels = load_cifar10(ctx.data_dir, "test")
     monitor = (test_images[:n_test], test_labels[:n_test])
-    clock = folder / "seconds.json"
-    spent = json.loads(clock.read_text())["seconds"] if clock.exists() else 0.0
-    started = time.perf_counter()
     try:
-        history = recipe.train(model, images, labels, cfg, ctx, monitor=monitor)
+        with _clock(folder) as spent:
+            history = recipe.train(model, images, labels, cfg, ctx, monitor=monitor)
     except BuildPaused as paused:
         print(f"{name}: {paused}")
         return None
-    finally:
-        spent += time.perf_counter() - started
-        clock.write_text(json.dumps({"seconds": round(spent, 1)}))
     row = {}
     if n_simulate:
         started = time.perf_counter()
@@ -147,7 +158,7 @@ def run(
         "n_train": len(labels),
         "clear_top1": history[-1]["monitor_top1"],
         "history": history,
-        "seconds": round(spent, 1),
+        "seconds": spent["seconds"],
         "machine": cost.describe_machine(cpu()),
     }
 
@@ -175,9 +186,9 @@ def run_vgg(
     recipe.seed_everything(0, "cpu")
     train = load_cifar10(ctx.data_dir, "train")
     test = tuple(a[:n_test] for a in load_cifar10(ctx.data_dir, "test"))
-    stages = Stages()
     try:
-        float_model, qmodel, history = recipe.train_stages(ctx, cfg, stages, train, test)
+        with _clock(folder) as spent:
+            float_model, qmodel, history = recipe.train_stages(ctx, cfg, Stages(), train, test)
     except BuildPaused as paused:
         print(f"{name}: {paused}")
         return None
@@ -196,7 +207,7 @@ def run_vgg(
         "float_top1": top1[0],
         "clear_top1": top1[1],
         "history": history,
-        "seconds": round(stages.seconds("train_float") + stages.seconds("train_qat"), 1),
+        "seconds": spent["seconds"],
         "machine": cost.describe_machine(cpu()),
     }
 
