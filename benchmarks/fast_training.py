@@ -46,7 +46,7 @@ kernels.pin()  # before torch starts: the same kernels as `zoo build` (AVX2 on a
 from zoo import config  # noqa: E402
 from zoo.build.data import load_cifar10  # noqa: E402
 from zoo.build.run import BuildContext, load_recipe  # noqa: E402
-from zoo.build.training import compile_qat, fhe_logits, topk_accuracy  # noqa: E402
+from zoo.build.training import Stages, compile_qat, fhe_logits, topk_accuracy  # noqa: E402
 from zoo.cost import model as cost  # noqa: E402
 from zoo.cost.machine import cpu  # noqa: E402
 from zoo.errors import BuildPaused  # noqa: E402
@@ -72,8 +72,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "finetune": {"profile": "finetune", "init_from": LONG},
     "finetune+round6": {"profile": "finetune", "init_from": LONG, "round_accumulators": 6},
 }
-#: ``--family vgg11``: overrides of VGG11's ``quick`` profile (width/4, Adam, cosine lr per
-#: epoch, peak 1e-3); each trains ``--epochs`` float epochs, then ``--qat-epochs`` of 5-bit QAT.
+#: The ``vgg-*`` configurations: overrides of VGG11's ``quick`` profile (width/4, Adam, cosine
+#: lr per epoch, peak 1e-3); each trains ``--epochs`` float epochs, then ``--qat-epochs`` of QAT.
 VGG_FAST = {"lr_schedule": "one-cycle", "warmup": 0.2, "label_smoothing": 0.1, "ema_decay": 0.99}
 VGG_CONFIGS: dict[str, dict[str, Any]] = {
     "vgg-fast": VGG_FAST,
@@ -168,8 +168,6 @@ def run_vgg(
 ) -> dict | None:
     """Train (or resume) one VGG11 configuration, both stages as ``zoo build`` does; its result
     row (float and QAT clear top-1 on the first ``n_test`` test images), or None if it paused."""
-    from zoo.build.training import Stages
-
     recipe = load_recipe("recipes/vgg11_qat.py")
     overrides = {**VGG_CONFIGS[name], "float_epochs": epochs, "qat_epochs": qat_epochs,
                  "n_test": n_test, "n_train": None}  # fmt: skip

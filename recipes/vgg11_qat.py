@@ -15,7 +15,8 @@ Linear(512, classes).
    order; its ImageNet classifier is dropped): Adam with a cosine learning rate, random crop
    (32, padding 4) + horizontal flip, normalisation with the dataset's mean and std. (Without
    BatchNorm, SGD at lr 0.02 left the loss near ln 10 for the first hundreds of steps here;
-   Adam at 1e-3 started learning at once.)
+   Adam at 1e-3 started learning at once.) Profiles with ``batch_norm`` (``fast``) put a
+   BatchNorm after every conv, which the QAT stage's copy receives folded into the conv.
 2. **QAT stage.** A Brevitas copy with ``bits``-bit (5 in the reference) weights, activations
    and input on every layer, the first conv and the final linear included
    (``QuantIdentity`` before each conv block, ``QuantConv2d`` + ``QuantReLU``, AvgPool, and a
@@ -39,7 +40,8 @@ runs on whatever is there and records ``"partial": true`` in the manifest's data
 
 Determinism as in ``split_cnv``: every draw comes from the seed, the data order and
 augmentation of epoch ``e`` of stage ``s`` from ``numpy.random.default_rng([seed, s, e])``, and
-each epoch ends with a checkpoint (model, optimizer, torch RNG) that ``--resume`` continues.
+each epoch ends with a checkpoint (model, optimizer, torch RNG) that ``--resume`` continues;
+a stage's last one keeps only the weights the stage ships.
 """
 
 from __future__ import annotations
