@@ -467,7 +467,12 @@ def train_stage(
     prof, data, seed = cfg["profile"], cfg["data"], cfg["seed"]
     epochs = prof[f"{stage}_epochs"]
     ckpt = Path(ctx.work_dir) / f"{stage}.safetensors"
-    state = load_checkpoint(ckpt, cfg, epochs) if ctx.resume and ckpt.exists() else None
+    # The float stage does not depend on the QAT stage's rounding: a variant's -r6/-r7, whose
+    # QAT stages round (``round_*``), share the float checkpoint of the unrounded base.
+    stage_cfg = cfg if stage == "qat" else {
+        **cfg, "profile": {k: v for k, v in prof.items() if not k.startswith("round_")}
+    }  # fmt: skip
+    state = load_checkpoint(ckpt, stage_cfg, epochs) if ctx.resume and ckpt.exists() else None
     start = 0 if state is None else int(state["epoch"]) + 1
     device = torch.device(ctx.train_device(start < epochs))
     model.to(device)
@@ -545,7 +550,7 @@ def train_stage(
             **({} if last else {"optimizer": opt.state_dict()}),
             **({"ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()}}
                if ema is not None and not last else {}),
-        }, cfg)  # fmt: skip
+        }, stage_cfg)  # fmt: skip
         ctx.checkpointed(f"{stage} epoch {epoch + 1}/{epochs}")
     if rounding is not None:
         rounding.detach()

@@ -46,6 +46,10 @@ def _variant_problems(variant: reg.Variant, registry: reg.Registry) -> list[str]
         n_bits = rounding.get("n_bits") if isinstance(rounding, dict) else rounding
         if n_bits != bits:
             problems.append(f"{name}: rounding_threshold_bits.n_bits is not {bits}")
+        # Rounding in the training loop, if any, is the circuit's.
+        in_loop = variant.recipe["params"].get("profile_overrides", {}).get("round_accumulators")
+        if in_loop not in (None, bits):
+            problems.append(f"{name}: trains with {in_loop}-bit rounding, its circuit has {bits}")
         if base not in registry.variants:
             problems.append(f"{name}: its unrounded base {base} is not catalogued")
         else:

@@ -15,8 +15,8 @@ from safetensors.torch import save as st_save
 from zoo.build import run as builder
 from zoo.build.data import load_cifar10
 from zoo.build.run import BuildContext
-from zoo.build.training import load_checkpoint
-from zoo.errors import BuildPaused
+from zoo.build.training import load_checkpoint, save_checkpoint
+from zoo.errors import BuildError, BuildPaused
 
 vgg = builder.load_recipe("recipes/vgg11_qat.py")
 
@@ -27,13 +27,15 @@ PROFILE = {"width_divisor": 8, "n_train": 256, "batch_size": 64, "float_epochs":
 PARAMS = {"arch": "vgg11-5bit", "profile_overrides": PROFILE}
 
 
-def _float_stage(cifar_dir: Path, work: Path, resume: bool = False, stop_now: bool = False):
-    cfg = vgg.resolve_config("cifar10-vgg11-qat", PARAMS, "smoke", 0)
+def _float_stage(
+    cifar_dir: Path, work: Path, resume: bool = False, stop_now: bool = False, params=PARAMS
+):
+    cfg = vgg.resolve_config("cifar10-vgg11-qat", params, "smoke", 0)
     vgg.seed_everything(0, "cpu")
     model = vgg.FloatVGG11(10, PROFILE["width_divisor"])
     x, y = load_cifar10(cifar_dir, "train")
     work.mkdir(parents=True, exist_ok=True)
-    ctx = BuildContext(variant="cifar10-vgg11-qat", params=PARAMS, profile="smoke", seed=0,
+    ctx = BuildContext(variant="cifar10-vgg11-qat", params=params, profile="smoke", seed=0,
                        data_dir=cifar_dir, work_dir=work, device="cpu", resume=resume,
                        log=logging.getLogger("test-vgg11"))  # fmt: skip
     if stop_now:
@@ -120,3 +122,18 @@ def test_the_weight_average_of_a_qat_stage_switches_its_scales_with_the_model(
     assert all(not torch.all(m.value == 1.0) for m in scales)  # learned, not the initial 1.0
     shipped = load_checkpoint(tmp_path / "qat.safetensors", cfg, 2)["model"]
     assert st_save(shipped) == st_save(model.state_dict())
+
+
+def test_a_rounded_variant_shares_the_float_stage_of_its_base(
+    cifar_dir: Path, tmp_path: Path
+) -> None:
+    """The -r6/-r7 variants round their QAT stage (``round_accumulators``), not their float
+    stage: the base's float checkpoint is theirs; a QAT checkpoint is not shared."""
+    model, history, base_cfg = _float_stage(cifar_dir, tmp_path)
+    params = {**PARAMS, "profile_overrides": {**PROFILE, "round_accumulators": 6}}
+    again, again_history, rounded = _float_stage(cifar_dir, tmp_path, resume=True, params=params)
+    assert again_history == history  # resumed, finished: nothing trained
+    assert st_save(again.state_dict()) == st_save(model.state_dict())
+    save_checkpoint(tmp_path / "qat.safetensors", {"epoch": torch.tensor(0)}, base_cfg)
+    with pytest.raises(BuildError, match="another configuration"):
+        load_checkpoint(tmp_path / "qat.safetensors", rounded, 2)
