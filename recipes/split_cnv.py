@@ -67,6 +67,7 @@ from torch import nn
 
 from zoo.build import kernels
 from zoo.build.data import load_cifar10
+from zoo.build.distill import teacher_logits
 from zoo.build.rounding import AccumulatorRounding
 from zoo.build.run import BuildContext, RecipeResult
 from zoo.build.schedule import (
@@ -858,6 +859,7 @@ def train(
         torch.set_rng_state(state["torch_rng"])
         history = list(state["history"])
         ctx.log.info("resumed from %s after epoch %d", ckpt_path, start_epoch)
+    teacher = teacher_logits(prof, images, labels, ctx.work_dir, ctx.log)
     rounding = None
     if prof.get("round_accumulators"):
         rounding = accumulator_rounding(model, arch, prof["round_accumulators"])
@@ -890,7 +892,7 @@ def train(
             model, opt, images, labels, np.random.default_rng([seed, epoch]), DATA,
             prof["batch_size"], device, f"epoch {epoch + 1}/{prof['epochs']}",
             after_step=after_step, progress=ctx.log.isEnabledFor(logging.INFO),
-            loss_fn=criterion(prof),
+            loss_fn=criterion(prof), teacher=teacher,
             lr_at_step=lr_at_step(prof, prof["lr"], epoch, prof["epochs"], len(labels)),
         )  # fmt: skip
         lr = opt.param_groups[0]["lr"]  # the epoch's (last step's, per step)

@@ -58,6 +58,7 @@ from torch import nn
 
 from zoo.build import kernels
 from zoo.build.data import load_cifar10, load_cifar100_split, require_complete
+from zoo.build.distill import teacher_logits
 from zoo.build.rounding import AccumulatorRounding
 from zoo.build.run import BuildContext, RecipeResult
 from zoo.build.schedule import (
@@ -500,6 +501,8 @@ def train_stage(
         mean = torch.tensor(data["mean"], dtype=torch.float32)
         std = torch.tensor(data["std"], dtype=torch.float32)
         calib = normalize_images(images[: prof["n_calib"]], mean, std).to(device)
+    teacher = None if start == epochs else teacher_logits(prof, images, labels, ctx.work_dir,
+                                                          ctx.log)  # fmt: skip
     stage_id = 0 if stage == "float" else 1
     for epoch in range(start, epochs):
         lr = _float_lr(prof, epoch) if stage == "float" else prof["qat_lr"]
@@ -516,7 +519,7 @@ def train_stage(
         rec = train_epoch(
             model, opt, images, labels, np.random.default_rng([seed, stage_id, epoch]), data,
             prof["batch_size"], device, f"{stage} {epoch + 1}/{epochs}",
-            progress=ctx.log.isEnabledFor(logging.INFO), loss_fn=criterion(prof),
+            progress=ctx.log.isEnabledFor(logging.INFO), loss_fn=criterion(prof), teacher=teacher,
             after_step=None if ema is None else ema.update_parameters,
             lr_at_step=lr_at_step(prof, peak, epoch, epochs, len(labels)),
         )  # fmt: skip

@@ -37,6 +37,9 @@ class ScheduleKeys(TypedDict, total=False):
     ema_decay: float  # average of the weights per step (absent: the last weights)
     round_accumulators: int  # QAT: round accumulators to these bits (zoo.build.rounding)
     round_from: int  # ... from this (QAT) epoch on (default 0)
+    distill_from: str  # VARIANT@REV whose clear logits teach (zoo.build.distill)
+    distill_weight: float  # share of the teacher's term in the loss (default 0.5)
+    distill_temperature: float  # softmax temperature of both (default 4)
 
 
 def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
@@ -99,8 +102,17 @@ def lr_at_step(
 
 
 def criterion(prof: dict[str, Any]) -> torch.nn.Module:
-    """Cross-entropy with the profile's ``label_smoothing`` (0: plain cross-entropy)."""
-    return torch.nn.CrossEntropyLoss(label_smoothing=float(prof.get("label_smoothing", 0.0)))
+    """Cross-entropy with the profile's ``label_smoothing`` (0: plain cross-entropy); with
+    ``distill_from``, mixed with the teacher's term (:class:`zoo.build.distill.DistillLoss`,
+    which takes the teacher's logits as a third argument)."""
+    from zoo.build.distill import DistillLoss, distill_settings
+
+    smoothing = float(prof.get("label_smoothing", 0.0))
+    distill = distill_settings(prof)
+    if distill is None:
+        return torch.nn.CrossEntropyLoss(label_smoothing=smoothing)
+    _, weight, temperature = distill
+    return DistillLoss(weight, temperature, smoothing)
 
 
 class WeightAverage(torch.optim.swa_utils.AveragedModel):

@@ -171,8 +171,11 @@ def normalize_images(images_uint8_nhwc: np.ndarray, mean: torch.Tensor, std: tor
     return (x - mean.view(1, -1, 1, 1)) / std.view(1, -1, 1, 1)
 
 
-def augment(images: np.ndarray, rng: np.random.Generator, padding: int, hflip: bool):
-    """Random crop (32, zero padding ``padding``) and horizontal flip, on uint8 NHWC.
+def augment(
+    images: np.ndarray, rng: np.random.Generator, padding: int, hflip: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Random crop (32, zero padding ``padding``) and horizontal flip, on uint8 NHWC: the
+    images and which of them were flipped.
 
     The zero padding is black pixels, as torchvision pads the PIL image before ``ToTensor``.
     """
@@ -185,7 +188,7 @@ def augment(images: np.ndarray, rng: np.random.Generator, padding: int, hflip: b
     for i in range(n):
         crop = padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
         out[i] = crop[:, ::-1] if flip[i] else crop
-    return out
+    return out, flip
 
 
 # --- training -------------------------------------------------------------------------------
@@ -226,11 +229,14 @@ def train_epoch(
     progress: bool = False,
     loss_fn: torch.nn.Module | None = None,
     lr_at_step: Callable[[int], float] | None = None,
+    teacher: np.ndarray | None = None,
 ) -> dict[str, float]:
     """One epoch of training in the order ``rng`` draws, with the recipe's augmentation
     (``data``: mean, std, crop_padding, hflip); ``loss_fn`` defaults to cross-entropy;
     ``lr_at_step(b)`` sets the learning rate before batch ``b`` (a per-step schedule, see
-    :mod:`zoo.build.schedule`); ``after_step(model)`` runs after every optimizer step (weight
+    :mod:`zoo.build.schedule`); ``teacher``: logits (N, 2, classes) of each image and its
+    mirror, passed to ``loss_fn`` as a third argument (:mod:`zoo.build.distill`);
+    ``after_step(model)`` runs after every optimizer step (weight
     clipping, weight average); ``progress`` shows a bar. Full batches only (BatchNorm needs > 1
     sample), at least one. Returns the mean ``loss`` and ``train_top1``."""
     from tqdm import tqdm
@@ -249,11 +255,15 @@ def train_epoch(
             for group in opt.param_groups:
                 group["lr"] = lr_at_step(b)
         idx = order[b * batch_size : (b + 1) * batch_size]
-        x = augment(images[idx], rng, data["crop_padding"], data["hflip"])
+        x, flipped = augment(images[idx], rng, data["crop_padding"], data["hflip"])
         x = normalize_images(x, mean, std).to(device)
         y = torch.from_numpy(labels[idx]).to(device)
         out = model(x)
-        loss = criterion(out, y)
+        if teacher is None:
+            loss = criterion(out, y)
+        else:
+            soft = torch.from_numpy(teacher[idx, flipped.astype(np.intp)]).to(device)
+            loss = criterion(out, y, soft)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
