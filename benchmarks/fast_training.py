@@ -57,6 +57,9 @@ SGD_CYCLE = {"optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4,
              "lr_schedule": "one-cycle", "warmup": 0.2, "lr": 0.1}  # fmt: skip
 #: The 60-epoch ``long`` build that the fine-tune configurations start from.
 LONG = "cifar10-cnv-2w2a-r6@30b002fd4819"
+#: The teacher of the ``+distill`` configurations: VGG11 5-bit, FHE-sim top-1 0.87.
+TEACHER = "cifar10-vgg11-qat@0dd41d5e1360"
+EMA = {**ADAM_CYCLE, "label_smoothing": 0.1, "ema_decay": 0.99}
 #: name -> profile overrides of the ``full`` profile (every one trains ``--epochs`` epochs);
 #: ``profile`` and ``init_from`` (a build whose weights start training) are not overrides.
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -66,11 +69,16 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # Nesterov SGD at lr 0.1 lost to Adam (0.4565 against 0.6870 after 4 epochs, 2026-12-05): the
     # rest add to Adam's one-cycle.
     "+smoothing": {**ADAM_CYCLE, "label_smoothing": 0.1},
-    "+ema": {**ADAM_CYCLE, "label_smoothing": 0.1, "ema_decay": 0.99},
+    "+ema": EMA,
     # More epochs of the long build at the ``finetune`` profile's low rate, without and with the
     # 6-bit accumulator rounding of the -r6 circuit in the loop (straight-through gradient).
     "finetune": {"profile": "finetune", "init_from": LONG},
     "finetune+round6": {"profile": "finetune", "init_from": LONG, "round_accumulators": 6},
+    # +ema taught by the VGG11 build (zoo/build/distill.py): half or 0.9 of the loss is the KL
+    # divergence to its softened (T = 4) probabilities.
+    "+distill": {**EMA, "distill_from": TEACHER, "distill_weight": 0.5, "distill_temperature": 4},
+    "+distill-w0.9": {**EMA, "distill_from": TEACHER, "distill_weight": 0.9,
+                      "distill_temperature": 4},  # fmt: skip
 }
 #: The ``vgg-*`` configurations: overrides of VGG11's ``quick`` profile (width/4, Adam, cosine
 #: lr per epoch, peak 1e-3); each trains ``--epochs`` float epochs, then ``--qat-epochs`` of QAT.

@@ -7,7 +7,7 @@ al., 2015):
     loss = (1 - w) * CE(student, label) + w * T^2 * KL(softmax(teacher / T) || softmax(student / T))
 
 with ``w = distill_weight`` and ``T = distill_temperature``. The teacher is pulled and verified
-like any pull and run once, in the clear (``zoo.load(ref).logits(x, fhe="disable")``), on every
+like any pull and run once, in the clear (``zoo.load(ref, circuits=False).logits(x)``), on every
 training image and on its mirror image; a training step then takes the row of the flip its
 augmentation drew (the small translations are not followed: the teacher saw the image centred).
 Those logits are cached in the build's ``work/`` folder, keyed by the teacher and the training
@@ -52,7 +52,7 @@ def teacher_logits(
         return load_file(str(path))["logits"]
     import zoo
 
-    model = zoo.load(ref)
+    model = zoo.load(ref, circuits=False)
     log.info("distillation: logits of %s on %d training images and their mirrors", ref,
              len(labels))  # fmt: skip
     rows = []

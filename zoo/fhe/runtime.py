@@ -295,12 +295,20 @@ def keygen(ref: str, force: bool = False, **pull_kwargs: Any) -> KeyInfo:
                    info["keygen_seconds"], info["eval_key_bytes"])  # fmt: skip
 
 
-def load(ref: str, role: str = "all", server_url: str | None = None, **pull_kwargs: Any) -> Model:
+def load(
+    ref: str,
+    role: str = "all",
+    server_url: str | None = None,
+    circuits: bool = True,
+    **pull_kwargs: Any,
+) -> Model:
     """Pull (if needed) and load a build for ``role`` (:data:`~zoo.api.ROLES`, as ``zoo pull``
     names them): ``client`` (head, FHE client), ``server`` (the circuit) or ``all``.
 
     With ``server_url`` (and ``role="client"``), the circuit runs on that `zoo serve` server:
-    ``model.server`` is a :class:`zoo.fhe.remote.RemoteServer`.
+    ``model.server`` is a :class:`zoo.fhe.remote.RemoteServer`. ``circuits=False`` loads no
+    FHE client or server (loading a server compiles its circuit: minutes for VGG11), only what
+    ``fhe="disable"`` runs: the head and, with ``role="all"``, the Brevitas module.
     """
     if role not in ROLES:
         raise InputError(
@@ -324,6 +332,8 @@ def load(ref: str, role: str = "all", server_url: str | None = None, **pull_kwar
     meta = json.loads((path / "manifest.json").read_text())
     tensors, head_config = head.load(path / "head.safetensors") if role != "server" else ({}, {})
     model = Model(build, path, role, meta, tensors, head_config)
+    if not circuits:
+        return model
     from concrete.ml.deployment import FHEModelClient, FHEModelServer
 
     if role in ("client", "all"):
