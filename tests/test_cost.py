@@ -113,6 +113,7 @@ def test_fallback_order_user_then_default_then_bit_width_table(
     )
 
     cost.user_calibration_path().unlink()
+    monkeypatch.setattr(cost, "CALIBRATION_DIR", zoo_home / "shipped")  # the default alone
     shipped = cost.current_calibration()
     assert shipped["source"]["kind"] == "default"
     assert shipped["fit"]["coefficient"] == default["fit"]["coefficient"]
@@ -153,6 +154,32 @@ def test_shipped_default_describes_its_machine() -> None:
     for key in ("cpu_model", "isa", "cpu_count"):
         assert default["wop_measured"]["machine"][key] == default["machine"][key]
     assert cost.breakdown(WOP_CIRCUIT, default)["method"] == "wop"
+
+
+def test_the_shipped_calibration_of_this_kind_of_machine_comes_before_the_default(
+    zoo_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for path in cost.CALIBRATION_DIR.glob("*.json"):  # each says where it was measured
+        document = json.loads(path.read_text())
+        assert document["machine"]["isa"] and document["machine"]["cpu_count"], path
+        assert document["note"] and document["points"], path
+    here = machine.cpu()
+    other = "avx2" if here["isa"] == "avx512" else "avx512"
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    default = json.loads(cost.DEFAULT_CALIBRATION.read_text())
+    default["machine"] = {**here, "isa": other}
+    (shipped / "default.json").write_text(json.dumps(default))
+    monkeypatch.setattr(cost, "CALIBRATION_DIR", shipped)
+    monkeypatch.setattr(cost, "DEFAULT_CALIBRATION", shipped / "default.json")
+    assert cost.current_calibration()["source"]["other_machine"]  # only another kind's
+    ours = {**_calibration(1e-9), "machine": here, "note": "this kind"}
+    (shipped / "ours.json").write_text(json.dumps(ours))
+    calibration = cost.current_calibration()
+    assert calibration["source"] == {"kind": "default", "path": str(shipped / "ours.json"),
+                                     "ignored": [], "stale": None, "other_machine": None}
+    _write_user(_calibration(2e-9))  # this host's own measurement still comes first
+    assert cost.current_calibration()["source"]["kind"] == "user"
 
 
 def test_a_calibration_from_another_kind_of_machine_says_so(zoo_home: Path) -> None:
@@ -204,7 +231,8 @@ def test_zoo_info_reports_breakdown_and_ignored_calibration(
     assert estimate["method"] == "per-parameter"
     assert estimate["calibration"]["source"] == "default"
     assert "0.0.1" in estimate["calibration"]["ignored"][0]["reason"]
-    assert sum(row["count"] for row in estimate["rows"] if not row.get("key_switch")) == 1664
+    pbs = [row for row in estimate["rows"] if "parameter" in row]  # not KS, not linear work
+    assert sum(row["count"] for row in pbs) == 1664
     assert data["resolved"]["est_fhe_seconds_per_image"] == pytest.approx(estimate["total_seconds"])
     with pytest.warns(cost.StaleCalibrationWarning):
         text = runner.invoke(main, ["info", "cifar10-split-tiny"]).output

@@ -10,7 +10,8 @@ key switches (KS)::
     linear seconds = g × Σ linear operations × (LWE dimension + 1)
 
 with ``c``, ``e``, ``d``, ``g`` and ``overhead`` fitted by ``zoo bench pbs`` on this machine
-(``$ZOO_HOME/calibration/pbs.json``), else the shipped ``calibration/default.json``; WoP-PBS
+(``$ZOO_HOME/calibration/pbs.json``), else the shipped calibration of this kind of machine
+(``calibration/*.json``: one per kind this project has run on), else ``default.json``; WoP-PBS
 lookups have a fit of their own. Why this form, how well it fits and where each calibration
 comes from: ``docs/cost-model.md``. Imports neither torch nor concrete (``zoo info`` uses it).
 """
@@ -28,7 +29,10 @@ from zoo.catalog import versions
 from zoo.cost import machine
 
 DEFAULT_SECONDS_PER_PBS = {4: 0.019, 6: 0.070, 8: 0.530}
-DEFAULT_CALIBRATION = Path(__file__).resolve().parent / "calibration" / "default.json"
+#: Shipped calibrations, one per kind of machine (``zoo bench pbs`` on a quiet host of the kind):
+#: estimates use the one of this kind, else ``default.json``.
+CALIBRATION_DIR = Path(__file__).resolve().parent / "calibration"
+DEFAULT_CALIBRATION = CALIBRATION_DIR / "default.json"
 FORMULA = "c * n * level * (k + 1)**2 * N * log2(N) + e * n * (k + 1) * N * log2(N)"
 KS_FORMULA = "d * n_in * level * (n_out + 1)"
 LINEAR_FORMULA = "g * operations * (dimension + 1)"
@@ -246,10 +250,11 @@ def other_machine(document: dict[str, Any], here: dict[str, Any] | None = None) 
 
 
 def current_calibration(warn: bool = True) -> dict[str, Any] | None:
-    """The calibration estimates use: this machine's if valid, else the shipped default.
+    """The calibration estimates use: this machine's if valid, else the shipped one of this kind
+    of machine (instruction set and cores), else the shipped default.
 
     Returns the calibration document with a ``"source"`` entry added: ``{"kind": "user" |
-    "default", "path": ..., "ignored": [{"path", "reason"}], "stale": reason or None,
+    "default" (shipped), "path": ..., "ignored": [{"path", "reason"}], "stale": reason or None,
     "other_machine": reason or None}`` (``ignored`` lists a user calibration that was skipped).
     None when neither can be read.
     """
@@ -269,12 +274,17 @@ def current_calibration(warn: bool = True) -> dict[str, Any] | None:
                 StaleCalibrationWarning,
                 stacklevel=2,
             )
-    document = _read(DEFAULT_CALIBRATION)
+    path = next(
+        (p for p in sorted(CALIBRATION_DIR.glob("*.json"))
+         if p != DEFAULT_CALIBRATION and other_machine(_read(p) or {"machine": {}}) is None),
+        DEFAULT_CALIBRATION,
+    )  # fmt: skip
+    document = _read(path)
     if document is None:
         return None
     source = {
         "kind": "default",
-        "path": str(DEFAULT_CALIBRATION),
+        "path": str(path),
         "ignored": ignored,
         "stale": stale_reason(document),
         "other_machine": other_machine(document),
