@@ -305,6 +305,18 @@ PROFILES: dict[str, Profile] = {
     },
 }
 
+# ``fast`` taught by the VGG11 build ``cifar10-vgg11-qat@0dd41d5`` (FHE-sim top-1 0.8738;
+# zoo/build/distill.py): half of the loss is the KL divergence to its probabilities at
+# temperature 4. Four epochs of the ablation (benchmarks/fast_training.py, first 2,000 test
+# images): 0.6980 untaught, 0.7120 taught at T = 4, 0.7125 at T = 1. The teacher's logits on the
+# 100,000 training images and mirrors take ~510 s once (cached in work/); an epoch costs the same.
+PROFILES["distill"] = {
+    **PROFILES["fast"],
+    "distill_from": "cifar10-vgg11-qat@0dd41d5e1360",
+    "distill_weight": 0.5,
+    "distill_temperature": 4.0,
+}
+
 #: Per-architecture profile overrides. The tiny network trains much faster, so it gets more
 #: epochs within the same time box.
 PROFILE_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
@@ -321,6 +333,7 @@ PROFILE_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
     # (rounding in the loop, fine-tuning from the 60-epoch build for 3 epochs: FHE-sim 0.764
     # without, 0.813 with, first 1,000 test images; benchmarks/results/fast_training-*.jsonl).
     ("cnv-2w2a", "fast"): {"round_accumulators": 6, "round_from": 56},
+    ("cnv-2w2a", "distill"): {"round_accumulators": 6, "round_from": 56},
     ("tiny", "quick"): {"epochs": 3, "n_train": None},
     ("tiny", "smoke"): {"epochs": 2, "n_train": 2000},
 }
