@@ -495,8 +495,11 @@ def test_epoch_counts_join_the_fingerprint_under_a_per_step_schedule() -> None:
     assert training_fingerprint(fast) != training_fingerprint(fast_longer)
 
 
-def _train(cifar_dir: Path, work: Path, resume: bool = False, stop_now: bool = False):
-    params = {"arch": "tiny", "fanin": None, "profile_overrides": {**TINY_PROFILE, **FAST}}
+def _train(
+    cifar_dir: Path, work: Path, resume: bool = False, stop_now: bool = False, **extra: Any
+):
+    params = {"arch": "tiny", "fanin": None,
+              "profile_overrides": {**TINY_PROFILE, **FAST, **extra}}  # fmt: skip
     cfg = sc.resolve_config("cifar10-split-tiny", params, "smoke", 0)
     sc.seed_everything(0, "cpu")
     model = sc.SplitCNV(cfg["arch"])
@@ -527,6 +530,27 @@ def test_fast_schedule_trains_deterministically_and_resumes_mid_schedule(
                             "profile_overrides": {**TINY_PROFILE, **FAST}}, "smoke", 0)  # fmt: skip
     last = load_checkpoint(tmp_path / "a" / "checkpoint.safetensors", cfg, 2)["model"]
     assert any(not torch.equal(last[k], v) for k, v in model.state_dict().items() if k in last)
+
+
+def test_a_taught_training_is_deterministic_resumes_and_reads_its_teacher_once(
+    cifar_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """distill_from: the teacher (the pinned tiny build, from the project's release store) is
+    run once into work/; the rest resumes like any training, and teaching changes the weights."""
+    monkeypatch.setenv("ZOO_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ZOO_RELEASES", str(ROOT / "releases"))
+    teacher = {"distill_from": "cifar10-split-tiny@232e42415edb", "distill_temperature": 2.0}
+    taught, _ = _train(cifar_dir, tmp_path / "a", **teacher)
+    untaught, _ = _train(cifar_dir, tmp_path / "u")
+    assert st_save(taught.state_dict()) != st_save(untaught.state_dict())
+    with pytest.raises(BuildPaused):
+        _train(cifar_dir, tmp_path / "c", stop_now=True, **teacher)
+    assert len(list((tmp_path / "c").glob("teacher-*.safetensors"))) == 1
+    # the resume pulls nothing: neither the store nor the cache has the teacher now
+    monkeypatch.setenv("ZOO_HOME", str(tmp_path / "empty-home"))
+    monkeypatch.setenv("ZOO_RELEASES", str(tmp_path / "empty"))
+    resumed, _ = _train(cifar_dir, tmp_path / "c", resume=True, **teacher)
+    assert st_save(resumed.state_dict()) == st_save(taught.state_dict())
 
 
 def test_weight_average_with_fanin_pruning_is_refused(cifar_dir: Path, tmp_path: Path) -> None:
