@@ -131,7 +131,14 @@ class Arch(CompileSettings, _ArchOptions):
     output_bits: int  # the circuit's input and output quantization
 
 
-class Profile(ProfileBase, MonitorKeys, ScheduleKeys):
+class _ProfileOptions(TypedDict, total=False):
+    # Rounding in the loop measures each layer's width as the compiler does (on the unrounded
+    # network), not with the layers before it rounded as the ``fast`` build was trained
+    # (:func:`accumulator_rounding`); pool-first archs always do.
+    round_as_compiled: bool
+
+
+class Profile(ProfileBase, MonitorKeys, ScheduleKeys, _ProfileOptions):
     """One training profile (see below; the optional keys of the shared schedule:
     :mod:`zoo.build.schedule`)."""
 
@@ -310,11 +317,13 @@ PROFILES: dict[str, Profile] = {
 # temperature 4. Four epochs of the ablation (benchmarks/fast_training.py, first 2,000 test
 # images): 0.6980 untaught, 0.7120 taught at T = 4, 0.7125 at T = 1. The teacher's logits on the
 # 100,000 training images and mirrors take ~510 s once (cached in work/); an epoch costs the same.
+# Its rounding in the loop measures the layers' widths as the compiler does.
 PROFILES["distill"] = {
     **PROFILES["fast"],
     "distill_from": "cifar10-vgg11-qat@0dd41d5e1360",
     "distill_weight": 0.5,
     "distill_temperature": 4.0,
+    "round_as_compiled": True,
 }
 
 #: Per-architecture profile overrides. The tiny network trains much faster, so it gets more
@@ -777,16 +786,20 @@ def _lr_at(cfg: dict[str, Any], epoch: int) -> float:
     return prof["lr"] * 0.5 ** (epoch // prof["lr_halve_every"])
 
 
-def accumulator_rounding(model: SplitCNV, arch: dict[str, Any], bits: int) -> AccumulatorRounding:
-    """Rounding in the loop (:mod:`zoo.build.rounding`) of the encrypted part: not its first
-    ``clear_blocks`` blocks (one rounded sum each: the conv's, or with ``pool_first`` the
-    pooled sum of a pooled block, which the circuit folds into one conv; run by the client),
-    nor, without a TensorNorm, its last linear (whose accumulator is the circuit's output);
-    pools of ternary activations are never wide enough to round. Non-pool-first archs calibrate
-    with the earlier layers rounded, as the ``fast`` build of ``cnv-2w2a`` was trained."""
-    return AccumulatorRounding(model.encrypted, bits, skip=arch.get("clear_blocks", 0),
-                               round_last=arch["tensor_norm"],
-                               calibrate_rounded=not arch.get("pool_first"))  # fmt: skip
+def accumulator_rounding(
+    model: SplitCNV, arch: dict[str, Any], prof: dict[str, Any]
+) -> AccumulatorRounding:
+    """Rounding in the loop (:mod:`zoo.build.rounding`) of the encrypted part to the profile's
+    ``round_accumulators`` bits: not its first ``clear_blocks`` blocks (one rounded sum each:
+    the conv's, or with ``pool_first`` the pooled sum of a pooled block, which the circuit folds
+    into one conv; run by the client), nor, without a TensorNorm, its last linear (whose
+    accumulator is the circuit's output); pools of ternary activations are never wide enough to
+    round. Non-pool-first archs calibrate with the earlier layers rounded, as the ``fast`` build
+    of ``cnv-2w2a`` was trained, unless the profile says ``round_as_compiled``."""
+    legacy = not arch.get("pool_first") and not prof.get("round_as_compiled")
+    return AccumulatorRounding(model.encrypted, prof["round_accumulators"],
+                               skip=arch.get("clear_blocks", 0), round_last=arch["tensor_norm"],
+                               calibrate_rounded=legacy)  # fmt: skip
 
 
 def calibrate_rounding(
@@ -875,7 +888,7 @@ def train(
     teacher = teacher_logits(prof, images, labels, ctx.work_dir, ctx.log)
     rounding = None
     if prof.get("round_accumulators"):
-        rounding = accumulator_rounding(model, arch, prof["round_accumulators"])
+        rounding = accumulator_rounding(model, arch, prof)
         rounding.attach(model.encrypted)
         if ema is not None:
             rounding.attach(ema.module.encrypted)

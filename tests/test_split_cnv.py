@@ -433,13 +433,18 @@ def test_rounding_in_the_loop_is_the_circuits_rounding(cifar_dir: Path, tmp_path
     compiled = circuit.forward(sc.head_outputs(model, test_x[:200], 100, sc._clear_end(arch)),
                                fhe="disable")  # fmt: skip
     plain = sc.clear_logits(model, test_x[:200], 100)
-    hooks = sc.accumulator_rounding(model, arch, 4)
+    hooks = sc.accumulator_rounding(model, arch, {"round_accumulators": 4})
     hooks.attach(model.encrypted)
     sc.calibrate_rounding(hooks, model, x[:60], 60)  # the trained weights' ranges, as compiled
     rounded = sc.clear_logits(model, test_x[:200], 100)
     hooks.detach()
     assert np.array_equal(rounded, compiled) and not np.array_equal(plain, compiled)
     assert np.array_equal(sc.clear_logits(model, test_x[:200], 100), plain)  # hooks gone
+    # the `distill` profile's way (round_as_compiled): the widths the compiler measures
+    as_compiled = sc.accumulator_rounding(model, arch, {**overrides, "round_as_compiled": True})
+    as_compiled.attach(model.encrypted)
+    assert sc.calibrate_rounding(as_compiled, model, x[:60], 60) == circuit_lsbs(circuit)
+    as_compiled.detach()
 
 
 def test_rounding_in_the_loop_rounds_the_pooled_sums_of_a_pool_first_circuit(
@@ -467,7 +472,7 @@ def test_rounding_in_the_loop_rounds_the_pooled_sums_of_a_pool_first_circuit(
     circuit = compile_qat(sc.encrypted_part(model, arch), calib, arch, tmp_path / "c.onnx")
     compiled = circuit.forward(sc.head_outputs(model, test_x[:100], 100), fhe="disable")
     plain = sc.clear_logits(model, test_x[:100], 100)
-    hooks = sc.accumulator_rounding(model, arch, 5)
+    hooks = sc.accumulator_rounding(model, arch, {"round_accumulators": 5})
     hooks.attach(model.encrypted)
     lsbs = sc.calibrate_rounding(hooks, model, x[:60], 60)
     rounded = sc.clear_logits(model, test_x[:100], 100)
