@@ -25,6 +25,8 @@ def test_the_loss_mixes_labels_and_softened_teacher() -> None:
     logits, teacher = torch.randn(8, 10), torch.randn(8, 10)
     labels = torch.randint(0, 10, (8,))
     assert distill.distill_settings({}) is None
+    with pytest.raises(ValueError, match="VARIANT@REV"):
+        distill.distill_settings({"distill_from": "cifar10-split-tiny"})
     prof = {"distill_from": TEACHER, "distill_weight": 0.25, "distill_temperature": 2.0,
             "label_smoothing": 0.1}  # fmt: skip
     loss = schedule.criterion(prof)

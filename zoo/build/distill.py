@@ -91,4 +91,6 @@ def distill_settings(prof: dict[str, Any]) -> tuple[str, float, float] | None:
     ref = prof.get("distill_from")
     if ref is None:
         return None
+    if "@" not in ref:  # the newest build of a variant changes; training must not
+        raise ValueError(f"distill_from {ref!r} names no build: pin it as VARIANT@REV")
     return ref, float(prof.get("distill_weight", 0.5)), float(prof.get("distill_temperature", 4.0))
