@@ -274,12 +274,7 @@ def current_calibration(warn: bool = True) -> dict[str, Any] | None:
                 StaleCalibrationWarning,
                 stacklevel=2,
             )
-    path = next(
-        (p for p in sorted(CALIBRATION_DIR.glob("*.json"))
-         if p != DEFAULT_CALIBRATION and other_machine(_read(p) or {"machine": {}}) is None),
-        DEFAULT_CALIBRATION,
-    )  # fmt: skip
-    document = _read(path)
+    path, document = _shipped_calibration()
     if document is None:
         return None
     source = {
@@ -290,6 +285,16 @@ def current_calibration(warn: bool = True) -> dict[str, Any] | None:
         "other_machine": other_machine(document),
     }
     return {**document, "source": source}
+
+
+def _shipped_calibration() -> tuple[Path, dict[str, Any] | None]:
+    """The shipped calibration of this kind of machine, else the default (each file read once)."""
+    here = machine.cpu()
+    for path in sorted(CALIBRATION_DIR.glob("*.json")):
+        document = _read(path) if path != DEFAULT_CALIBRATION else None
+        if document is not None and other_machine(document, here) is None:
+            return path, document
+    return DEFAULT_CALIBRATION, _read(DEFAULT_CALIBRATION)
 
 
 def calibration_summary(calibration: dict[str, Any] | None) -> dict[str, Any] | None:
