@@ -163,3 +163,13 @@ def test_installed_versions_are_read_without_importing_torch() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
     assert versions.installed()["python"].count(".") == 1
+
+
+def test_the_profile_names_agree_in_the_schema_the_cli_and_the_builder() -> None:
+    """Three lists (the CLI keeps its own so that it loads no build module): one set of names."""
+    from zoo.build.run import PROFILES
+    from zoo.cli import main
+
+    schema = json.loads(reg.SCHEMA_PATH.read_text())
+    option = next(p for p in main.commands["build"].params if p.name == "profile")
+    assert schema["$defs"]["profile"]["enum"] == list(PROFILES) == list(option.type.choices)
