@@ -71,6 +71,9 @@ def rows(registry: reg.Registry) -> list[dict[str, Any]]:
                 "estimated_fhe_seconds_per_image": estimate and estimate["total_seconds"],
                 "estimate_method": estimate and estimate["method"],
                 "estimate_is_lower_bound": bool(estimate and estimate["lower_bound"]),
+                # a WoP circuit priced from another kind of machine's WoP points: where
+                "estimate_wop_other_machine": estimate["calibration"]["wop_other_machine"]
+                if estimate and estimate["method"] == "wop" else None,
                 "fhe_execute_seconds_per_image": measured,
                 # set when the run was not clean (e.g. cores shared): then no error is computed
                 "fhe_execute_conditions": metrics.get("fhe_execute_conditions"),
@@ -161,7 +164,9 @@ CIFAR-10 *(JPEG q75 copy)*, the data available here. The estimate is the cost mo
 `zoo.cost.model` with {calibration}; the measured time is `server.run` per image in `zoo eval
 --fhe execute --record`, with the estimate's error only where it ran on that kind of machine. A
 row marked "(yanked)" is a build that can no longer be had: its numbers are history
-(docs/variants.md). Eval keys: serialized (`zoo keygen --record`), else concrete's
+(docs/variants.md). An estimate marked † prices WoP-PBS lookups (11 bits and more) with the WoP
+points of another kind of machine (the default calibration's; docs/cost-model.md), one marked ≥
+is a lower bound. Eval keys: serialized (`zoo keygen --record`), else concrete's
 in-memory figure (*).
 
 ![top-1 against FHE seconds per image](results/tradeoff.png)
@@ -181,6 +186,13 @@ def _keys(row: dict[str, Any]) -> str:
         return f"{row['eval_key_bytes_serialized'] / 2**20:,.0f} MiB"
     keys = row["eval_key_bytes"]
     return "–" if keys is None else f"{keys / 2**20:,.0f} MiB*"
+
+
+def _estimate(row: dict[str, Any]) -> str:
+    """The estimate, ``≥`` when a lower bound, ``†`` when its WoP points are another machine's."""
+    bound = "≥ " if row["estimate_is_lower_bound"] else ""
+    elsewhere = "†" if row["estimate_wop_other_machine"] else ""
+    return f"{bound}{_num(row['estimated_fhe_seconds_per_image'])}{elsewhere}"
 
 
 def _real(row: dict[str, Any]) -> str:
@@ -203,8 +215,7 @@ def readme_table(table: list[dict[str, Any]]) -> str:
         lines.append(
             f"| `{row['variant']}` | {row['profile']} | {_num(row['clear_top1'], 4)} | "
             f"{_num(row['fhe_simulation_top1'], 4)} ({simulated:,}) | {_real(row)} | "
-            f"{row['pbs_count']:,} | {'≥ ' if row['estimate_is_lower_bound'] else ''}"
-            f"{_num(row['estimated_fhe_seconds_per_image'])} | "
+            f"{row['pbs_count']:,} | {_estimate(row)} | "
             f"{_num(row['fhe_execute_seconds_per_image'])} | {_keys(row)} |"
         )
     return "\n".join(lines) + "\n"
@@ -250,8 +261,7 @@ def markdown(table: list[dict[str, Any]], registry: reg.Registry) -> str:
             f"| `{name}` | {profile} | {images} | "
             f"{_num(row['clear_top1'], 4)} | {_num(row['fhe_simulation_top1'], 4)} | {real} | "
             f"{row['max_bit_width']} | {row['pbs_count']:,} ({by_width}) | "
-            f"{'≥ ' if row['estimate_is_lower_bound'] else ''}"
-            f"{_num(row['estimated_fhe_seconds_per_image'])} | {measured} | "
+            f"{_estimate(row)} | {measured} | "
             f"{_keys(row)} | "
             f"{_num(row['keygen_seconds'], 1)} | "
             f"{_num(row['build_seconds'])} ({_num(row['compile_seconds'])}) |"

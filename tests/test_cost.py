@@ -45,7 +45,7 @@ def _calibration(
     return {
         "schema": 1,
         "created": "2025-01-01T00:00:00+00:00",
-        "machine": {"cpu_model": "test CPU", "cpu_count": 2},
+        "machine": {**machine.cpu(), "cpu_model": "test CPU"},  # this kind of machine
         "versions": {**have, "concrete-python": concrete or have["concrete-python"]},
         "fit": {
             "formula": cost.FORMULA,
@@ -115,9 +115,9 @@ def test_fallback_order_user_then_default_then_bit_width_table(
     cost.user_calibration_path().unlink()
     monkeypatch.setattr(cost, "CALIBRATION_DIR", zoo_home / "shipped")  # the default alone
     shipped = cost.current_calibration()
-    assert shipped["source"]["kind"] == "default"
+    assert shipped["source"]["kind"] == "shipped"
     assert shipped["fit"]["coefficient"] == default["fit"]["coefficient"]
-    assert cost.breakdown(CIRCUIT)["calibration"]["source"] == "default"
+    assert cost.breakdown(CIRCUIT)["calibration"]["source"] == "shipped"
 
     # a build recorded before per-parameter counts existed: the per-bit-width table
     old = {"pbs_count_by_bit_width": CIRCUIT["pbs_count_by_bit_width"]}
@@ -134,7 +134,8 @@ def test_a_calibration_fitted_with_another_formula_is_refitted_from_its_points(
     zoo_home: Path,
 ) -> None:
     shipped = json.loads(cost.DEFAULT_CALIBRATION.read_text())
-    old = {**shipped, "fit": {**shipped["fit"], "formula": "c * n * level * N", "coefficient": 1.0}}
+    old = {**shipped, "fit": {**shipped["fit"], "formula": "c * n * level * N", "coefficient": 1.0},
+           "machine": machine.cpu()}  # fmt: skip
     _write_user(old)
     calibration = cost.current_calibration()
     assert calibration["source"]["kind"] == "user"
@@ -176,13 +177,16 @@ def test_the_shipped_calibration_of_this_kind_of_machine_comes_before_the_defaul
     ours = {**_calibration(1e-9), "machine": here, "note": "this kind"}
     (shipped / "ours.json").write_text(json.dumps(ours))
     calibration = cost.current_calibration()
-    assert calibration["source"] == {"kind": "default", "path": str(shipped / "ours.json"),
-                                     "ignored": [], "stale": None, "other_machine": None}
+    source = {k: v for k, v in calibration["source"].items() if k != "wop_other_machine"}
+    assert source == {"kind": "shipped", "path": str(shipped / "ours.json"), "ignored": [],
+                      "stale": None, "other_machine": None}  # fmt: skip
     _write_user(_calibration(2e-9))  # this host's own measurement still comes first
     assert cost.current_calibration()["source"]["kind"] == "user"
 
 
-def test_a_calibration_from_another_kind_of_machine_says_so(zoo_home: Path) -> None:
+def test_a_calibration_from_another_kind_of_machine_says_so(
+    zoo_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     here = machine.cpu()
     same = {"machine": {**here, "cpu_model": "renamed"}}
     assert cost.other_machine(same) is None  # instruction set and cores decide, not the name
@@ -195,9 +199,16 @@ def test_a_calibration_from_another_kind_of_machine_says_so(zoo_home: Path) -> N
     unrecorded = {"machine": {"cpu_model": "old CPU", "cpu_count": here["cpu_count"]}}
     assert "old CPU, instruction set not recorded" in cost.other_machine(unrecorded)
 
-    _write_user({**_calibration(1e-9), "machine": wider["machine"]})
+    # nothing shipped for this kind of machine either: the user's own is used, not silently
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    default = json.loads(cost.DEFAULT_CALIBRATION.read_text())
+    (shipped / "default.json").write_text(json.dumps({**default, "machine": wider["machine"]}))
+    monkeypatch.setattr(cost, "CALIBRATION_DIR", shipped)
+    monkeypatch.setattr(cost, "DEFAULT_CALIBRATION", shipped / "default.json")
+    user = _write_user({**_calibration(1e-9), "machine": wider["machine"]})
     calibration = cost.current_calibration()
-    assert calibration["source"]["kind"] == "user"  # used, but not silently
+    assert calibration["source"]["kind"] == "user"
     assert other in calibration["source"]["other_machine"]
     text = CliRunner().invoke(main, ["info", "cifar10-split-tiny"]).output
     assert "warning: another kind of machine: measured on" in text
@@ -207,12 +218,51 @@ def test_a_calibration_from_another_kind_of_machine_says_so(zoo_home: Path) -> N
     rows = json.loads(CliRunner().invoke(main, ["list", "--json"]).output)
     assert rows and all(other in row["est_other_machine"] for row in rows)
 
+    # a shipped calibration of this kind of machine comes before it, and says why
+    (shipped / "ours.json").write_text(json.dumps({**_calibration(2e-9), "note": "this kind"}))
+    calibration = cost.current_calibration()
+    assert calibration["source"]["kind"] == "shipped" and calibration["note"] == "this kind"
+    assert calibration["source"]["other_machine"] is None
+    (ignored,) = calibration["source"]["ignored"]
+    assert ignored["path"] == str(user) and other in ignored["reason"]
+
+
+def test_a_calibration_without_wop_points_borrows_the_defaults_and_says_where_from(
+    zoo_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A WoP circuit priced from the default's WoP fit, not as a lower bound of classic PBS."""
+    here = machine.cpu()
+    other = "avx2" if here["isa"] == "avx512" else "avx512"
+    default = json.loads(cost.DEFAULT_CALIBRATION.read_text())
+    default["wop_measured"] = {**default["wop_measured"], "machine": {**here, "isa": other}}
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / "default.json").write_text(json.dumps(default))
+    monkeypatch.setattr(cost, "CALIBRATION_DIR", shipped)
+    monkeypatch.setattr(cost, "DEFAULT_CALIBRATION", shipped / "default.json")
+    _write_user(_calibration(1e-9))  # this machine's classic PBS, no WoP points
+    calibration = cost.current_calibration()
+    assert calibration["source"]["kind"] == "user"
+    assert calibration["source"]["other_machine"] is None
+    assert calibration["wop_fit"] == default["wop_fit"]
+    assert other in calibration["source"]["wop_other_machine"]
+    estimate = cost.breakdown(WOP_CIRCUIT, calibration)
+    assert estimate["method"] == "wop" and not estimate["lower_bound"]
+    assert estimate["total_seconds"] == pytest.approx(cost.breakdown(WOP_CIRCUIT, default)[
+        "total_seconds"] - default["fit"].get("overhead_seconds", 0.0))  # our overhead is 0
+    without = {k: v for k, v in calibration.items() if k not in ("wop_fit", "wop_measured")}
+    assert cost.breakdown(WOP_CIRCUIT, without)["lower_bound"]  # what it would be without
+    own = {**_calibration(1e-9), "wop_fit": {**default["wop_fit"], "a": 1.0}}
+    _write_user(own)  # WoP points of its own: kept
+    calibration = cost.current_calibration()
+    assert calibration["wop_fit"]["a"] == 1.0 and calibration["source"]["wop_other_machine"] is None
+
 
 def test_stale_user_calibration_is_ignored_with_a_warning(zoo_home: Path) -> None:
     path = _write_user(_calibration(1e-9, concrete="0.0.1"))
     with pytest.warns(cost.StaleCalibrationWarning, match="concrete-python 0.0.1"):
         calibration = cost.current_calibration()
-    assert calibration["source"]["kind"] == "default"
+    assert calibration["source"]["kind"] == "shipped"
     (ignored,) = calibration["source"]["ignored"]
     assert ignored["path"] == str(path) and "concrete-python 0.0.1" in ignored["reason"]
 
@@ -229,14 +279,14 @@ def test_zoo_info_reports_breakdown_and_ignored_calibration(
     data = json.loads(result.output)
     estimate = data["resolved"]["cost"]
     assert estimate["method"] == "per-parameter"
-    assert estimate["calibration"]["source"] == "default"
+    assert estimate["calibration"]["source"] == "shipped"
     assert "0.0.1" in estimate["calibration"]["ignored"][0]["reason"]
     pbs = [row for row in estimate["rows"] if "parameter" in row]  # not KS, not linear work
     assert sum(row["count"] for row in pbs) == 1664
     assert data["resolved"]["est_fhe_seconds_per_image"] == pytest.approx(estimate["total_seconds"])
     with pytest.warns(cost.StaleCalibrationWarning):
         text = runner.invoke(main, ["info", "cifar10-split-tiny"]).output
-    assert "cost model:" in text and "default calibration" in text and "ignored" in text
+    assert "cost model:" in text and "shipped calibration" in text and "ignored" in text
     assert "1,408 PBS" in text and "N=8192 k=1 n=896 level=2" in text
 
 
@@ -446,12 +496,14 @@ def test_wop_lookups_are_priced_by_width_and_parameter_set() -> None:
 
 
 def test_wop_circuit_without_wop_calibration_is_a_lower_bound(
-    zoo_home: Path, monkeypatch: pytest.MonkeyPatch
+    zoo_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     result = cost.breakdown(WOP_CIRCUIT, _calibration(1e-10))
     assert result["method"] == "per-parameter" and result["lower_bound"] is True
     assert cost.breakdown(CIRCUIT, _calibration(1e-10))["lower_bound"] is False
-    # zoo list marks it, zoo info says why and what to run
+    # zoo list marks it, zoo info says why and what to run (when no WoP fit can be borrowed)
+    monkeypatch.setattr(cost, "CALIBRATION_DIR", tmp_path)
+    monkeypatch.setattr(cost, "DEFAULT_CALIBRATION", tmp_path / "missing.json")
     monkeypatch.delenv("ZOO_REGISTRY", raising=False)
     _write_user(_calibration(1e-10))
     runner = CliRunner()

@@ -55,6 +55,9 @@ def list_variants(registry_path: Path | None = None) -> list[dict[str, Any]]:
         metrics = build.metrics if build else {}
         circuit = build.circuit if build else {}
         estimate = cost.breakdown(circuit, calibration) if build else None
+        elsewhere = (calibration or {}).get("source", {}).get("other_machine")
+        if estimate and estimate["method"] == "wop":  # priced by WoP points, maybe borrowed
+            elsewhere = elsewhere or estimate["calibration"]["wop_other_machine"]
         rows.append(
             {
                 "variant": variant.name,
@@ -68,7 +71,7 @@ def list_variants(registry_path: Path | None = None) -> list[dict[str, Any]]:
                 # WoP-PBS circuit without WoP calibration: the estimate is a lower bound
                 "est_fhe_lower_bound": bool(estimate and estimate["lower_bound"]),
                 # a calibration from another kind of machine: why, else None
-                "est_other_machine": (calibration or {}).get("source", {}).get("other_machine"),
+                "est_other_machine": elsewhere,
                 "eval_key_bytes": circuit.get("eval_key_bytes"),
                 "eval_key_bytes_serialized": metrics.get("eval_key_bytes_serialized"),
                 "builds": len(live),

@@ -226,6 +226,10 @@ def _cost_lines(estimate: dict[str, Any] | None) -> list[str]:
             f"per lookup; max |error| {calibration['wop_max_abs_relative_error']:.0%} "
             "on the bench's WoP circuits"
         )
+        if calibration.get("wop_other_machine"):
+            lines.append(f"  warning: WoP points from another kind of machine: "
+                         f"{calibration['wop_other_machine']}; calibrate this one with "
+                         "`zoo bench pbs --add-wop`")  # fmt: skip
     for row in estimate["rows"]:
         if row.get("key_switch"):
             lines.append(f"  {row['count']:>9,} KS  x {row['seconds_each'] * 1e3:9.2f} ms = "

@@ -250,51 +250,77 @@ def other_machine(document: dict[str, Any], here: dict[str, Any] | None = None) 
 
 
 def current_calibration(warn: bool = True) -> dict[str, Any] | None:
-    """The calibration estimates use: this machine's if valid, else the shipped one of this kind
-    of machine (instruction set and cores), else the shipped default.
+    """The calibration estimates use, first of: this machine's own (``zoo bench pbs``), the
+    shipped one of this kind of machine (instruction set and cores), a user calibration made on
+    another kind of machine, the shipped default.
 
     Returns the calibration document with a ``"source"`` entry added: ``{"kind": "user" |
-    "default" (shipped), "path": ..., "ignored": [{"path", "reason"}], "stale": reason or None,
-    "other_machine": reason or None}`` (``ignored`` lists a user calibration that was skipped).
-    None when neither can be read.
+    "shipped", "path": ..., "ignored": [{"path", "reason"}], "stale": reason or None,
+    "other_machine": reason or None, "wop_other_machine": reason or None}``. ``ignored`` lists
+    a user calibration that was skipped. A calibration without WoP points borrows the
+    default's WoP fit; ``wop_other_machine`` then says where that was measured. None when no
+    calibration can be read.
     """
+    here = machine.cpu()
     ignored = []
-    user = user_calibration_path()
-    if user.is_file():
-        document = _read(user)
-        reason = "unreadable or not a calibration" if document is None else stale_reason(document)
-        if reason is None and document is not None:
-            source = {"kind": "user", "path": str(user), "ignored": [],
-                      "other_machine": other_machine(document)}  # fmt: skip
-            return {**document, "source": source}
-        ignored.append({"path": str(user), "reason": reason})
-        if warn:
-            warnings.warn(
-                f"ignoring {user}: {reason}; re-run `zoo bench pbs`",
-                StaleCalibrationWarning,
-                stacklevel=2,
-            )
-    path, document = _shipped_calibration()
-    if document is None:
+    user_path, user = user_calibration_path(), None
+    if user_path.is_file():
+        user = _read(user_path)
+        reason = "unreadable or not a calibration" if user is None else stale_reason(user)
+        if reason is not None:
+            user = None
+            ignored.append({"path": str(user_path), "reason": reason})
+            if warn:
+                warnings.warn(
+                    f"ignoring {user_path}: {reason}; re-run `zoo bench pbs`",
+                    StaleCalibrationWarning,
+                    stacklevel=2,
+                )
+    path, shipped = _shipped_calibration(here)
+    if user is not None:
+        elsewhere = other_machine(user, here)
+        if elsewhere is None or shipped is None or other_machine(shipped, here) is not None:
+            return _with_wop_fit(user, {"kind": "user", "path": str(user_path), "ignored": [],
+                                        "other_machine": elsewhere}, here)  # fmt: skip
+        ignored.append({"path": str(user_path), "reason": f"{elsewhere}; a shipped "
+                        "calibration of this kind of machine comes first"})  # fmt: skip
+    if shipped is None:
         return None
     source = {
-        "kind": "default",
+        "kind": "shipped",
         "path": str(path),
         "ignored": ignored,
-        "stale": stale_reason(document),
-        "other_machine": other_machine(document),
+        "stale": stale_reason(shipped),
+        "other_machine": other_machine(shipped, here),
     }
-    return {**document, "source": source}
+    return _with_wop_fit(shipped, source, here)
 
 
-def _shipped_calibration() -> tuple[Path, dict[str, Any] | None]:
+def _shipped_calibration(here: dict[str, Any]) -> tuple[Path, dict[str, Any] | None]:
     """The shipped calibration of this kind of machine, else the default (each file read once)."""
-    here = machine.cpu()
     for path in sorted(CALIBRATION_DIR.glob("*.json")):
         document = _read(path) if path != DEFAULT_CALIBRATION else None
         if document is not None and other_machine(document, here) is None:
             return path, document
     return DEFAULT_CALIBRATION, _read(DEFAULT_CALIBRATION)
+
+
+def _with_wop_fit(
+    document: dict[str, Any], source: dict[str, Any], here: dict[str, Any]
+) -> dict[str, Any]:
+    """``document`` with ``source``, and the shipped default's WoP fit if it has none: a WoP
+    circuit priced from another machine's WoP points (and said so) is nearer the truth than
+    its lower bound as classic PBS."""
+    source = {**source, "wop_other_machine": None}
+    if document.get("wop_fit"):
+        return {**document, "source": source}
+    default = _read(DEFAULT_CALIBRATION) if source["path"] != str(DEFAULT_CALIBRATION) else None
+    if not default or not default.get("wop_fit"):
+        return {**document, "source": source}
+    measured = default.get("wop_measured") or default
+    source["wop_other_machine"] = other_machine(measured, here)
+    borrowed = {"wop_fit": default["wop_fit"], "wop_measured": measured}
+    return {**document, **borrowed, "source": source}
 
 
 def calibration_summary(calibration: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -323,6 +349,7 @@ def calibration_summary(calibration: dict[str, Any] | None) -> dict[str, Any] | 
         "note": calibration.get("note"),
         "stale": (calibration.get("source") or {}).get("stale"),
         "other_machine": (calibration.get("source") or {}).get("other_machine"),
+        "wop_other_machine": (calibration.get("source") or {}).get("wop_other_machine"),
         "ignored": (calibration.get("source") or {}).get("ignored", []),
     }
 
