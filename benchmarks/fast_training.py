@@ -74,7 +74,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # 6-bit accumulator rounding of the -r6 circuit in the loop (straight-through gradient).
     "finetune": {"profile": "finetune", "init_from": LONG},
     "finetune+round6": {"profile": "finetune", "init_from": LONG, "round_accumulators": 6},
-    # +ema taught by the VGG11 build (zoo/build/distill.py): half of the loss is the KL
+    # +ema taught by the VGG11 build (zoo/build/distill.py): weight 0.5 on T² × the KL
     # divergence to its probabilities softened at T = 4, or not softened (T = 1: the teacher
     # trained with label smoothing, so its logits span only ~5.5 and T = 4 leaves its top class
     # 0.27 on average, against 0.89 at T = 1).

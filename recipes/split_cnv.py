@@ -313,8 +313,8 @@ PROFILES: dict[str, Profile] = {
 }
 
 # ``fast`` taught by the VGG11 build ``cifar10-vgg11-qat@0dd41d5`` (FHE-sim top-1 0.8738;
-# zoo/build/distill.py): half of the loss is the KL divergence to its probabilities at
-# temperature 4. Four epochs of the ablation (benchmarks/fast_training.py, first 2,000 test
+# zoo/build/distill.py): weight 0.5 on T² × the KL divergence to its probabilities at
+# temperature T = 4. Four epochs of the ablation (benchmarks/fast_training.py, first 2,000 test
 # images): 0.6980 untaught, 0.7120 taught at T = 4, 0.7125 at T = 1. The teacher's logits on the
 # 100,000 training images and mirrors take ~510 s once (cached in work/); an epoch costs the same.
 # Its rounding in the loop measures the layers' widths as the compiler does.
@@ -886,7 +886,9 @@ def train(
         torch.set_rng_state(state["torch_rng"])
         history = list(state["history"])
         ctx.log.info("resumed from %s after epoch %d", ckpt_path, start_epoch)
-    teacher = teacher_logits(prof, images, labels, ctx.work_dir, ctx.log)
+    teacher = None if start_epoch == prof["epochs"] else teacher_logits(
+        prof, images, labels, ctx.work_dir, ctx.log
+    )  # trained: a compile-only resume needs no teacher
     rounding = None
     if prof.get("round_accumulators"):
         rounding = accumulator_rounding(model, arch, prof)

@@ -15,6 +15,7 @@ import zoo
 from zoo.build import distill, schedule
 from zoo.build.data import load_split
 from zoo.build.training import train_epoch
+from zoo.errors import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
 TEACHER = "cifar10-split-tiny@232e42415edb"
@@ -46,6 +47,7 @@ def test_teacher_logits_come_from_the_build_and_its_mirror_images(
 ) -> None:
     monkeypatch.setenv("ZOO_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("ZOO_RELEASES", str(ROOT / "releases"))
+    monkeypatch.setattr(distill, "TEACHER_BATCH", 10)  # three batches, the last one short
     images, labels = (a[:24] for a in load_split(cifar_dir, "cifar10", "train"))
     prof = {"distill_from": TEACHER}
     log = logging.getLogger("test")
@@ -53,23 +55,35 @@ def test_teacher_logits_come_from_the_build_and_its_mirror_images(
     logits = distill.teacher_logits(prof, images, labels, tmp_path, log)
     model = zoo.load(TEACHER, circuits=False)
     assert model.client is None and model.server is None
+    with pytest.raises(InputError, match="needs the client and the server") as refused:
+        model.logits(images, "simulate")
+    assert "circuits=True" in refused.value.hint
+    with pytest.raises(InputError, match="circuits=False loads none"):
+        zoo.load(TEACHER, role="client", server_url="http://127.0.0.1:1", circuits=False)
     assert logits.shape == (24, 2, 10) and logits.dtype == np.float32
     np.testing.assert_allclose(logits[:, 0], model.logits(images, "disable"), rtol=1e-6)
     np.testing.assert_allclose(logits[:, 1], model.logits(images[:, :, ::-1], "disable"),
                                rtol=1e-6)  # fmt: skip
     assert not np.allclose(logits[:, 0], logits[:, 1])
     (cached,) = tmp_path.glob("teacher-*.safetensors")
-    monkeypatch.setenv("ZOO_RELEASES", str(tmp_path / "empty"))  # a second call pulls nothing
+
+    def no_pull(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the cached logits were computed again")
+
+    monkeypatch.setattr(zoo, "load", no_pull)  # a second call reads the cache
     np.testing.assert_array_equal(distill.teacher_logits(prof, images, labels, tmp_path, log),
                                   logits)  # fmt: skip
     assert list(tmp_path.glob("teacher-*.safetensors")) == [cached]
 
 
-def test_each_step_is_taught_with_the_flip_its_augmentation_drew(cifar_dir: Path) -> None:
-    """The teacher row handed to the loss is the mirror's exactly for the flipped images."""
+def test_each_step_is_taught_with_its_images_rows_and_the_flip_its_augmentation_drew(
+    cifar_dir: Path,
+) -> None:
+    """The teacher rows handed to the loss are those of the batch's images, the mirror's
+    exactly for the flipped ones."""
     images, labels = (a[:16] for a in load_split(cifar_dir, "cifar10", "train"))
     teacher = np.zeros((16, 2, 10), dtype=np.float32)
-    teacher[:, 1, 0] = 1.0  # the mirror's row says class 0, the plain row says nothing
+    teacher[:, :, 0] = 2 * np.arange(16)[:, None] + np.arange(2)  # row of image i, flip f: 2i + f
     seen: list[torch.Tensor] = []
 
     def loss_fn(out: torch.Tensor, y: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
@@ -79,11 +93,14 @@ def test_each_step_is_taught_with_the_flip_its_augmentation_drew(cifar_dir: Path
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     data = {"mean": [0.5] * 3, "std": [0.5] * 3, "crop_padding": 0, "hflip": True}
-    train_epoch(model, opt, images, labels, np.random.default_rng(0), data, 16,
+    train_epoch(model, opt, images, labels, np.random.default_rng(0), data, 8,
                 torch.device("cpu"), "t", loss_fn=loss_fn, teacher=teacher)  # fmt: skip
     rng = np.random.default_rng(0)
-    rng.permutation(16)  # the batch order, then the crop draws, then the flips
-    rng.integers(0, 1, size=16), rng.integers(0, 1, size=16)
-    flipped = rng.random(16) < 0.5
-    assert 0 < flipped.sum() < 16
-    np.testing.assert_array_equal(seen[0].numpy(), flipped.astype(np.float32))
+    order = rng.permutation(16)  # the batch order, then per batch the crop draws and the flips
+    expected = []
+    for batch in (order[:8], order[8:]):
+        rng.integers(0, 1, size=8), rng.integers(0, 1, size=8)
+        flipped = rng.random(8) < 0.5
+        assert 0 < flipped.sum() < 8
+        expected.append(2 * batch + flipped)
+    np.testing.assert_array_equal(torch.cat(seen).numpy(), np.concatenate(expected))

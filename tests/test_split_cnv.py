@@ -442,6 +442,8 @@ def test_rounding_in_the_loop_is_the_circuits_rounding(cifar_dir: Path, tmp_path
     assert np.array_equal(sc.clear_logits(model, test_x[:200], 100), plain)  # hooks gone
     # the `distill` profile's way (round_as_compiled): the widths the compiler measures
     as_compiled = sc.accumulator_rounding(model, arch, {**overrides, "round_as_compiled": True})
+    # both ways agree on this tiny network; they differ in how they measure, which the key picks
+    assert hooks.calibrate_rounded and not as_compiled.calibrate_rounded
     as_compiled.attach(model.encrypted)
     assert sc.calibrate_rounding(as_compiled, model, x[:60], 60) == circuit_lsbs(circuit)
     as_compiled.detach()

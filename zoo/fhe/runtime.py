@@ -130,7 +130,8 @@ class Model:
         if fhe == "disable":
             return self._clear(x)
         if self.client is None or self.server is None:
-            raise InputError(f"fhe={fhe!r} needs the client and the server", hint="role='all'")
+            raise InputError(f"fhe={fhe!r} needs the client and the server",
+                             hint="zoo.load(ref, role='all') with circuits=True (the default)")
         if fhe == "simulate":
             return self._simulate(x)
         self.ensure_keys()
@@ -315,6 +316,9 @@ def load(
             f"unknown role {role!r}: the roles are {', '.join(ROLES)}",
             hint="as in `zoo pull --role`",
         )
+    if server_url is not None and not circuits:
+        raise InputError("server_url needs the FHE client: circuits=False loads none",
+                         hint="leave circuits at True to run on a server")  # fmt: skip
     if server_url is not None and role != "client":
         raise InputError("server_url goes with role='client'", hint="load(ref, role='client', "
                          "server_url=URL): the server side runs on that server")  # fmt: skip

@@ -52,7 +52,8 @@ MAX_DEPTH = 64
 #: Bounds on what a build's zip may expand to. Real builds: the largest member is the 241 MB
 #: circuit.mlir of VGG11 at half width (``cifar10-vgg11-qat`` ``fast``; its lookup tables as
 #: text), compressed 136-fold; at full width the tables are twice as many. A zip bomb expands
-#: about 1,000-fold (deflate's limit), which the ratio still refuses.
+#: about 1,000-fold (deflate's limit), which the ratio still refuses. The ratio reads the
+#: declared sizes; a header that lies about them meets the two caps while it is streamed.
 MAX_MEMBER_BYTES = 1024**3
 MAX_TOTAL_BYTES = 2 * 1024**3
 MAX_RATIO = 400
