@@ -65,6 +65,16 @@ def _write_user(calibration: dict) -> Path:
     return path
 
 
+def _ship(default: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder of shipped calibrations holding ``default`` alone, in place of the package's."""
+    shipped = tmp_path / "shipped"
+    shipped.mkdir()
+    (shipped / "default.json").write_text(json.dumps(default))
+    monkeypatch.setattr(cost, "CALIBRATION_DIR", shipped)
+    monkeypatch.setattr(cost, "DEFAULT_CALIBRATION", shipped / "default.json")
+    return shipped
+
+
 def _pbs_seconds(param: dict, c: float, e: float) -> float:
     """c × n × level × (k + 1)² × N × log2(N) + e × n × (k + 1) × N × log2(N), by hand."""
     n, level, k, size = (param[key] for key in ("input_lwe_dimension", "level", "glwe_dimension",
@@ -166,13 +176,8 @@ def test_the_shipped_calibration_of_this_kind_of_machine_comes_before_the_defaul
         assert document["note"] and document["points"], path
     here = machine.cpu()
     other = "avx2" if here["isa"] == "avx512" else "avx512"
-    shipped = tmp_path / "shipped"
-    shipped.mkdir()
     default = json.loads(cost.DEFAULT_CALIBRATION.read_text())
-    default["machine"] = {**here, "isa": other}
-    (shipped / "default.json").write_text(json.dumps(default))
-    monkeypatch.setattr(cost, "CALIBRATION_DIR", shipped)
-    monkeypatch.setattr(cost, "DEFAULT_CALIBRATION", shipped / "default.json")
+    shipped = _ship({**default, "machine": {**here, "isa": other}}, tmp_path, monkeypatch)
     assert cost.current_calibration()["source"]["other_machine"]  # only another kind's
     ours = {**_calibration(1e-9), "machine": here, "note": "this kind"}
     (shipped / "ours.json").write_text(json.dumps(ours))
@@ -200,12 +205,8 @@ def test_a_calibration_from_another_kind_of_machine_says_so(
     assert "old CPU, instruction set not recorded" in cost.other_machine(unrecorded)
 
     # nothing shipped for this kind of machine either: the user's own is used, not silently
-    shipped = tmp_path / "shipped"
-    shipped.mkdir()
     default = json.loads(cost.DEFAULT_CALIBRATION.read_text())
-    (shipped / "default.json").write_text(json.dumps({**default, "machine": wider["machine"]}))
-    monkeypatch.setattr(cost, "CALIBRATION_DIR", shipped)
-    monkeypatch.setattr(cost, "DEFAULT_CALIBRATION", shipped / "default.json")
+    shipped = _ship({**default, "machine": wider["machine"]}, tmp_path, monkeypatch)
     user = _write_user({**_calibration(1e-9), "machine": wider["machine"]})
     calibration = cost.current_calibration()
     assert calibration["source"]["kind"] == "user"
@@ -235,11 +236,7 @@ def test_a_calibration_without_wop_points_borrows_the_defaults_and_says_where_fr
     other = "avx2" if here["isa"] == "avx512" else "avx512"
     default = json.loads(cost.DEFAULT_CALIBRATION.read_text())
     default["wop_measured"] = {**default["wop_measured"], "machine": {**here, "isa": other}}
-    shipped = tmp_path / "shipped"
-    shipped.mkdir()
-    (shipped / "default.json").write_text(json.dumps(default))
-    monkeypatch.setattr(cost, "CALIBRATION_DIR", shipped)
-    monkeypatch.setattr(cost, "DEFAULT_CALIBRATION", shipped / "default.json")
+    _ship(default, tmp_path, monkeypatch)
     _write_user(_calibration(1e-9))  # this machine's classic PBS, no WoP points
     calibration = cost.current_calibration()
     assert calibration["source"]["kind"] == "user"

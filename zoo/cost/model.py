@@ -276,13 +276,16 @@ def current_calibration(warn: bool = True) -> dict[str, Any] | None:
                     StaleCalibrationWarning,
                     stacklevel=2,
                 )
-    path, shipped = _shipped_calibration(here)
+    user_elsewhere = None if user is None else other_machine(user, here)
+    path, shipped = None, None
+    if user is None or user_elsewhere is not None:  # this machine's own needs no shipped file
+        path, shipped = _shipped_calibration(here)
+    shipped_elsewhere = None if shipped is None else other_machine(shipped, here)
     if user is not None:
-        elsewhere = other_machine(user, here)
-        if elsewhere is None or shipped is None or other_machine(shipped, here) is not None:
+        if user_elsewhere is None or shipped is None or shipped_elsewhere is not None:
             return _with_wop_fit(user, {"kind": "user", "path": str(user_path), "ignored": [],
-                                        "other_machine": elsewhere}, here)  # fmt: skip
-        ignored.append({"path": str(user_path), "reason": f"{elsewhere}; a shipped "
+                                        "other_machine": user_elsewhere}, here)  # fmt: skip
+        ignored.append({"path": str(user_path), "reason": f"{user_elsewhere}; a shipped "
                         "calibration of this kind of machine comes first"})  # fmt: skip
     if shipped is None:
         return None
@@ -291,7 +294,7 @@ def current_calibration(warn: bool = True) -> dict[str, Any] | None:
         "path": str(path),
         "ignored": ignored,
         "stale": stale_reason(shipped),
-        "other_machine": other_machine(shipped, here),
+        "other_machine": shipped_elsewhere,
     }
     return _with_wop_fit(shipped, source, here)
 
