@@ -229,30 +229,43 @@ def stale_reason(document: dict[str, Any], have: dict[str, str] | None = None) -
     return None
 
 
+#: What makes two machines one kind for FHE speed: the instruction set, the core count and the
+#: CPU's generation (family and model numbers). Two AVX-512 hosts, AMD family 26 model 2 and
+#: family 25 model 17, ran the same lookups 1.5-2.2x apart (docs/cost-model.md).
+MACHINE_KIND = ("isa", "cpu_count", "cpu_family", "cpu_model_number")
+
+
 def describe_machine(machine: dict[str, Any]) -> str:
-    """``AMD EPYC, avx2, 2 cores``: a machine as calibrations and real-FHE records name it."""
+    """``AMD EPYC (family 25 model 1), avx2, 2 cores``: a machine as calibrations and real-FHE
+    records name it (without the family where it was not recorded)."""
     isa = machine.get("isa") or "instruction set not recorded"
-    return f"{machine.get('cpu_model')}, {isa}, {machine.get('cpu_count')} cores"
+    name = machine.get("cpu_model")
+    if machine.get("cpu_family") is not None:
+        name = f"{name} (family {machine['cpu_family']} model {machine.get('cpu_model_number')})"
+    return f"{name}, {isa}, {machine.get('cpu_count')} cores"
 
 
 def other_machine(document: dict[str, Any], here: dict[str, Any] | None = None) -> str | None:
-    """Why ``document`` describes another kind of machine than this one, or None.
+    """Why ``document`` describes another kind of machine than this one (:data:`MACHINE_KIND`),
+    or None.
 
     FHE speed follows the instruction set (the same circuits ran 1.7-2.2x slower on this
-    project's AVX2 machine than on the one before it, most likely an AVX-512 one) and the core
-    count; a calibration made elsewhere says so instead of silently misleading.
+    project's AVX2 machine than on the one before it, most likely an AVX-512 one), the core
+    count and the CPU's generation; a calibration made elsewhere says so instead of silently
+    misleading.
     """
     here = machine.cpu() if here is None else here
     theirs = document.get("machine") or {}
-    if all(theirs.get(k) == here[k] for k in ("isa", "cpu_count")):
+    if all(theirs.get(k) == here.get(k) for k in MACHINE_KIND):
         return None
     return f"measured on {describe_machine(theirs)}; this is {describe_machine(here)}"
 
 
 def current_calibration(warn: bool = True) -> dict[str, Any] | None:
     """The calibration estimates use, first of: this machine's own (``zoo bench pbs``), the
-    shipped one of this kind of machine (instruction set and cores), a user calibration made on
-    another kind of machine, the shipped default.
+    shipped one of this kind of machine (:data:`MACHINE_KIND`), a user calibration made on
+    another kind of machine, the shipped one of this instruction set and core count, the
+    shipped default.
 
     Returns the calibration document with a ``"source"`` entry added: ``{"kind": "user" |
     "shipped", "path": ..., "ignored": [{"path", "reason"}], "stale": reason or None,
@@ -300,12 +313,20 @@ def current_calibration(warn: bool = True) -> dict[str, Any] | None:
 
 
 def _shipped_calibration(here: dict[str, Any]) -> tuple[Path, dict[str, Any] | None]:
-    """The shipped calibration of this kind of machine, else the default (each file read once)."""
+    """The shipped calibration of this kind of machine, else the nearest: one of this
+    instruction set and core count (another CPU generation), else the default (each file read
+    once)."""
+    nearest = None
     for path in sorted(CALIBRATION_DIR.glob("*.json")):
         document = _read(path) if path != DEFAULT_CALIBRATION else None
-        if document is not None and other_machine(document, here) is None:
+        if document is None:
+            continue
+        if other_machine(document, here) is None:
             return path, document
-    return DEFAULT_CALIBRATION, _read(DEFAULT_CALIBRATION)
+        theirs = document.get("machine") or {}
+        if nearest is None and all(theirs.get(k) == here.get(k) for k in ("isa", "cpu_count")):
+            nearest = path, document
+    return nearest or (DEFAULT_CALIBRATION, _read(DEFAULT_CALIBRATION))
 
 
 def _with_wop_fit(
@@ -337,6 +358,8 @@ def calibration_summary(calibration: dict[str, Any] | None) -> dict[str, Any] | 
         "source": (calibration.get("source") or {}).get("kind"),
         "path": (calibration.get("source") or {}).get("path"),
         "cpu_model": machine.get("cpu_model"),
+        "cpu_family": machine.get("cpu_family"),
+        "cpu_model_number": machine.get("cpu_model_number"),
         "isa": machine.get("isa"),
         "cpu_count": machine.get("cpu_count"),
         "created": calibration.get("created"),
