@@ -316,9 +316,9 @@ def _shipped_calibration(here: dict[str, Any]) -> tuple[Path, dict[str, Any] | N
     """The shipped calibration of this kind of machine, else the nearest: one of this
     instruction set and core count (another CPU generation), else the default (each file read
     once)."""
-    nearest = None
+    nearest = default = None
     for path in sorted(CALIBRATION_DIR.glob("*.json")):
-        document = _read(path) if path != DEFAULT_CALIBRATION else None
+        document = _read(path)
         if document is None:
             continue
         if other_machine(document, here) is None:
@@ -326,7 +326,9 @@ def _shipped_calibration(here: dict[str, Any]) -> tuple[Path, dict[str, Any] | N
         theirs = document.get("machine") or {}
         if nearest is None and all(theirs.get(k) == here.get(k) for k in ("isa", "cpu_count")):
             nearest = path, document
-    return nearest or (DEFAULT_CALIBRATION, _read(DEFAULT_CALIBRATION))
+        if path == DEFAULT_CALIBRATION:
+            default = path, document
+    return nearest or default or (DEFAULT_CALIBRATION, _read(DEFAULT_CALIBRATION))
 
 
 def _with_wop_fit(
