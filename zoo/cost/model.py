@@ -256,9 +256,14 @@ def other_machine(document: dict[str, Any], here: dict[str, Any] | None = None) 
     """
     here = machine.cpu() if here is None else here
     theirs = document.get("machine") or {}
-    if all(theirs.get(k) == here.get(k) for k in MACHINE_KIND):
+    if _alike(theirs, here, MACHINE_KIND):
         return None
     return f"measured on {describe_machine(theirs)}; this is {describe_machine(here)}"
+
+
+def _alike(theirs: dict[str, Any], here: dict[str, Any], keys: tuple[str, ...]) -> bool:
+    """Whether two machine records agree on ``keys``."""
+    return all(theirs.get(k) == here.get(k) for k in keys)
 
 
 def current_calibration(warn: bool = True) -> dict[str, Any] | None:
@@ -323,8 +328,7 @@ def _shipped_calibration(here: dict[str, Any]) -> tuple[Path, dict[str, Any] | N
             continue
         if other_machine(document, here) is None:
             return path, document
-        theirs = document.get("machine") or {}
-        if nearest is None and all(theirs.get(k) == here.get(k) for k in ("isa", "cpu_count")):
+        if nearest is None and _alike(document.get("machine") or {}, here, ("isa", "cpu_count")):
             nearest = path, document
         if path == DEFAULT_CALIBRATION:
             default = path, document
