@@ -502,6 +502,16 @@ def test_epoch_counts_join_the_fingerprint_under_a_per_step_schedule() -> None:
     assert training_fingerprint(fast) != training_fingerprint(fast_longer)
 
 
+def test_what_rounding_in_the_loop_calibrates_on_joins_the_fingerprint() -> None:
+    params = {"arch": "tiny", "fanin": None, "profile_overrides": TINY_PROFILE}
+    cfg = sc.resolve_config("cifar10-split-tiny", params, "smoke", 0)
+    rounded = {**cfg, "profile": {**cfg["profile"], "round_accumulators": 5}}
+    for key, section, value in (("n_calib", "profile", 30), ("clear_blocks", "arch", 1)):
+        for c, joins in ((cfg, False), (rounded, True)):
+            other = {**c, section: {**c[section], key: value}}
+            assert (training_fingerprint(c) != training_fingerprint(other)) == joins, key
+
+
 def _train(
     cifar_dir: Path, work: Path, resume: bool = False, stop_now: bool = False, **extra: Any
 ):

@@ -281,7 +281,8 @@ def train_epoch(
 #: variant resumes from a copy of its base's ``work/`` folder instead of training again;
 #: calibration and evaluation batch sizes; and the epoch counts whose learning rate depends on
 #: the epoch index alone (a longer schedule continues a shorter one). ``float_epochs`` is not
-#: among them: the float stage's cosine spans it.
+#: among them: the float stage's cosine spans it. Where a profile rounds in the loop,
+#: ``n_calib`` and ``clear_blocks`` do change training (:data:`ROUNDING_INPUTS`).
 NOT_TRAINING = frozenset(
     {"p_error", "rounding_threshold_bits", "max_bit_width", "output_bits", "n_calib",
      "eval_batch_size", "epochs", "qat_epochs", "clear_blocks", "n_simulate"}
@@ -292,15 +293,23 @@ NOT_TRAINING = frozenset(
 #: there they are part of what training computes.
 EPOCH_COUNTS = frozenset({"epochs", "qat_epochs"})
 
+#: What rounding in the loop (``round_accumulators``, :mod:`zoo.build.rounding`) reads: the
+#: images it calibrates the rounded widths on, and which blocks the client runs (not rounded).
+ROUNDING_INPUTS = frozenset({"n_calib", "clear_blocks"})
+
 
 def training_fingerprint(cfg: dict[str, Any]) -> str:
     """sha256 of the config keys that training depends on (see :data:`NOT_TRAINING`; the
-    epoch counts too under a per-step schedule, whose learning rate spans them)."""
+    epoch counts too under a per-step schedule, whose learning rate spans them, and
+    :data:`ROUNDING_INPUTS` too where the profile rounds in the loop)."""
     import hashlib
+
+    rounds = cfg["profile"].get("round_accumulators")
+    ignored = NOT_TRAINING - (ROUNDING_INPUTS if rounds else frozenset())
 
     def keep(d: dict[str, Any]) -> dict[str, Any]:
         spans = EPOCH_COUNTS if d.get("lr_schedule") else frozenset()
-        return {k: v for k, v in d.items() if k not in NOT_TRAINING - spans}
+        return {k: v for k, v in d.items() if k not in ignored - spans}
 
     relevant = {k: v for k, v in cfg.items() if k not in ("arch", "profile", "profile_name")}
     relevant.update(arch=keep(cfg["arch"]), profile=keep(cfg["profile"]))
