@@ -81,6 +81,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "+distill": {**EMA, "distill_from": TEACHER, "distill_weight": 0.5, "distill_temperature": 4},
     "+distill-t1": {**EMA, "distill_from": TEACHER, "distill_weight": 0.5,
                     "distill_temperature": 1},  # fmt: skip
+    # The rest of the issue's list, each added to +ema alone: derandomised flips, decoupled
+    # weight decay (AdamW; lr x decay per step, on conv and linear weights), and BatchNorm
+    # parameters and biases at 4x the rate.
+    "+alt-flip": {**EMA, "flip": "alternate"},
+    "+decay": {**EMA, "weight_decay": 0.05},
+    "+norm-lr": {**EMA, "norm_lr_scale": 4.0},
 }
 #: The ``vgg-*`` configurations: overrides of VGG11's ``quick`` profile (width/4, Adam, cosine
 #: lr per epoch, peak 1e-3); each trains ``--epochs`` float epochs, then ``--qat-epochs`` of QAT.

@@ -73,8 +73,10 @@ from zoo.build.run import BuildContext, RecipeResult
 from zoo.build.schedule import (
     ScheduleKeys,
     criterion,
+    epoch_flips,
     lr_at_step,
     make_optimizer,
+    set_lr,
     weight_average,
 )
 from zoo.build.training import (
@@ -902,8 +904,7 @@ def train(
             # parameter becomes ``weight_orig`` (same tensor object).
             apply_fanin_pruning(model, arch["fanin"])
             opt = _rebind_optimizer(opt, model, prof)
-        for group in opt.param_groups:
-            group["lr"] = _lr_at(cfg, epoch)
+        set_lr(opt, _lr_at(cfg, epoch))
 
         def after_step(m: SplitCNV) -> None:
             m.clip_weights(WEIGHT_CLIP)
@@ -923,6 +924,7 @@ def train(
             after_step=after_step, progress=ctx.log.isEnabledFor(logging.INFO),
             loss_fn=criterion(prof), teacher=teacher,
             lr_at_step=lr_at_step(prof, prof["lr"], epoch, prof["epochs"], len(labels)),
+            flips=epoch_flips(prof, [seed], epoch, len(labels)),
         )  # fmt: skip
         lr = opt.param_groups[0]["lr"]  # the epoch's (last step's, per step)
         rec = {"epoch": epoch + 1, "lr": lr, **rec, **gpu_record(device)}

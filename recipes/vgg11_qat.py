@@ -64,8 +64,10 @@ from zoo.build.run import BuildContext, RecipeResult
 from zoo.build.schedule import (
     ScheduleKeys,
     criterion,
+    epoch_flips,
     lr_at_step,
     make_optimizer,
+    set_lr,
     weight_average,
 )
 from zoo.build.training import (
@@ -506,8 +508,7 @@ def train_stage(
     stage_id = 0 if stage == "float" else 1
     for epoch in range(start, epochs):
         lr = _float_lr(prof, epoch) if stage == "float" else prof["qat_lr"]
-        for group in opt.param_groups:
-            group["lr"] = lr
+        set_lr(opt, lr)
         lsbs = None
         if rounding is not None and epoch >= prof.get("round_from", 0):
             # as the compiler would round the weights this epoch starts from
@@ -522,6 +523,7 @@ def train_stage(
             progress=ctx.log.isEnabledFor(logging.INFO), loss_fn=criterion(prof), teacher=teacher,
             after_step=None if ema is None else ema.update_parameters,
             lr_at_step=lr_at_step(prof, peak, epoch, epochs, len(labels)),
+            flips=epoch_flips(prof, [seed, stage_id], epoch, len(labels)),
         )  # fmt: skip
         lr = opt.param_groups[0]["lr"]  # the epoch's (last step's, per step)
         rec = {"stage": stage, "epoch": epoch + 1, "lr": lr, **rec, **gpu_record(device)}

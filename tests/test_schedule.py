@@ -3,6 +3,7 @@ split-CNV recipe under it is in test_split_cnv.py."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -61,3 +62,46 @@ def test_label_smoothing_and_weight_average() -> None:
         model[0].weight.add_(1.0)
     average.update_parameters(model)
     assert torch.allclose(average.module[0].weight, before + 1.5)  # 0.5 * (b + 1) + 0.5 * (b + 2)
+
+
+def test_norm_lr_scale_raises_the_rate_of_batchnorm_and_biases_and_survives_set_lr() -> None:
+    model = _model()
+    opt = schedule.make_optimizer(model, {"norm_lr_scale": 4.0}, 0.01)
+    assert type(opt) is torch.optim.AdamW
+    weights, norms = opt.param_groups
+    assert weights["lr"] == 0.01 and norms["lr"] == pytest.approx(0.04)
+    assert weights["weight_decay"] == 0.0 and norms["weight_decay"] == 0.0
+    schedule.set_lr(opt, 0.002)  # per step or per epoch, the recipes set it this way
+    assert weights["lr"] == 0.002 and norms["lr"] == pytest.approx(0.008)
+    restored = schedule.make_optimizer(_model(), {"norm_lr_scale": 4.0}, 0.5)
+    restored.load_state_dict(opt.state_dict())  # a resumed checkpoint keeps the scale
+    schedule.set_lr(restored, 1.0)
+    assert [g["lr"] for g in restored.param_groups] == [1.0, 4.0]
+    plain = schedule.make_optimizer(model, {}, 0.01)
+    schedule.set_lr(plain, 0.003)
+    assert plain.param_groups[0]["lr"] == 0.003  # no scale: exactly the rate set
+
+
+def test_alternating_flips_mirror_every_image_once_in_two_epochs() -> None:
+    assert schedule.epoch_flips({}, [0], 0, 10) is None  # random: the augmentation draws
+    first, second, third = (schedule.epoch_flips({"flip": "alternate"}, [0], e, 1000)
+                            for e in range(3))  # fmt: skip
+    assert 400 < first.sum() < 600  # a random half
+    assert (first ^ second).all() and (first == third).all()
+    assert not (first == schedule.epoch_flips({"flip": "alternate"}, [1], 0, 1000)).all()
+    with pytest.raises(ValueError, match="sometimes"):
+        schedule.epoch_flips({"flip": "sometimes"}, [0], 0, 10)
+
+
+def test_chosen_flips_leave_the_crops_where_the_draw_puts_them() -> None:
+    from zoo.build.training import augment
+
+    images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    drawn, drawn_flips = augment(images, np.random.default_rng(5), 4, True)
+    chosen = ~drawn_flips
+    out, flipped = augment(images, np.random.default_rng(5), 4, True, chosen)
+    assert (flipped == chosen).all()
+    assert (out[chosen] == drawn[chosen][:, :, ::-1]).all()  # the same crop, mirrored once more
+    assert (out[~chosen] == drawn[~chosen][:, :, ::-1]).all()
+    unflipped, none = augment(images, np.random.default_rng(5), 4, False, chosen)
+    assert not none.any()  # without hflip nothing is mirrored, whatever is chosen

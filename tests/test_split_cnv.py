@@ -570,6 +570,23 @@ def test_a_taught_training_is_deterministic_resumes_and_reads_its_teacher_once(
     assert st_save(resumed.state_dict()) == st_save(taught.state_dict())
 
 
+def test_alternating_flips_and_a_faster_batchnorm_change_training_and_resume(
+    cifar_dir: Path, tmp_path: Path
+) -> None:
+    """flip / norm_lr_scale: each changes the weights; with both, a run paused after its first
+    epoch resumes to the bytes of one that was not (the scaled rate and the flips of epoch 2)."""
+    keys = {"flip": "alternate", "norm_lr_scale": 4.0}
+    plain = st_save(_train(cifar_dir, tmp_path / "p")[0].state_dict())
+    for key, value in keys.items():
+        one = st_save(_train(cifar_dir, tmp_path / key, **{key: value})[0].state_dict())
+        assert one != plain, key
+    both, _ = _train(cifar_dir, tmp_path / "a", **keys)
+    with pytest.raises(BuildPaused):
+        _train(cifar_dir, tmp_path / "c", stop_now=True, **keys)
+    resumed, _ = _train(cifar_dir, tmp_path / "c", resume=True, **keys)
+    assert st_save(resumed.state_dict()) == st_save(both.state_dict())
+
+
 def test_weight_average_with_fanin_pruning_is_refused(cifar_dir: Path, tmp_path: Path) -> None:
     params = {"arch": "tiny", "profile_overrides": {**TINY_PROFILE, "ema_decay": 0.9}}
     cfg = sc.resolve_config("cifar10-split-tiny", params, "smoke", 0)

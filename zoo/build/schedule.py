@@ -8,7 +8,8 @@ training fingerprint (:func:`zoo.build.training.training_fingerprint`).
 
 The other choices are those of fast CIFAR-10 training recipes: Nesterov SGD with high momentum,
 a one-cycle learning rate (linear warm-up, then linear decay to zero, set every step), label
-smoothing, decoupled weight decay (not applied to BatchNorm parameters and biases), and an
+smoothing, decoupled weight decay (not applied to BatchNorm parameters and biases), a higher
+learning rate for BatchNorm parameters and biases, alternating (derandomised) flips, and an
 exponential moving average of the weights (torch's ``AveragedModel``), whose weights are the ones
 evaluated and shipped. Which of them help 2-bit and 5-bit quantization-aware training is
 measured, not assumed: ``benchmarks/fast_training.py``. ``round_accumulators`` rounds the
@@ -21,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal, TypedDict
 
+import numpy as np
 import torch
 import torch.optim.swa_utils
 
@@ -31,6 +33,9 @@ class ScheduleKeys(TypedDict, total=False):
     optimizer: Literal["adam", "sgd"]  # sgd: Nesterov momentum
     momentum: float  # sgd only (default 0.9)
     weight_decay: float  # decoupled: AdamW / SGD with decay on weights, not BatchNorm or biases
+    norm_lr_scale: float  # learning rate of BatchNorm parameters and biases x this (default 1)
+    flip: Literal["random", "alternate"]  # mirror a random half per epoch (default), or each
+    # image one epoch in two (a random half first)
     lr_schedule: Literal["one-cycle"]  # per step; absent: the recipe's per-epoch rule
     warmup: float  # one-cycle: fraction of all steps spent rising to the peak lr (default 0.2)
     label_smoothing: float  # cross-entropy label smoothing (default 0)
@@ -42,33 +47,59 @@ class ScheduleKeys(TypedDict, total=False):
     distill_temperature: float  # softmax temperature of both (default 4)
 
 
-def _decay_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def _decay_groups(
+    model: torch.nn.Module, weight_decay: float, lr: float, norm_lr_scale: float = 1.0
+) -> list[dict[str, Any]]:
     """Parameter groups: weight decay on weight tensors of 2+ dims only (not BatchNorm's scale,
-    not biases), as fast-training recipes do."""
+    not biases), as fast-training recipes do; those others learn at ``lr * norm_lr_scale``
+    (their ``lr_scale``, which :func:`set_lr` keeps)."""
     decay, rest = [], []
     for parameter in model.parameters():
         if parameter.requires_grad:
             (decay if parameter.ndim > 1 else rest).append(parameter)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    rest_group = {"params": rest, "weight_decay": 0.0, "lr": lr * norm_lr_scale}
+    if norm_lr_scale != 1.0:
+        rest_group["lr_scale"] = norm_lr_scale
+    return [{"params": decay, "weight_decay": weight_decay}, rest_group]
 
 
 def make_optimizer(
     model: torch.nn.Module, prof: dict[str, Any], lr: float
 ) -> torch.optim.Optimizer:
     """The profile's optimizer over ``model``'s parameters at learning rate ``lr``: Adam (the
-    default, exactly as before: one group, no decay), AdamW with ``weight_decay``, or Nesterov SGD
-    with ``momentum`` and ``weight_decay`` (decay per unit lr, as in SGD)."""
+    default, exactly as before: one group, no decay), AdamW with ``weight_decay`` or
+    ``norm_lr_scale``, or Nesterov SGD with ``momentum`` and ``weight_decay`` (decay per unit lr,
+    as in SGD)."""
     name = prof.get("optimizer", "adam")
     decay = float(prof.get("weight_decay", 0.0))
+    groups = _decay_groups(model, decay, lr, float(prof.get("norm_lr_scale", 1.0)))
     if name == "adam":
-        if not decay:
+        if not decay and "lr_scale" not in groups[1]:
             return torch.optim.Adam(model.parameters(), lr=lr)
-        return torch.optim.AdamW(_decay_groups(model, decay), lr=lr)
+        return torch.optim.AdamW(groups, lr=lr)
     if name == "sgd":
         momentum = float(prof.get("momentum", 0.9))
-        return torch.optim.SGD(_decay_groups(model, decay), lr=lr, momentum=momentum,
-                               nesterov=True)  # fmt: skip
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
     raise ValueError(f"unknown optimizer {name!r}: use 'adam' or 'sgd'")
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of ``opt``'s groups to ``lr``, times a group's ``lr_scale``."""
+    for group in opt.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def epoch_flips(prof: dict[str, Any], seed: list[int], epoch: int, n: int) -> np.ndarray | None:
+    """Which of the ``n`` training images epoch ``epoch`` mirrors under the profile's ``flip``:
+    None for ``random`` (the default: the augmentation draws them), or for ``alternate`` a
+    random half (drawn from ``seed``) in even epochs and the other half in odd ones, so that every
+    image is seen both ways in any two epochs in a row."""
+    flip = prof.get("flip", "random")
+    if flip not in ("random", "alternate"):
+        raise ValueError(f"unknown flip {flip!r}: use 'random' or 'alternate'")
+    if flip == "random":
+        return None
+    return (np.random.default_rng(seed).random(n) < 0.5) ^ bool(epoch % 2)
 
 
 def per_step(prof: dict[str, Any]) -> bool:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from zoo.build.data import CIFAR10_DIRNAME, fingerprint
-from zoo.build.schedule import ScheduleKeys
+from zoo.build.schedule import ScheduleKeys, set_lr
 from zoo.cost import progress
 from zoo.errors import BitWidthBoundError, BuildError
 from zoo.fhe import head as zoo_head
@@ -172,10 +172,15 @@ def normalize_images(images_uint8_nhwc: np.ndarray, mean: torch.Tensor, std: tor
 
 
 def augment(
-    images: np.ndarray, rng: np.random.Generator, padding: int, hflip: bool
+    images: np.ndarray,
+    rng: np.random.Generator,
+    padding: int,
+    hflip: bool,
+    flip: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Random crop (32, zero padding ``padding``) and horizontal flip, on uint8 NHWC: the
-    images and which of them were flipped.
+    images and which of them were flipped. ``flip`` (with ``hflip``) says which to mirror
+    instead of a draw (which is still made, so that the crops of later batches do not move).
 
     The zero padding is black pixels, as torchvision pads the PIL image before ``ToTensor``.
     """
@@ -183,7 +188,8 @@ def augment(
     padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
     dy = rng.integers(0, 2 * padding + 1, size=n)
     dx = rng.integers(0, 2 * padding + 1, size=n)
-    flip = rng.random(n) < 0.5 if hflip else np.zeros(n, dtype=bool)
+    drawn = rng.random(n) < 0.5 if hflip else np.zeros(n, dtype=bool)
+    flip = flip if hflip and flip is not None else drawn
     out = np.empty_like(images)
     for i in range(n):
         crop = padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w]
@@ -230,12 +236,14 @@ def train_epoch(
     loss_fn: torch.nn.Module | None = None,
     lr_at_step: Callable[[int], float] | None = None,
     teacher: np.ndarray | None = None,
+    flips: np.ndarray | None = None,
 ) -> dict[str, float]:
     """One epoch of training in the order ``rng`` draws, with the recipe's augmentation
     (``data``: mean, std, crop_padding, hflip); ``loss_fn`` defaults to cross-entropy;
     ``lr_at_step(b)`` sets the learning rate before batch ``b`` (a per-step schedule, see
     :mod:`zoo.build.schedule`); ``teacher``: logits (N, 2, classes) of each image and its
-    mirror, passed to ``loss_fn`` as a third argument (:mod:`zoo.build.distill`);
+    mirror, passed to ``loss_fn`` as a third argument (:mod:`zoo.build.distill`); ``flips``:
+    which images to mirror (:func:`zoo.build.schedule.epoch_flips`; None: drawn);
     ``after_step(model)`` runs after every optimizer step (weight
     clipping, weight average); ``progress`` shows a bar. Full batches only (BatchNorm needs > 1
     sample), at least one. Returns the mean ``loss`` and ``train_top1``."""
@@ -252,10 +260,10 @@ def train_epoch(
     bar = tqdm(range(n_batches), desc=desc, leave=False, disable=None if progress else True)
     for b in bar:
         if lr_at_step is not None:
-            for group in opt.param_groups:
-                group["lr"] = lr_at_step(b)
+            set_lr(opt, lr_at_step(b))
         idx = order[b * batch_size : (b + 1) * batch_size]
-        x, flipped = augment(images[idx], rng, data["crop_padding"], data["hflip"])
+        x, flipped = augment(images[idx], rng, data["crop_padding"], data["hflip"],
+                             None if flips is None else flips[idx])  # fmt: skip
         x = normalize_images(x, mean, std).to(device)
         y = torch.from_numpy(labels[idx]).to(device)
         out = model(x)
