@@ -72,14 +72,15 @@ def make_optimizer(
     as in SGD)."""
     name = prof.get("optimizer", "adam")
     decay = float(prof.get("weight_decay", 0.0))
-    groups = _decay_groups(model, decay, lr, float(prof.get("norm_lr_scale", 1.0)))
+    scale = float(prof.get("norm_lr_scale", 1.0))
     if name == "adam":
-        if not decay and "lr_scale" not in groups[1]:
+        if not decay and scale == 1.0:
             return torch.optim.Adam(model.parameters(), lr=lr)
-        return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.AdamW(_decay_groups(model, decay, lr, scale), lr=lr)
     if name == "sgd":
         momentum = float(prof.get("momentum", 0.9))
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=True)
+        return torch.optim.SGD(_decay_groups(model, decay, lr, scale), lr=lr, momentum=momentum,
+                               nesterov=True)  # fmt: skip
     raise ValueError(f"unknown optimizer {name!r}: use 'adam' or 'sgd'")
 
 
