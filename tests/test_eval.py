@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import zoo
+from zoo import cli
 from zoo.build import run as builder
 from zoo.catalog import registry as reg
 from zoo.cost import machine
@@ -67,7 +68,7 @@ def test_a_sample_continued_on_another_machine_keeps_its_seconds_apart() -> None
         json.dumps({"run": {"fhe": "execute", "indices": [0, 1, 2, 3]}}),
         image(0, 160.0), image(1, 170.0),  # written before records named their machine
         json.dumps({"summary": {"machine": amd}}),
-        image(2, 90.0, machine=xeon, cpu_steal=0.125),
+        image(2, 90.0, machine=xeon, cpu_steal=0.125, cpu_others=0.25),
         image(3, 100.0),  # an interrupted run's record without a machine: no summary after it
         image(4, 95.0, machine=xeon),  # continued on the Xeon, by code that names machines
         json.dumps({"summary": {"machine": xeon}}),  # not the machine of image 3
@@ -80,6 +81,11 @@ def test_a_sample_continued_on_another_machine_keeps_its_seconds_apart() -> None
     assert summary["machine"] == xeon and summary["execute_seconds_per_image"] == 90.0
     assert summary["n_images"] == 4 and summary["execute_top1"] == 0.5  # accuracy: every image
     assert summary["cpu_steal_max"] == 0.125  # records from before steal was measured: unknown
+    assert summary["cpu_others_max"] == 0.25
+    run = {"variant": TINY, "revision": "0" * 64, "fhe": "execute", "sample": "s", "results": "r"}
+    assert "other processes used up to 25% of the CPU" in cli.eval_text({**summary, **run})
+    alone = {**summary, **run, "cpu_others_max": 0.01}  # a shell, a monitor: not worth a word
+    assert "other processes" not in cli.eval_text(alone)
     assert summary["execute_seconds_by_machine"] == [
         {"machine": amd, "n_images": 2, "seconds_per_image": 165.0},
         {"machine": xeon, "n_images": 1, "seconds_per_image": 90.0},
@@ -209,7 +215,7 @@ def test_ray_backend_real_fhe_survives_a_killed_worker(
     for record in records:
         assert np.argmax(record["execute"]) == np.argmax(record["simulate"])
         assert record["seconds"] > 0 and record["machine"] == machine.cpu()  # a local cluster
-        assert record["cpu_steal"] is None  # measured where the circuit runs: not on Ray
+        assert record["cpu_steal"] is None and record["cpu_others"] is None  # not on Ray
         assert record["parallel"] == 2  # two workers shared this machine's cores
     recorded = reg.load(registry_file).variant(TINY).builds[-1].metrics  # --record
     assert recorded["fhe_execute_n_images"] == 2 and recorded["fhe_execute_agreement"] == 1.0

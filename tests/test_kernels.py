@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -50,13 +51,32 @@ def test_a_build_refuses_kernels_above_the_pin(monkeypatch: pytest.MonkeyPatch) 
     assert "zoo.build.kernels.pin()" in info.value.hint
 
 
-def test_steal_is_the_share_of_cpu_time_given_to_other_guests() -> None:
-    assert machine.steal((10, 1_000), (60, 1_200)) == 0.25
-    assert machine.steal((10, 1_000), (10, 1_000)) is None  # no time passed: nothing to tell
-    assert machine.steal(None, (10, 1_000)) is None
+def test_steal_and_others_are_shares_of_the_machines_cpu_time() -> None:
+    Ticks = machine.Ticks
+    before, after = Ticks(10, 1_000, 400, 300), Ticks(60, 1_200, 560, 400)
+    assert machine.steal(before, after) == 0.25  # 50 of 200 ticks went to other guests
+    assert machine.others(before, after) == 0.3  # 160 busy, 100 of them this process's own
+    assert machine.steal(before, before) is None  # no time passed: nothing to tell
+    assert machine.others(None, after) is None
     # /proc/stat's first line: user nice system idle iowait irq softirq steal guest guest_nice
     stat = "cpu  700 1 100 150 20 0 4 25 9 9\ncpu0 350 0 50 75 10 0 2 12 0 0\n"
-    assert machine.cpu_ticks(stat) == (25, 1_000)  # guest time is in user time: not twice
+    ticks = machine.cpu_ticks(stat)
+    assert ticks is not None and ticks[:3] == (25, 1_000, 805)  # guest time is in user time
     assert machine.cpu_ticks("intr 12 3") is None and machine.cpu_ticks("") is None
-    if sys.platform.startswith("linux"):
-        assert machine.cpu_ticks() is not None
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/stat")
+def test_a_busy_process_beside_a_timed_run_shows_as_others() -> None:
+    """A process spinning on one core while this one sleeps counts as others' CPU time (0.5 of a
+    2-core machine, less where other tests share the cores), not as this process's."""
+    spin = "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"
+    child = subprocess.Popen([sys.executable, "-c", spin])
+    try:
+        before = machine.cpu_ticks()
+        time.sleep(1.0)
+        after = machine.cpu_ticks()
+    finally:
+        child.wait()
+    share = machine.others(before, after)
+    assert share is not None and share >= 0.5 / (os.cpu_count() or 1) * 0.5
+    assert after is not None and before is not None and after.own - before.own < 20  # slept

@@ -679,6 +679,11 @@ def eval_cmd(ref: str, fhe: str, n_images: int, seed: int | None, data_dir: Path
     _emit(as_json, result, lambda: eval_text(result))
 
 
+#: ``cpu_others`` (share of the machine's CPU that other processes used during an image) above
+#: which `zoo eval` says that the image's seconds are not the machine's alone.
+BUSY = 0.05
+
+
 def eval_text(summary: dict[str, Any]) -> str:
     """An evaluation summary for people: accuracy, real-FHE agreement and time, results file."""
     mode = summary["fhe"]
@@ -696,6 +701,12 @@ def eval_text(summary: dict[str, Any]) -> str:
             f"  {summary['execute_seconds_per_image']:,.1f} s per image on "
             f"{cost.describe_machine(machine) if machine else 'the Ray cluster'}"
         )
+        busy = summary.get("cpu_others_max")
+        if busy and busy > BUSY:
+            lines.append(
+                f"  other processes used up to {busy:.0%} of the CPU during an image: its "
+                "seconds are not this machine's alone (results file: cpu_others)"
+            )
     lines.append(f"  results: {summary['results']}")
     return "\n".join(lines)
 

@@ -44,7 +44,7 @@ from typing import Any
 
 from zoo.catalog import versions
 from zoo.cost import model as cost
-from zoo.cost.machine import cpu, cpu_ticks, steal
+from zoo.cost.machine import cpu, cpu_ticks, others, steal
 from zoo.errors import RuntimeMismatchError
 from zoo.fhe import sigpipe
 
@@ -380,12 +380,14 @@ def run_pbs_bench(
             f"{point['seconds_per_pbs'] * 1e3:.2f} ms per {what}, "
             f"fit {point['relative_error']:+.0%}"
         )
+    after = cpu_ticks()
     measured = {
         "created": _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat(),
         "machine": {
             **before,
             "load_average_after": machine()["load_average"],
-            "cpu_steal": steal(ticks, cpu_ticks()),
+            "cpu_steal": steal(ticks, after),
+            "cpu_others": others(ticks, after),
         },
         "versions": {k: versions.installed()[k] for k in versions.BINDING},
         "p_error": BUILD_P_ERROR,

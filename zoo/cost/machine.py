@@ -1,18 +1,19 @@
-"""This machine as the cost model sees it: CPU model, instruction set, and the CPU time the
-hypervisor gives other guests.
+"""This machine as the cost model sees it: CPU model, instruction set, and the CPU time that
+others take from a timed run: the hypervisor's other guests, and the other processes here.
 
 The instruction set goes with the speed of FHE (1.7-2.2x between an AVX-512 and an AVX2 host), so
 :func:`cpu` names the machine of every calibration and timing. It does not tell two hosts of one
-kind apart, nor a host busy with other guests: :func:`cpu_ticks` and :func:`steal` measure one
-cause of the latter (see ``docs/machines.md``).
+kind apart, nor a host busy with something else: :func:`cpu_ticks` with :func:`steal` and
+:func:`others` measure the two causes of the latter (see ``docs/machines.md``).
 """
 
 from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 
 def cpu() -> dict[str, Any]:
@@ -36,21 +37,50 @@ def cpu() -> dict[str, Any]:
     }
 
 
-def cpu_ticks(stat: str | None = None) -> tuple[int, int] | None:
-    """(stolen, total) CPU time of this machine since boot, in clock ticks, from ``stat`` (the
-    text of ``/proc/stat``, read when not given); None where the kernel does not report it."""
+class Ticks(NamedTuple):
+    """CPU time since boot, in clock ticks: the machine's (all cores) and this process's own."""
+
+    stolen: int  # given by the hypervisor to other guests
+    total: int  # every state, idle included
+    busy: int  # running anything here: user, nice, system, irq, softirq
+    own: int  # this process's threads and the children it has waited for
+
+
+def cpu_ticks(stat: str | None = None) -> Ticks | None:
+    """The :class:`Ticks` of now, the machine's from ``stat`` (the text of ``/proc/stat``, read
+    when not given); None where the kernel does not report them."""
     try:
         text = Path("/proc/stat").read_text() if stat is None else stat
         first = text.split("\n", 1)[0].split()
         ticks = [int(value) for value in first[1:9]]  # user nice system idle iowait irq soft steal
     except (OSError, ValueError):
         return None
-    return (ticks[7], sum(ticks)) if len(ticks) == 8 and first[0] == "cpu" else None
+    if len(ticks) != 8 or first[0] != "cpu":
+        return None
+    user, nice, system, _idle, _iowait, irq, soft, stolen = ticks
+    times = os.times()
+    own = times.user + times.system + times.children_user + times.children_system
+    return Ticks(stolen, sum(ticks), user + nice + system + irq + soft,
+                 round(own * os.sysconf("SC_CLK_TCK")))  # fmt: skip
 
 
-def steal(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+def _share(
+    before: Ticks | None, after: Ticks | None, ticks: Callable[[Ticks], int]
+) -> float | None:
+    """Share of the machine's CPU time between ``before`` and ``after`` that ``ticks`` grew by."""
+    if before is None or after is None or after.total <= before.total:
+        return None  # unknown, or no time passed: nothing to tell
+    return round(max(ticks(after) - ticks(before), 0) / (after.total - before.total), 4)
+
+
+def steal(before: Ticks | None, after: Ticks | None) -> float | None:
     """Share of the CPU time between two :func:`cpu_ticks` that the hypervisor gave to other
     guests (0 on a host that nobody else uses); None when unknown or too short to tell."""
-    if before is None or after is None or after[1] <= before[1]:
-        return None
-    return round((after[0] - before[0]) / (after[1] - before[1]), 4)
+    return _share(before, after, lambda t: t.stolen)
+
+
+def others(before: Ticks | None, after: Ticks | None) -> float | None:
+    """Share of the machine's CPU time between two :func:`cpu_ticks` that other processes of
+    this machine used (about 0 when this one ran alone; on 2 cores, a process that keeps one
+    core busy throughout counts 0.5); None when unknown or too short to tell."""
+    return _share(before, after, lambda t: t.busy - t.own)

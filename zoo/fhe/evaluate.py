@@ -5,7 +5,8 @@ long real-FHE evaluation can be killed and continued with ``resume=True``::
 
     {"run": {"variant": ..., "revision": ..., "fhe": "execute", "indices": [...]}}
     {"index": 17, "label": 3, "simulate": [...10 logits], "execute": [...], "seconds": 71.2,
-     "machine": {"cpu_model": ..., "isa": "avx512", "cpu_count": 2, ...}, "cpu_steal": 0.0}
+     "machine": {"cpu_model": ..., "isa": "avx512", "cpu_count": 2, ...}, "cpu_steal": 0.0,
+     "cpu_others": 0.0}
     ...
     {"summary": {"execute_top1": ..., "agreement_with_simulation": ..., ...}}
 
@@ -14,8 +15,10 @@ keeps its seconds apart: the summary's ``execute_seconds_per_image`` is that of 
 its ``machine`` (this one, when it ran images of the sample), and ``execute_seconds_by_machine``
 lists every machine. Records written before records named their machine take the machine of
 the summary that closed their run. ``cpu_steal`` is the share of CPU time the hypervisor gave to
-other guests while the image ran here (``machine.steal``; None on Ray): a time measured
-while it was high is not the machine's; the summary gives the largest as ``cpu_steal_max``.
+other guests while the image ran here (``machine.steal``), ``cpu_others`` the share that other
+processes of this machine used (``machine.others``; both None on Ray): a time measured while
+either was high is not the machine's; the summary gives the largest as ``cpu_steal_max`` and
+``cpu_others_max``.
 Images run by Ray's local workers side by side say how many shared the machine (``parallel``):
 they count for accuracy, and their seconds are kept apart from those of images run alone.
 
@@ -41,7 +44,7 @@ from zoo.api import DEFAULT_FHE, check_fhe_mode
 from zoo.build.data import fingerprint, load_split
 from zoo.catalog import registry as reg
 from zoo.cost import model as cost
-from zoo.cost.machine import cpu, cpu_ticks, steal
+from zoo.cost.machine import cpu, cpu_ticks, others, steal
 from zoo.errors import InputError, ZooError
 from zoo.fhe import runtime, sigpipe
 
@@ -196,18 +199,23 @@ def summarize(
         by_machine = seconds_by_machine(records)
         alone = [row for row in by_machine if "parallel" not in row] or by_machine
         timed = next((row for row in alone if row["machine"] == machine), alone[0])
-        steals = [r["cpu_steal"] for r in records if r.get("cpu_steal") is not None]
         summary.update(
             agreement_with_simulation=float(agree.mean()),
             disagreeing_indices=[r["index"] for r, a in zip(records, agree) if not a],
             execute_seconds_per_image=timed["seconds_per_image"],
             machine=timed["machine"],
             execute_seconds_by_machine=by_machine,
-            cpu_steal_max=max(steals, default=None),
+            cpu_steal_max=_largest(records, "cpu_steal"),
+            cpu_others_max=_largest(records, "cpu_others"),
             predictions=[int(i) for i in executed.argmax(1)],
             labels=[int(i) for i in labels],
         )
     return summary
+
+
+def _largest(records: list[dict[str, Any]], key: str) -> float | None:
+    """The largest ``key`` of the records that have one; None where none has."""
+    return max((r[key] for r in records if r.get(key) is not None), default=None)
 
 
 def evaluate(
@@ -364,11 +372,11 @@ def _executed(
     )
     parallel = {"parallel": at_once} if at_once > 1 else {}
 
-    def record(index: int, result: bytes, seconds: float, steal: float | None) -> dict[str, Any]:
+    def record(index: int, result: bytes, seconds: float, shares: dict[str, Any]) -> dict[str, Any]:
         logits = model.client.deserialize_decrypt_dequantize(result)
         return {"index": index, "label": int(labels[index]), "simulate": simulated[index],
                 "execute": _rows(logits)[0], "seconds": round(seconds, 3),
-                "machine": machine, "cpu_steal": steal, **parallel}  # fmt: skip
+                "machine": machine, **shares, **parallel}  # fmt: skip
 
     model.ensure_keys()
     keys = model.client.get_serialized_evaluation_keys()
@@ -382,7 +390,7 @@ def _executed(
         for index, result, seconds in cluster.run(
             model.path, keys, ciphertexts, address=address, workers=workers
         ):
-            yield record(index, result, seconds, None)
+            yield record(index, result, seconds, {"cpu_steal": None, "cpu_others": None})
         return
     for index, ciphertext in ciphertexts:
         start, ticks = time.perf_counter(), cpu_ticks()
@@ -391,4 +399,6 @@ def _executed(
         finally:
             sigpipe.restore()
         seconds = time.perf_counter() - start
-        yield record(index, result, seconds, steal(ticks, cpu_ticks()))
+        after = cpu_ticks()
+        shares = {"cpu_steal": steal(ticks, after), "cpu_others": others(ticks, after)}
+        yield record(index, result, seconds, shares)
