@@ -20,6 +20,7 @@ import click
 
 from zoo import api
 from zoo.cost import model as cost
+from zoo.cost.machine import alone
 from zoo.errors import BuildPaused, ZooError
 
 REGISTRY = click.option(
@@ -679,11 +680,6 @@ def eval_cmd(ref: str, fhe: str, n_images: int, seed: int | None, data_dir: Path
     _emit(as_json, result, lambda: eval_text(result))
 
 
-#: ``cpu_others`` (share of the machine's CPU that other processes used during an image) above
-#: which `zoo eval` says that the image's seconds are not the machine's alone.
-BUSY = 0.05
-
-
 def eval_text(summary: dict[str, Any]) -> str:
     """An evaluation summary for people: accuracy, real-FHE agreement and time, results file."""
     mode = summary["fhe"]
@@ -702,7 +698,7 @@ def eval_text(summary: dict[str, Any]) -> str:
             f"{cost.describe_machine(machine) if machine else 'the Ray cluster'}"
         )
         busy = summary.get("cpu_others_max")
-        if busy and busy > BUSY:
+        if not alone(busy):
             lines.append(
                 f"  other processes used up to {busy:.0%} of the CPU during an image: its "
                 "seconds are not this machine's alone (results file: cpu_others)"
@@ -727,9 +723,10 @@ def keygen(ref: str, force: bool, record: bool, registry_path: Path | None, as_j
     from zoo.fhe import runtime
 
     info = runtime.keygen(ref, force=force, registry_path=registry_path)
+    timed = info.keygen_seconds is not None and alone(info.cpu_others)
     if record:
         metrics = {"eval_key_bytes_serialized": info.eval_key_bytes}
-        if info.keygen_seconds is not None:
+        if timed:
             metrics["keygen_seconds"] = round(info.keygen_seconds, 3)
         api.record_metrics(f"{info.variant}@{info.revision}", metrics, registry_path)
     data = {**info.__dict__, "path": str(info.path)}
@@ -737,9 +734,12 @@ def keygen(ref: str, force: bool, record: bool, registry_path: Path | None, as_j
     def text() -> str:
         made = (f"generated in {info.keygen_seconds:.1f} s" if info.generated
                 else "reused")  # fmt: skip
+        busy = ("" if timed or not info.generated else
+                f"\nother processes used {info.cpu_others:.0%} of the CPU meanwhile: the time is "
+                "not this machine's alone, so --record leaves it out")  # fmt: skip
         return (f"{info.variant}@{info.revision[:12]}: keys {made} at {info.path}\n"
                 f"evaluation keys: {_size(info.eval_key_bytes)} (sent to the server; "
-                "the secret key stays here)")  # fmt: skip
+                f"the secret key stays here){busy}")  # fmt: skip
 
     _emit(as_json, data, text)
 

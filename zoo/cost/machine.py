@@ -37,6 +37,17 @@ def cpu() -> dict[str, Any]:
     }
 
 
+#: The share of the machine's CPU (:func:`others`) above which a time measured here is not the
+#: machine's alone: `zoo eval` says so, and keygen times are not recorded.
+BUSY = 0.05
+
+
+def alone(share: float | None) -> bool:
+    """Whether a time measured while others used ``share`` of the CPU (None: unknown) can stand
+    for this machine's."""
+    return share is None or share <= BUSY
+
+
 class Ticks(NamedTuple):
     """CPU time since boot, in clock ticks: the machine's (all cores) and this process's own."""
 
