@@ -197,8 +197,8 @@ def summarize(
             summary[f"execute_top{k}"] = topk(executed, labels, k)
         agree = executed.argmax(1) == simulated.argmax(1)
         by_machine = seconds_by_machine(records)
-        alone = [row for row in by_machine if "parallel" not in row] or by_machine
-        timed = next((row for row in alone if row["machine"] == machine), alone[0])
+        unshared = [row for row in by_machine if "parallel" not in row] or by_machine
+        timed = next((row for row in unshared if row["machine"] == machine), unshared[0])
         summary.update(
             agreement_with_simulation=float(agree.mean()),
             disagreeing_indices=[r["index"] for r, a in zip(records, agree) if not a],
