@@ -67,8 +67,9 @@ def test_steal_and_others_are_shares_of_the_machines_cpu_time() -> None:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/stat")
 def test_a_busy_process_beside_a_timed_run_shows_as_others() -> None:
-    """A process spinning on one core while this one sleeps counts as others' CPU time (0.5 of a
-    2-core machine, less where other tests share the cores), not as this process's."""
+    """A process spinning on one core while this one sleeps counts as others' CPU time (a core's
+    worth, 0.5 of a 2-core machine; at least a quarter of a core where tests share the cores),
+    not as this process's."""
     spin = "import time\nend = time.time() + 1.5\nwhile time.time() < end: pass"
     child = subprocess.Popen([sys.executable, "-c", spin])
     try:
@@ -78,5 +79,5 @@ def test_a_busy_process_beside_a_timed_run_shows_as_others() -> None:
     finally:
         child.wait()
     share = machine.others(before, after)
-    assert share is not None and share >= 0.5 / (os.cpu_count() or 1) * 0.5
+    assert share is not None and share >= 0.25 / (os.cpu_count() or 1)
     assert after is not None and before is not None and after.own - before.own < 20  # slept
