@@ -723,11 +723,9 @@ def keygen(ref: str, force: bool, record: bool, registry_path: Path | None, as_j
     from zoo.fhe import runtime
 
     info = runtime.keygen(ref, force=force, registry_path=registry_path)
-    timed = info.keygen_seconds is not None and alone(info.cpu_others)
+    timed = runtime.keygen_metrics(info.keygen_seconds, info.cpu_others)
     if record:
-        metrics = {"eval_key_bytes_serialized": info.eval_key_bytes}
-        if timed:
-            metrics["keygen_seconds"] = round(info.keygen_seconds, 3)
+        metrics = {"eval_key_bytes_serialized": info.eval_key_bytes, **timed}
         api.record_metrics(f"{info.variant}@{info.revision}", metrics, registry_path)
     data = {**info.__dict__, "path": str(info.path)}
 

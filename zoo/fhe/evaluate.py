@@ -44,7 +44,7 @@ from zoo.api import DEFAULT_FHE, check_fhe_mode
 from zoo.build.data import fingerprint, load_split
 from zoo.catalog import registry as reg
 from zoo.cost import model as cost
-from zoo.cost.machine import alone, cpu, cpu_ticks, others, steal
+from zoo.cost.machine import cpu, cpu_ticks, others, steal
 from zoo.errors import InputError, ZooError
 from zoo.fhe import runtime, sigpipe
 
@@ -324,11 +324,9 @@ def evaluate(
 def registry_metrics(summary: dict[str, Any]) -> dict[str, Any]:
     """The registry's ``fhe_execute_*`` metrics from a real-FHE evaluation summary (plus the
     keygen time, when this run generated the keys with nothing else running)."""
-    timed = "keygen_seconds" in summary and alone(summary.get("keygen_cpu_others"))
-    keygen = {"keygen_seconds": summary["keygen_seconds"]} if timed else {}
     machine = summary.get("machine")
     return {
-        **keygen,
+        **runtime.keygen_metrics(summary.get("keygen_seconds"), summary.get("keygen_cpu_others")),
         "fhe_execute_top1": summary["execute_top1"],
         "fhe_execute_top2": summary["execute_top2"],
         "fhe_execute_top3": summary["execute_top3"],

@@ -273,6 +273,15 @@ class KeyInfo:
     cpu_others: float | None = None  # machine.others during generation; None: unknown
 
 
+def keygen_metrics(seconds: float | None, cpu_others: float | None) -> dict[str, float]:
+    """The registry's ``keygen_seconds`` for a key generation that took ``seconds`` while other
+    processes used ``cpu_others`` of the CPU: none unless timed here with nothing else running
+    (:func:`zoo.cost.machine.alone`)."""
+    if seconds is None or not machine.alone(cpu_others):
+        return {}
+    return {"keygen_seconds": round(seconds, 3)}
+
+
 def keygen(ref: str, force: bool = False, **pull_kwargs: Any) -> KeyInfo:
     """Generate (or reuse) the client keys of a build and report the evaluation-key size.
 
