@@ -21,7 +21,7 @@ from zoo.build import run as builder
 from zoo.catalog import registry as reg
 from zoo.cost import machine
 from zoo.cost import model as cost
-from zoo.errors import ZooError
+from zoo.errors import InputError, ZooError
 from zoo.fhe import evaluate, runtime
 
 TINY = "cifar10-split-tiny"
@@ -66,6 +66,7 @@ def test_a_sample_continued_on_another_machine_keeps_its_seconds_apart() -> None
 
     text = "\n".join([
         json.dumps({"run": {"fhe": "execute", "indices": [0, 1, 2, 3]}}),
+        "42", '"running"', '{"summary": 7}',  # JSON, but not ours: skipped
         image(0, 160.0), image(1, 170.0),  # written before records named their machine
         json.dumps({"summary": {"machine": amd}}),
         image(2, 90.0, machine=xeon, cpu_steal=0.125, cpu_others=0.25),
@@ -180,6 +181,23 @@ def test_simulated_eval_writes_results_and_resumes(
         evaluate.evaluate(
             **sim, n_images=120, seed=4, data_dir=cifar_dir, results=results, resume=True
         )
+
+    # Bad options fail as bad input (exit 2), and no file is written or erased.
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\nmore notes\n")
+    fresh = tmp_path / "fresh.jsonl"
+    for bad, match in [
+        ({"n_images": 0, "results": fresh}, "-n must be at least 1"),
+        ({"n_images": 10, "stop_after": -1, "results": fresh}, "--stop-after must be >= 0"),
+        ({"n_images": 10, "stop_after": 0, "results": fresh, "resume": True}, "runs no image"),
+        ({"n_images": 10, "results": notes, "resume": True}, "no run header"),
+    ]:
+        with pytest.raises(InputError, match=match):
+            evaluate.evaluate(**sim, seed=3, data_dir=cifar_dir, **bad)
+    assert not fresh.exists() and notes.read_text() == "my notes\nmore notes\n"
+    summary = evaluate.evaluate(**sim, n_images=120, seed=3, data_dir=cifar_dir, results=pieces,
+                                resume=True, stop_after=0)  # fmt: skip
+    assert summary["this_run_images"] == 0 and summary["n_images"] == 120
 
 
 def _worker_pids() -> list[int]:

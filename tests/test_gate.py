@@ -161,8 +161,9 @@ def test_every_command_refuses_a_pinned_hostile_build(
     assert result.exit_code == 4, result.output
     with pytest.raises(ZooError, match="could not load .* UnsafeArtifactError"):
         FheWorker(f"{TINY}@{build.revision}").start()  # the server's child, on its own
-    report = zoo.verify(TINY)[build.revision]
-    assert report["server.zip"].startswith("unsafe (removed)")
+    result = runner.invoke(main, ["verify", TINY, "--json"])
+    assert result.exit_code == 4, result.output
+    assert json.loads(result.stdout)[build.revision]["server.zip"].startswith("unsafe (removed)")
     assert not (cache.build_path(build) / "server.zip").exists()
 
     # A bundle of it (made by hand: export would refuse to pull it).

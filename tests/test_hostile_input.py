@@ -155,3 +155,41 @@ def test_serve_refuses_an_open_address_without_a_token(
     short.write_text("# comment\nsecret\n")
     code, err = _run("serve", VARIANT, "--host", "0.0.0.0", "--token-file", str(short))
     assert code == 2 and "shorter than 16 characters" in err
+
+
+@pytest.mark.parametrize("torn", ["manifest.json", "report.json"])
+def test_a_torn_build_file_stops_publish_before_any_upload(
+    zoo_home: Path, registry_file: Path, build_dir: Path, torn: str
+) -> None:
+    path = build_dir / torn
+    text = path.read_text() if path.exists() else '{"metrics": {}}'
+    path.write_text(text[: len(text) // 2])  # a build killed while writing it
+    before = registry_file.read_bytes()
+    code, err = _run("publish", str(build_dir), "--hub", "local")
+    assert code == 8 and f"{torn} is not a JSON object" in err and "Traceback" not in err
+    assert "--resume" in err
+    assert registry_file.read_bytes() == before and not (zoo_home / "hub").exists()
+
+
+def test_publishing_through_a_linked_registry_updates_the_file_it_names(
+    zoo_home: Path, registry_file: Path, build_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    link = registry_file.parent / "linked" / "registry.json"
+    link.parent.mkdir()
+    link.symlink_to(registry_file)
+    monkeypatch.setenv("ZOO_REGISTRY", str(link))
+    build = zoo.publish(build_dir, "local")
+    assert link.is_symlink()
+    assert [b.revision for b in reg.load(registry_file).variant(VARIANT).builds] == [
+        build.revision
+    ]
+
+
+def test_prune_leaves_the_staging_of_a_running_pull_alone(
+    zoo_home: Path, registry_file: Path, build_dir: Path
+) -> None:
+    build = zoo.publish(build_dir, "local")
+    root = zoo_home / "cache"
+    with cache.staging(build, root) as folder:  # a pull (or a rebuild) at work
+        assert zoo.cache_prune()["staging_removed"] == 0 and folder.is_dir()
+    assert not folder.exists()

@@ -104,9 +104,16 @@ def test_four_processes_pull_at_once(hf_env, tmp_path: Path) -> None:  # noqa: A
 def fault_env(fault_hub_factory, zoo_home: Path, registry_file: Path, tmp_path: Path,  # noqa: ANN001
               monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201  # fmt: skip
     """A fault hub holding one build, pinned in the scratch registry."""
+    return _pin_at_fault_hub(fault_hub_factory, registry_file, tmp_path, monkeypatch)
+
+
+def _pin_at_fault_hub(fault_hub_factory, registry_file: Path, tmp_path: Path,  # noqa: ANN001, ANN202
+                      monkeypatch: pytest.MonkeyPatch, lacking: str | None = None):  # fmt: skip
+    """Pin a build at a fault hub whose commit holds its files (all but ``lacking``)."""
     build_dir = make_build_dir(tmp_path / "fault-build", payload=4 << 20)
     _, files = manifest.check(build_dir)
-    hub = fault_hub_factory({e.path: p.read_bytes() for p, e in files}, repo_id=REPO)
+    served = {e.path: p.read_bytes() for p, e in files if e.path != lacking}
+    hub = fault_hub_factory(served, repo_id=REPO)
     document = json.loads(registry_file.read_text())
     document["variants"][VARIANT]["builds"] = [
         {
@@ -144,6 +151,17 @@ def test_corrupt_bytes_from_the_hub_are_rejected(fault_env, zoo_home: Path) -> N
     assert not any(p.name == "server.zip" for p in (zoo_home / "cache").rglob("*"))
     fault_env.clear_faults()
     assert "server.zip" in zoo.pull(VARIANT, role="server").downloaded
+
+
+def test_a_file_the_pinned_commit_lacks_is_not_found(
+    fault_hub_factory, zoo_home: Path, registry_file: Path, tmp_path: Path,  # noqa: ANN001
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    _pin_at_fault_hub(fault_hub_factory, registry_file, tmp_path, monkeypatch, "server.zip")
+    with pytest.raises(NotFoundError, match="has no file server.zip"):
+        zoo.pull(VARIANT, role="server")
+    assert _cache_is_clean(zoo_home)
+    assert "client.zip" in zoo.pull(VARIANT, role="client").downloaded
 
 
 def test_truncated_download_never_enters_the_cache(fault_env, zoo_home: Path) -> None:  # noqa: ANN001

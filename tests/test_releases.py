@@ -237,6 +237,17 @@ def test_hostile_bundles_leave_cache_and_registry_untouched(
     with pytest.raises(UnsafeArchiveError, match="not a zoo bundle"):
         bundle.import_bundle(_rewrite(exported, tmp_path / "noindex.zip",
                                       lambda n, d: None if n == bundle.INDEX else d))  # fmt: skip
+    for name, index in [("deep", b"[" * 100_000), ("ints", b'{"builds": [1]}'),
+                        ("text", b'{"builds": "x"}')]:  # fmt: skip
+        def swap(n: str, d: bytes, index: bytes = index) -> bytes:
+            if n != bundle.INDEX:
+                return d
+            if not index.startswith(b"{"):
+                return index
+            return json.dumps({**json.loads(d), **json.loads(index)}).encode()
+
+        with pytest.raises(UnsafeArchiveError, match="not a zoo bundle|not a list of objects"):
+            bundle.import_bundle(_rewrite(exported, tmp_path / f"{name}.zip", swap))
     assert _untouched(zoo_home, registry_file, before)
 
 

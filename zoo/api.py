@@ -156,9 +156,12 @@ def pull(
     build_missing: bool = False,
     data_dir: Path | None = None,
 ) -> cache.PullResult:
-    """Resolve ``VARIANT[@REV]`` and make its files for ``role`` present and verified in the cache.
+    """Resolve ``VARIANT[@REV]`` and make its files for ``role`` present in the cache, each
+    verified by sha256 when it entered.
 
-    Warm pulls touch no network. ``offline`` (default ``ZOO_OFFLINE``) uses the cache only.
+    Warm pulls touch no network and check sizes only (:func:`verify` rehashes what is cached;
+    :func:`zoo.load` checks hashes before concrete reads a file). ``offline`` (default
+    ``ZOO_OFFLINE``) uses the cache only.
     ``build_missing`` rebuilds from the recipe when no hub holds the build, and accepts the
     result only if every reproducible file matches the pinned sha256.
     """
@@ -272,18 +275,14 @@ def publish(
     ]
     message = message or f"{variant_name}: {document['profile']} build (seed {document['seed']})"
     entry = catalog_entry(document, [e for _, e in files])
+    measured = manifest.read_report(Path(build_dir))  # before any upload: it may be torn
+    entry["metrics"] = {**measured.get("metrics", {}), **entry["metrics"]}
+    timings = measured.get("timings", {})
+    entry["timings"] = {k: v for k, v in timings.items() if isinstance(v, (int, float, str))}
     for target, repo in targets:
         hub_revision = target.publish(repo, files, message)
         if target.kind != releases.KIND:  # the store is implied for every build
             entry["hubs"].append({"kind": target.kind, "repo": repo, "revision": hub_revision})
-    report = Path(build_dir) / manifest.REPORT
-    if report.is_file():
-        import json
-
-        measured = json.loads(report.read_text())
-        entry["metrics"] = {**measured.get("metrics", {}), **entry["metrics"]}
-        timings = measured.get("timings", {})
-        entry["timings"] = {k: v for k, v in timings.items() if isinstance(v, (int, float, str))}
     with FileLock(str(registry_path) + ".lock"):
         fresh = reg.load(registry_path).raw
         builds = fresh["variants"][variant_name]["builds"]

@@ -322,7 +322,8 @@ def pull(
     registry_path: Path | None,
     as_json: bool,
 ) -> None:
-    """Pull a build (VARIANT or VARIANT@REVISION) into the cache, verified."""
+    """Pull a build (VARIANT or VARIANT@REVISION) into the cache, each file verified as it enters
+    (a warm pull checks sizes; `zoo verify` rehashes)."""
     result = api.pull(
         ref,
         role=role,
@@ -526,7 +527,7 @@ def card(ref: str, output: Path | None, registry_path: Path | None) -> None:
 @JSON
 @handles_errors
 def verify(ref: str, registry_path: Path | None, as_json: bool) -> None:
-    """Rehash what is cached of a variant; corrupt files are removed."""
+    """Rehash what is cached of a variant; corrupt or unsafe files are removed (exit 4)."""
     report = api.verify(ref, registry_path)
 
     def text() -> str:
@@ -536,7 +537,8 @@ def verify(ref: str, registry_path: Path | None, as_json: bool) -> None:
         )  # fmt: skip
 
     _emit(as_json, report, text)
-    if any(s.startswith("corrupt") for files in report.values() for s in files.values()):
+    bad = ("corrupt", "unsafe")
+    if any(s.startswith(bad) for files in report.values() for s in files.values()):
         sys.exit(4)
 
 

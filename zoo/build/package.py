@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from zoo.store.atomic import write_atomic
 
 ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 ZIP_FILE_MODE = 0o100644
@@ -201,19 +202,6 @@ def normalise_fhe_zip(zip_bytes: bytes) -> bytes:
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same directory."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp_name, 0o644)
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
 def write_fhe_zips(quantized_module: Any, out_dir: Path) -> dict[str, Path]:
     """Write the deployment ``client.zip`` and ``server.zip`` of a compiled model.
 
@@ -235,7 +223,7 @@ def write_fhe_zips(quantized_module: Any, out_dir: Path) -> dict[str, Path]:
         FHEModelDev(str(dev_dir), quantized_module).save(via_mlir=True)
         for name in FHE_ZIP_NAMES:
             target = out_dir / name
-            _atomic_write(target, normalise_fhe_zip((dev_dir / name).read_bytes()))
+            write_atomic(target, normalise_fhe_zip((dev_dir / name).read_bytes()))
             written[name] = target
     return written
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import os
 import platform
 import shutil
 import sys
@@ -42,6 +41,7 @@ from zoo.catalog import registry as reg
 from zoo.cost import machine
 from zoo.errors import BuildError, BuildPaused, IntegrityError
 from zoo.store import cache
+from zoo.store.atomic import write_atomic
 
 log = logging.getLogger(__name__)
 RESUME_HINT = "run the same command again with --resume to continue from the checkpoint"
@@ -268,7 +268,7 @@ def build(
         "metrics": sampled,
         "timings": timings,
     }
-    (out_dir / manifest.REPORT).write_text(manifest.dumps(report))
+    write_atomic(out_dir / manifest.REPORT, manifest.dumps(report))
     logger.info("wrote %s in %.1f s", out_dir, timings["build_seconds"])
     return out_dir
 
@@ -329,32 +329,30 @@ def rebuild_into_cache(
     """Pull by rebuilding: accept the rebuild only if every pinned file matches its sha256.
 
     A mismatching rebuild is kept aside (its path is in the error) and nothing enters the cache.
+    The rebuild holds the build's cache lock and staging folder, as a download does.
     """
     root = cache_root or config.cache_dir()
-    (root / "tmp").mkdir(parents=True, exist_ok=True)
-    out_dir = Path(tempfile.mkdtemp(prefix=f"rebuild-{pinned.variant}-", dir=root / "tmp"))
-    build(
-        pinned.variant, profile=pinned.profile, data_dir=data_dir, out_dir=out_dir,
-        seed=pinned.raw.get("seed"), device="cpu", registry_path=registry.path,
-    )  # fmt: skip
-    report = compare(out_dir, pinned)
-    bad = {path: why for path, why in report.items() if why != "match"}
-    if bad:
-        kept = root.parent / "rebuilds" / f"{pinned.variant}-{pinned.revision[:12]}"
-        shutil.rmtree(kept, ignore_errors=True)
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(out_dir), kept)
-        listing = "; ".join(f"{p}: {why}" for p, why in sorted(bad.items()))
-        raise IntegrityError(
-            f"the rebuild of {pinned.variant}@{pinned.revision[:12]} does not match its pins "
-            f"({listing}); kept aside in {kept}",
-            hint=MISMATCH_HINT,
-        )
     result = cache.PullResult(pinned, cache.build_path(pinned, root), role, source="rebuild")
-    result.path.mkdir(parents=True, exist_ok=True)
-    for entry in pinned.files_for(role):
-        os.replace(out_dir / entry.path, result.path / entry.path)
-        result.downloaded.append(entry.path)
-        result.downloaded_bytes += entry.size
-    shutil.rmtree(out_dir, ignore_errors=True)
+    with cache.staging(pinned, root) as out_dir:
+        build(
+            pinned.variant, profile=pinned.profile, data_dir=data_dir, out_dir=out_dir,
+            seed=pinned.raw.get("seed"), device="cpu", registry_path=registry.path,
+        )  # fmt: skip
+        report = compare(out_dir, pinned)
+        bad = {path: why for path, why in report.items() if why != "match"}
+        if bad:
+            kept = root.parent / "rebuilds" / f"{pinned.variant}-{pinned.revision[:12]}"
+            shutil.rmtree(kept, ignore_errors=True)
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(out_dir), kept)
+            listing = "; ".join(f"{p}: {why}" for p, why in sorted(bad.items()))
+            raise IntegrityError(
+                f"the rebuild of {pinned.variant}@{pinned.revision[:12]} does not match its "
+                f"pins ({listing}); kept aside in {kept}",
+                hint=MISMATCH_HINT,
+            )
+        for entry in pinned.files_for(role):
+            cache.verify_into(out_dir / entry.path, entry, result.path / entry.path)
+            result.downloaded.append(entry.path)
+            result.downloaded_bytes += entry.size
     return result

@@ -13,6 +13,7 @@ from typing import Any
 
 from zoo.catalog.registry import FileEntry, validate
 from zoo.errors import BuildError, IntegrityError
+from zoo.store.atomic import write_atomic
 from zoo.store.hashing import sha256_file
 
 MANIFEST = "manifest.json"
@@ -52,7 +53,7 @@ def write(build_dir: Path, document: dict[str, Any]) -> Path:
     if problems:
         raise BuildError("manifest fails its schema:\n  " + "\n  ".join(problems))
     path = build_dir / MANIFEST
-    path.write_text(dumps(document))
+    write_atomic(path, dumps(document))
     return path
 
 
@@ -63,10 +64,30 @@ def read(build_dir: Path) -> dict[str, Any]:
         raise BuildError(
             f"{build_dir} has no {MANIFEST}", hint="give the directory that `zoo build` wrote"
         )
-    document = json.loads(path.read_text())
+    document = _json_object(path)
     problems = validate(document, "manifest")
     if problems:
         raise BuildError(f"{path} fails its schema:\n  " + "\n  ".join(problems))
+    return document
+
+
+def read_report(build_dir: Path) -> dict[str, Any]:
+    """``report.json`` of a build directory (what the build measured and timed), or ``{}``."""
+    path = Path(build_dir) / REPORT
+    return _json_object(path) if path.is_file() else {}
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    try:
+        document = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        document = None
+    if not isinstance(document, dict):
+        raise BuildError(
+            f"{path} is not a JSON object (torn or foreign)",
+            hint="a build interrupted while writing it: rebuild it with `zoo build VARIANT "
+            "--out DIR --resume`",
+        )
     return document
 
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -26,6 +24,7 @@ from zoo.errors import (
     RuntimeMismatchError,
     YankedError,
 )
+from zoo.store.atomic import write_atomic
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "registry.schema.json"
 ROLES_FOR = {
@@ -249,19 +248,11 @@ def dumps(document: dict[str, Any]) -> str:
 
 
 def save(document: dict[str, Any], path: Path) -> Registry:
-    """Validate ``document`` and write it to ``path`` atomically; return the parsed registry."""
+    """Validate ``document`` and write it to ``path`` atomically; return the parsed registry.
+    A link is followed: the file it names is replaced, not the link."""
+    path = Path(path).resolve()
     registry = parse(document, path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(dumps(document))
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; a catalogue is for everyone to read
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, dumps(document))
     return registry
 
 

@@ -64,7 +64,7 @@ def topk(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
 def sample_indices(n_total: int, n: int, seed: int | None) -> np.ndarray:
     """The first ``n`` test images, or (with a seed) ``n`` drawn without replacement, sorted."""
     if not 1 <= n <= n_total:
-        raise ZooError(f"-n must be between 1 and {n_total}, got {n}")
+        raise InputError(f"-n must be between 1 and {n_total}, got {n}")
     if seed is None:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n_total, size=n, replace=False))
@@ -97,6 +97,8 @@ def parse_results(text: str) -> tuple[dict[str, Any] | None, dict[int, dict[str,
             item = json.loads(line)
         except json.JSONDecodeError:
             continue  # the write that was interrupted
+        if not isinstance(item, dict):
+            continue  # not one of ours: the header check refuses such a file
         if "run" in item:
             header = item["run"]
         elif "index" in item:
@@ -105,7 +107,7 @@ def parse_results(text: str) -> tuple[dict[str, Any] | None, dict[int, dict[str,
                 unnamed.append(item)
             elif "machine" in item:
                 unnamed = []
-        elif "summary" in item and unnamed:
+        elif isinstance(item.get("summary"), dict) and unnamed:
             for record in unnamed:
                 record["machine"] = item["summary"].get("machine")
             unnamed = []
@@ -120,6 +122,11 @@ class _ResultsFile:
         self.done: dict[int, dict[str, Any]] = {}
         text = path.read_text() if path.exists() else ""
         found, self.done = parse_results(text)
+        if found is None and "\n" in text:  # more than a torn header: someone else's file
+            raise InputError(
+                f"{path} is not a results file of zoo eval (it has no run header)",
+                hint="pass --results to write another file, or remove this one",
+            )
         if found is not None:
             if not resume:
                 raise ZooError(
@@ -252,6 +259,10 @@ def evaluate(
         raise InputError(f"unknown backend {backend!r}", hint="use 'local' or 'ray'")
     if record and fhe != "execute":
         raise InputError("--record keeps real-FHE results", hint="add --fhe execute")
+    if n_images < 1:
+        raise InputError(f"-n must be at least 1, got {n_images}")
+    if stop_after is not None and stop_after < 0:
+        raise InputError(f"--stop-after must be >= 0, got {stop_after}")
     model = runtime.load(ref, registry_path=registry_path)
     dataset = reg.load(registry_path).variant(model.build.variant).dataset
     images, labels = load_split(Path(data_dir or config.data_dir()), dataset, "test")
@@ -272,11 +283,16 @@ def evaluate(
     # where the circuit runs: this machine, unless Ray runs it on a cluster it joins
     joins = backend == "ray" and (address is not None or "RAY_ADDRESS" in os.environ)
     machine = None if joins else cpu()
+    if stop_after == 0 and not (resume and path.exists()):
+        raise InputError(
+            f"--stop-after 0 runs no image: it only summarizes a results file, and {path} is not "
+            "one to resume",
+            hint="add --resume (and --results FILE if an earlier run wrote elsewhere), or drop "
+            "--stop-after",
+        )
     out = _ResultsFile(path, header, resume)
     pending = [int(i) for i in indices if int(i) not in out.done]
     if stop_after is not None:
-        if stop_after < 0:
-            raise ZooError(f"--stop-after must be >= 0, got {stop_after}")
         pending = pending[:stop_after]
     estimate = cost.estimate_seconds(model.meta.get("circuit", {}))
     if progress and fhe == "execute" and estimate and pending:

@@ -79,7 +79,9 @@ def _read_index(path: Path) -> dict[str, Any]:
                 raise UnsafeArchiveError(f"{path}: {INDEX} declares {info.file_size} bytes")
             with archive.open(info) as handle:
                 index = json.loads(handle.read(MAX_INDEX_BYTES + 1))
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (
+        zipfile.BadZipFile, KeyError, json.JSONDecodeError, UnicodeDecodeError, RecursionError
+    ) as exc:  # fmt: skip
         raise UnsafeArchiveError(
             f"{path} is not a zoo bundle ({type(exc).__name__}: {exc})",
             hint="make bundles with `zoo bundle export`",
@@ -91,6 +93,9 @@ def _read_index(path: Path) -> dict[str, Any]:
             f"{path} is a zoo bundle of version {index.get('version')}, not {VERSION}",
             hint="export it again with this version of zoo",
         )
+    builds = index.get("builds")
+    if not isinstance(builds, list) or not all(isinstance(item, dict) for item in builds):
+        raise UnsafeArchiveError(f"{path}: its index's builds are not a list of objects")
     return index
 
 
@@ -100,7 +105,7 @@ def _plan(
     """The bundle's builds as pinned by the importing registry (or, trusted, by the bundle),
     and those of them that the registry does not pin yet."""
     builds, new = [], []
-    for item in index.get("builds") or []:
+    for item in index["builds"]:
         name, raw = item.get("variant"), item.get("build")
         problems = reg.validate(raw, "build")
         if not isinstance(name, str) or problems:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,7 +71,9 @@ class PullResult:
         return {e.role: self.path / e.path for e in self.build.files_for(self.role)}
 
 
-def _verify_into(staged: Path, entry: FileEntry, final: Path) -> None:
+def verify_into(staged: Path, entry: FileEntry, final: Path) -> None:
+    """Move ``staged`` to ``final`` if its size and sha256 match ``entry`` and, for a zip that
+    concrete deserializes, it passes the gate; else delete it and raise."""
     size = staged.stat().st_size
     if size != entry.size:
         staged.unlink(missing_ok=True)
@@ -107,30 +111,38 @@ def fetch(
 ) -> PullResult:
     """Download what ``role`` needs of ``build`` from ``hub`` (which holds it as ``repo`` at
     ``revision``) into the cache, verified."""
-    from filelock import FileLock
-
     root = root or config.cache_dir()
     result = PullResult(build, build_path(build, root), role, source=hub.kind)
     if not missing_files(build, role, root):
         return result
-    (root / "locks").mkdir(parents=True, exist_ok=True)
-    (root / "tmp").mkdir(parents=True, exist_ok=True)
-    with FileLock(root / "locks" / f"{build.ref}.lock", timeout=LOCK_TIMEOUT_S):
+    with staging(build, root) as folder:
         missing = missing_files(build, role, root)  # another process may have pulled meanwhile
         if not missing:
             return result
-        for stale in (root / "tmp").glob(f"{build.ref}-*"):  # left by a killed pull
-            shutil.rmtree(stale, ignore_errors=True)
-        staging = Path(tempfile.mkdtemp(prefix=f"{build.ref}-", dir=root / "tmp"))
-        try:
-            staged = hub.download(repo, revision, missing, staging, progress)
-            for entry in missing:
-                _verify_into(staged[entry.path], entry, result.path / entry.path)
-                result.downloaded.append(entry.path)
-                result.downloaded_bytes += entry.size
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+        staged = hub.download(repo, revision, missing, folder, progress)
+        for entry in missing:
+            verify_into(staged[entry.path], entry, result.path / entry.path)
+            result.downloaded.append(entry.path)
+            result.downloaded_bytes += entry.size
     return result
+
+
+@contextmanager
+def staging(build: Build, root: Path) -> Iterator[Path]:
+    """Hold ``build``'s lock and a fresh staging folder in ``tmp/`` (what a killed pull left
+    there is removed first); the folder goes when the block ends, however it ends."""
+    from filelock import FileLock
+
+    (root / "locks").mkdir(parents=True, exist_ok=True)
+    (root / "tmp").mkdir(parents=True, exist_ok=True)
+    with FileLock(root / "locks" / f"{build.ref}.lock", timeout=LOCK_TIMEOUT_S):
+        for stale in (root / "tmp").glob(f"{build.ref}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        folder = Path(tempfile.mkdtemp(prefix=f"{build.ref}-", dir=root / "tmp"))
+        try:
+            yield folder
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def require_cached(build: Build, role: str, root: Path | None = None) -> PullResult:

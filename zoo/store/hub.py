@@ -208,7 +208,8 @@ class HfHub:
         self, repo: str, revision: str, entries: list[FileEntry], staging: Path, progress: bool
     ) -> dict[str, Path]:
         """``snapshot_download`` of exactly these files at the pinned revision into ``staging``
-        (parallel transfers, huggingface_hub's retries and progress bars)."""
+        (parallel transfers, huggingface_hub's retries and progress bars); a file that the
+        commit lacks is a :class:`NotFoundError` (huggingface_hub only logs it)."""
         from huggingface_hub import snapshot_download
         from huggingface_hub.utils import disable_progress_bars, enable_progress_bars
 
@@ -224,6 +225,9 @@ class HfHub:
                 token=self.token,
                 local_dir=staging,
             )
+        absent = [entry.path for entry in entries if not (staging / entry.path).is_file()]
+        if absent:
+            raise NotFoundError(f"{repo}@{revision[:12]} has no file {', '.join(absent)}")
         return {entry.path: staging / entry.path for entry in entries}
 
 
