@@ -170,6 +170,8 @@ def test_predict_rejects_bad_images(
         model.predict([big])
     with pytest.raises(runtime.InputError, match="unknown fhe mode"):
         model.predict(np.zeros((32, 32, 3), dtype=np.uint8), fhe="fast")
+    with pytest.raises(runtime.InputError, match="top_k must be at least 1"):
+        model.predict(np.zeros((32, 32, 3), dtype=np.uint8), top_k=0)
 
 
 def test_split_8bit_smoke_build_round_trips(

@@ -21,7 +21,7 @@ from zoo.build import run as builder
 from zoo.catalog import registry as reg
 from zoo.cost import machine
 from zoo.cost import model as cost
-from zoo.errors import InputError, ZooError
+from zoo.errors import InputError, RuntimeMismatchError, ZooError
 from zoo.fhe import evaluate, runtime
 
 TINY = "cifar10-split-tiny"
@@ -125,6 +125,10 @@ def test_keygen_once_then_reuse(published: Path, zoo_home: Path) -> None:
     assert not again.generated and again.eval_key_bytes == first.eval_key_bytes
     assert again.keygen_seconds == first.keygen_seconds  # recorded at generation time
     assert again.cpu_others == first.cpu_others  # and what else ran meanwhile
+    (first.path / "keys.json").write_text('{"keygen_sec')  # torn by a crash: written again
+    torn = runtime.keygen(TINY)
+    assert not torn.generated and torn.keygen_seconds is None
+    assert torn.eval_key_bytes == first.eval_key_bytes
     folder = zoo_home / "keys" / TINY
     assert oct(folder.stat().st_mode & 0o777) == "0o700"
     assert all(oct(p.stat().st_mode & 0o777) == "0o600" for p in folder.rglob("*") if p.is_file())
@@ -212,6 +216,13 @@ def test_ray_backend_real_fhe_survives_a_killed_worker(
     if os.environ.get("CI"):
         import ray  # noqa: F401 - CI installs the [test] extra, which has Ray: never skip there
     pytest.importorskip("ray")
+    from zoo.fhe import cluster
+
+    pinned = reg.load(registry_file).variant(TINY).builds[-1].runtime
+    with pytest.raises(RuntimeMismatchError, match="concrete-ml: need 0.0.1") as refused:
+        list(cluster.run(published, b"", [(0, b"")], runtime={**pinned, "concrete-ml": "0.0.1"},
+                         workers=1))  # fmt: skip
+    assert "every node" in refused.value.hint
     results = tmp_path / "ray.jsonl"
     outcome: dict = {}
 

@@ -193,3 +193,45 @@ def test_prune_leaves_the_staging_of_a_running_pull_alone(
     with cache.staging(build, root) as folder:  # a pull (or a rebuild) at work
         assert zoo.cache_prune()["staging_removed"] == 0 and folder.is_dir()
     assert not folder.exists()
+
+
+def test_predict_checks_its_images_before_loading(
+    zoo_home: Path, registry_file: Path, tmp_path: Path
+) -> None:
+    # The scratch registry pins no build: a check made after the load would say "not found".
+    notes = tmp_path / "notes.png"
+    notes.write_text("not a picture")
+    code, err = _run("predict", VARIANT, str(notes))
+    assert code == 2 and "is not an image file" in err and "Traceback" not in err
+    assert _run("predict", VARIANT, str(tmp_path))[0] == 2  # a folder
+    assert _run("predict", VARIANT, str(notes), "--top-k", "0")[0] == 2
+
+
+def test_the_serve_worker_does_not_import_from_the_current_folder(
+    zoo_home: Path, registry_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zoo.errors import ZooError
+    from zoo.fhe.worker import FheWorker
+
+    marker = tmp_path / "ran"
+    planted = tmp_path / "cwd" / "zoo" / "fhe"
+    planted.mkdir(parents=True)
+    for folder in (planted.parent, planted):
+        (folder / "__init__.py").write_text("")
+    (planted / "worker.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    monkeypatch.chdir(planted.parent.parent)
+    with pytest.raises(ZooError, match="could not load"):  # the real worker: no such build
+        FheWorker(f"{VARIANT}@{'0' * 64}").start()
+    assert not marker.exists()
+
+
+def test_serve_on_a_taken_port_fails_before_loading(zoo_home: Path, registry_file: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # The scratch registry pins no build: a load first would say "not found" (exit 3).
+        code, err = _run("serve", f"{VARIANT}@{'0' * 64}", "--port", str(port))
+    assert code == 9 and f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err

@@ -35,7 +35,7 @@ from zoo.build import run as builder
 from zoo.build.data import load_cifar10
 from zoo.catalog.registry import Build
 from zoo.cli import main
-from zoo.errors import KeyIdError, ServerError
+from zoo.errors import KeyIdError, ServerError, ZooError
 from zoo.fhe import runtime, serve
 from zoo.fhe.keystore import KeyStore
 from zoo.fhe.remote import REVISION_HEADER, RemoteServer
@@ -328,6 +328,8 @@ def test_tokens_are_required_and_each_client_has_its_own_keys(
 ) -> None:
     keys = client.client.get_serialized_evaluation_keys()
     assert requests.get(f"{guarded}/health", timeout=10).status_code == 200
+    for page in ("/docs", "/redoc", "/openapi.json"):  # FastAPI's own pages: not served
+        assert requests.get(guarded + page, timeout=10).status_code == 404
     for method, path in (("GET", "/info"), ("POST", "/keys"), ("POST", "/run?key_id=" + "a" * 64),
                          ("HEAD", "/keys/" + "a" * 64)):  # fmt: skip
         for auth in ({}, {"Authorization": "Bearer " + "x" * 32}, {"Authorization": TOKENS[0]}):
@@ -419,3 +421,19 @@ def test_memory_stays_bounded_under_eight_concurrent_uploads(
     print(f"8 concurrent 32 MiB /run bodies: server RSS +{grown_mib:.0f} MiB, codes {codes}")
     assert sorted(set(codes)) <= [400, 503] and 503 in codes
     assert grown_mib < 4 * 32, f"resident memory grew by {grown_mib:.0f} MiB"
+
+
+def test_a_worker_that_cannot_start_is_its_error_not_uvicorns_exit(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from zoo.fhe.worker import FheWorker
+
+    monkeypatch.setenv("ZOO_HOME", str(served.server_home))
+    monkeypatch.setenv("ZOO_REGISTRY", str(served.root / "registry.json"))
+
+    def refuse(self: FheWorker) -> None:  # what the child reports when it cannot load
+        raise ZooError(f"the FHE worker could not load {self.ref}: out of memory")
+
+    monkeypatch.setattr(FheWorker, "start", refuse)
+    with pytest.raises(ZooError, match="could not load .*out of memory"):  # not SystemExit(3)
+        serve.serve(TINY, port=0, log_level="critical")

@@ -544,9 +544,10 @@ def verify(ref: str, registry_path: Path | None, as_json: bool) -> None:
 
 @main.command()
 @REF
-@click.argument("images", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
+@click.argument("images", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))  # fmt: skip
 @FHE
-@click.option("--top-k", type=int, default=3)
+@click.option("--top-k", type=click.IntRange(min=1), default=3, show_default=True)
 @click.option(
     "--server",
     "server_url",
@@ -566,11 +567,12 @@ def predict(ref: str, images: tuple[Path, ...], fhe: str, top_k: int, server_url
     if server_url and fhe != "execute":
         raise click.UsageError("--server runs real FHE: use --fhe execute with it (simulation "
                                "runs locally: drop --server)")  # fmt: skip
+    pixels = runtime.as_images(list(images))  # bad images fail before the load (minutes)
     role = "client" if server_url else "all"
     model = runtime.load(ref, role=role, server_url=server_url, registry_path=registry_path)
     if server_url:
         model.server.health()  # a wrong or absent server fails now, not after keygen
-    predictions = model.predict(list(images), fhe=fhe, top_k=top_k)
+    predictions = model.predict(pixels, fhe=fhe, top_k=top_k)
     data = [{"image": str(i), **p.__dict__} for i, p in zip(images, predictions)]
 
     def text() -> str:

@@ -7,7 +7,9 @@ constructor. A worker that dies is restarted by Ray (``max_restarts``) and the t
 running is retried (``max_task_retries``); results are handed back as each one finishes, so a
 failure costs at most the images in flight.
 
-Without ``address`` a local Ray instance is started with ``workers`` CPUs (one actor each).
+Without ``address`` (or ``RAY_ADDRESS``) a local Ray instance is started with ``workers`` CPUs
+(one actor each). Each worker checks its own concrete-ml / concrete-python / Python against the
+build's before it loads the circuit: a cluster node set up otherwise is refused, not used.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from zoo.errors import IntegrityError, ZooError
+from zoo.catalog import versions
+from zoo.errors import IntegrityError, RuntimeMismatchError, ZooError
 from zoo.fhe import sigpipe
 
 #: How often Ray may restart a crashed worker, and retry the task it was running.
@@ -36,7 +39,12 @@ def _worker_class() -> Any:
     class CircuitWorker:
         """One circuit and one set of evaluation keys, loaded once."""
 
-        def __init__(self, server_zip: bytes, sha256: str, eval_keys: bytes) -> None:
+        def __init__(
+            self, server_zip: bytes, sha256: str, eval_keys: bytes, runtime: dict[str, str]
+        ) -> None:
+            self.problems = versions.mismatches(runtime)
+            if self.problems:
+                return  # told to the driver by problems(); nothing of the build is loaded
             from concrete import fhe
             from concrete.ml.deployment import FHEModelServer
 
@@ -54,6 +62,9 @@ def _worker_class() -> Any:
         def pid(self) -> int:
             return os.getpid()
 
+        def mismatches(self) -> list[str]:
+            return self.problems
+
         def run(self, ciphertext: bytes) -> tuple[bytes, float]:
             start = time.perf_counter()
             try:
@@ -65,17 +76,24 @@ def _worker_class() -> Any:
     return CircuitWorker
 
 
+def cluster_address(address: str | None) -> str | None:
+    """The Ray cluster to join: ``address``, else ``RAY_ADDRESS``; None: start one here."""
+    return address or os.environ.get("RAY_ADDRESS") or None
+
+
 def run(
     build_dir: Path,
     eval_keys: bytes,
     ciphertexts: Iterable[tuple[int, bytes]],
     *,
+    runtime: dict[str, str],
     address: str | None = None,
     workers: int | None = None,
 ) -> Iterator[tuple[int, bytes, float]]:
     """Run each ``(index, ciphertext)`` on the cluster; yield ``(index, result, seconds)``.
 
     Results come in the order they finish; ``seconds`` is the circuit's time on its worker.
+    ``runtime`` is the build's (``Build.runtime``): a worker with other versions is refused.
     """
     try:
         import ray
@@ -83,15 +101,16 @@ def run(
         raise ZooError("the ray backend needs Ray", hint="pip install 'ray>=2.9'") from exc
 
     started_here = not ray.is_initialized()
+    joins = cluster_address(address)
     if started_here:
         ray.init(
-            address=address,
-            num_cpus=(workers or os.cpu_count()) if address is None else None,
+            address=joins or "local",  # "local": a new instance, not one `ray start` left running
+            num_cpus=None if joins else (workers or os.cpu_count()),
             include_dashboard=False,
             log_to_driver=False,
             configure_logging=False,
             # Ray nices workers to 15 by default; here the workers are the work.
-            _system_config={"worker_niceness": 0} if address is None else None,
+            _system_config=None if joins else {"worker_niceness": 0},
         )
     try:
         server_zip = (Path(build_dir) / "server.zip").read_bytes()
@@ -99,7 +118,13 @@ def run(
         zip_ref, keys_ref = ray.put(server_zip), ray.put(eval_keys)
         count = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         worker = _worker_class()
-        idle = [worker.remote(zip_ref, digest, keys_ref) for _ in range(count)]
+        idle = [worker.remote(zip_ref, digest, keys_ref, runtime) for _ in range(count)]
+        for problems in ray.get([actor.mismatches.remote() for actor in idle]):
+            if problems:
+                raise RuntimeMismatchError(
+                    f"a Ray worker has another runtime than the build: {'; '.join(problems)}",
+                    hint="on every node of the cluster, " + versions.install_hint(runtime),
+                )
         in_flight: dict[Any, tuple[int, Any]] = {}
         items = iter(ciphertexts)
         exhausted = False

@@ -46,7 +46,7 @@ from zoo.catalog import registry as reg
 from zoo.cost import model as cost
 from zoo.cost.machine import cpu, cpu_ticks, others, steal
 from zoo.errors import InputError, ZooError
-from zoo.fhe import runtime, sigpipe
+from zoo.fhe import cluster, runtime, sigpipe
 
 log = logging.getLogger(__name__)
 
@@ -281,7 +281,7 @@ def evaluate(
         else default_results_path(build.variant, build.revision, fhe, n_images, seed)
     )
     # where the circuit runs: this machine, unless Ray runs it on a cluster it joins
-    joins = backend == "ray" and (address is not None or "RAY_ADDRESS" in os.environ)
+    joins = backend == "ray" and cluster.cluster_address(address) is not None
     machine = None if joins else cpu()
     if stop_after == 0 and not (resume and path.exists()):
         raise InputError(
@@ -400,11 +400,10 @@ def _executed(
         for i, index in enumerate(pending)
     )
     if backend == "ray":
-        from zoo.fhe import cluster
-
         for index, result, seconds in cluster.run(
-            model.path, keys, ciphertexts, address=address, workers=workers
-        ):
+            model.path, keys, ciphertexts, runtime=model.build.runtime, address=address,
+            workers=workers,
+        ):  # fmt: skip
             yield record(index, result, seconds, {"cpu_steal": None, "cpu_others": None})
         return
     for index, ciphertext in ciphertexts:

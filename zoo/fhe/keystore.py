@@ -64,8 +64,11 @@ class Incoming:
         self._hash.update(chunk)
         self.size += len(chunk)
 
-    def close(self) -> None:
-        """Close the file (idempotent)."""
+    def close(self, sync: bool = False) -> None:
+        """Close the file (idempotent); with ``sync``, on disk first."""
+        if sync and not self._file.closed:
+            self._file.flush()
+            os.fsync(self._file.fileno())
         self._file.close()
 
     @property
@@ -120,8 +123,9 @@ class KeyStore:
         incoming.path.unlink(missing_ok=True)
 
     def commit(self, incoming: Incoming) -> str:
-        """Move a checked upload into place under its key id; evict beyond ``max_keys``."""
-        incoming.close()
+        """Move a checked upload into place under its key id (synced first: a power loss leaves
+        the whole file or none under that id); evict beyond ``max_keys``."""
+        incoming.close(sync=True)
         key_id = incoming.key_id
         target = self.folder / key_id
         os.chmod(incoming.path, 0o600)

@@ -67,9 +67,13 @@ def as_images(images: Any) -> np.ndarray:
 
 
 def _one_image(item: Any) -> np.ndarray:
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    image = Image.open(item) if isinstance(item, (str, Path)) else item
+    try:
+        image = Image.open(item) if isinstance(item, (str, Path)) else item
+    except (UnidentifiedImageError, IsADirectoryError) as exc:
+        raise InputError(f"{item} is not an image file ({exc})",
+                         hint="give 32x32 PNG or JPEG files") from None  # fmt: skip
     if image.size != (32, 32):
         raise InputError(
             f"image {getattr(image, 'filename', '') or ''} is {image.size[0]}x{image.size[1]}, "
@@ -200,6 +204,8 @@ class Model:
 
     def predict(self, images: Any, fhe: str = DEFAULT_FHE, top_k: int = 3) -> list[Prediction]:
         """Top-k labels, class names and softmax scores per image."""
+        if top_k < 1:
+            raise InputError(f"top_k must be at least 1, got {top_k}")
         logits = self.logits(images, fhe)
         exp = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs = exp / exp.sum(axis=1, keepdims=True)
@@ -286,9 +292,12 @@ def keygen(ref: str, force: bool = False, **pull_kwargs: Any) -> KeyInfo:
     """Generate (or reuse) the client keys of a build and report the evaluation-key size.
 
     Keys live under ``$ZOO_HOME/keys/VARIANT/REVISION`` with a ``keys.json`` that records how
-    long generation took and how large the serialized evaluation keys are.
+    long generation took and how large the serialized evaluation keys are (written again, the
+    time unknown, if it is missing or unreadable).
     """
     import json
+
+    from zoo.store.atomic import write_atomic
 
     model = load(ref, role="client", **pull_kwargs)  # keys are made lazily, not by load
     if force:
@@ -297,14 +306,16 @@ def keygen(ref: str, force: bool = False, **pull_kwargs: Any) -> KeyInfo:
     record = folder / "keys.json"
     model.ensure_keys()
     generated = model.timings["keys_generated"]
-    if generated or not record.exists():
+    try:
+        info = None if generated else json.loads(record.read_text())
+    except (OSError, ValueError):  # absent, or torn by a crash of an older zoo
+        info = None
+    if not isinstance(info, dict):
         size = len(model.client.get_serialized_evaluation_keys())
         seconds = model.timings["keygen_seconds"] if generated else None
         busy = model.timings.get("keygen_cpu_others")
         info = {"keygen_seconds": seconds, "eval_key_bytes": size, "cpu_others": busy}
-        record.write_text(json.dumps(info, sort_keys=True))
-        os.chmod(record, 0o600)
-    info = json.loads(record.read_text())
+        write_atomic(record, json.dumps(info, sort_keys=True), mode=0o600)
     return KeyInfo(model.build.variant, model.build.revision, folder, generated,
                    info["keygen_seconds"], info["eval_key_bytes"],
                    info.get("cpu_others"))  # fmt: skip

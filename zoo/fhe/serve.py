@@ -21,8 +21,9 @@ Access: with tokens (``--token-file``, one per line, and/or ``$ZOO_SERVE_TOKEN``
 but ``/health`` needs ``Authorization: Bearer TOKEN`` (401 otherwise; compared in constant
 time), and each token has its own key store and quota of ``max_keys``, so one client cannot
 evict another's keys. Without tokens the server binds loopback addresses only. Uploads and runs
-are bounded (``max_concurrent`` at once, 503 with ``Retry-After`` past it) and request bodies
-are streamed to files, never held whole in memory beyond the running one. TLS: put it in front
+are bounded (``max_concurrent`` at once, 503 with ``Retry-After`` past it); key uploads are
+streamed to files, and an encrypted input is held in memory only by the requests in a slot
+(at most ``max_concurrent`` × ``max_input_bytes``). TLS: put it in front
 (uvicorn's ``--ssl-keyfile``/``--ssl-certfile`` through ``serve(..., ssl_*)``, or a reverse
 proxy).
 """
@@ -30,10 +31,12 @@ proxy).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import hmac
 import ipaddress
 import os
+import socket
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -45,7 +48,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from zoo import config
-from zoo.errors import InputError, KeyIdError
+from zoo.errors import InputError, KeyIdError, ServerError, ZooError
 from zoo.fhe.keystore import KeyStore, make_private
 from zoo.fhe.remote import TOKEN_ENV
 from zoo.fhe.worker import FheWorker, WorkerCrashed, WorkerRefused, describe_exit
@@ -201,13 +204,18 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await run_in_threadpool(worker.start)
+        try:
+            await run_in_threadpool(worker.start)
+        except ZooError as exc:  # serve() raises it once uvicorn gives up
+            app.state.startup_error = exc
+            raise
         try:
             yield
         finally:
             worker.close()
 
-    app = FastAPI(title=f"zoo serve {build.short_ref}", lifespan=lifespan)
+    app = FastAPI(title=f"zoo serve {build.short_ref}", lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url=None)  # fmt: skip
     app.state.build, app.state.key_store, app.state.limits = build, root, limits
 
     def client_store(request: Request) -> KeyStore:
@@ -372,12 +380,40 @@ def serve(
     **kwargs: Any,
 ) -> None:
     """Load build ``ref`` and serve it until interrupted (``kwargs`` go to :func:`create_app`;
-    ``ssl_keyfile`` / ``ssl_certfile`` among them go to uvicorn, for HTTPS)."""
+    ``ssl_keyfile`` / ``ssl_certfile`` among them go to uvicorn, for HTTPS). The address is
+    taken before the build is loaded (port 0: any free one, announced); a server that cannot
+    listen or start raises instead of leaving through uvicorn's own exit code."""
     import uvicorn
 
     check_exposure(host, kwargs.get("tokens") or [])
     tls = {k: kwargs.pop(k) for k in ("ssl_keyfile", "ssl_certfile") if k in kwargs}
-    app = create_app(ref, **kwargs)
-    if announce is not None:
-        announce(describe(app, host, port))
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5, **tls)
+    sock = _listen(host, port)
+    try:
+        app = create_app(ref, **kwargs)
+        if announce is not None:
+            announce(describe(app, host, sock.getsockname()[1]))
+        server = uvicorn.Server(uvicorn.Config(app, log_level=log_level,
+                                               timeout_graceful_shutdown=5, **tls))  # fmt: skip
+        with contextlib.suppress(SystemExit):  # how uvicorn says that the app did not start
+            server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if not server.started:
+        raise getattr(app.state, "startup_error", None) or ServerError(
+            f"zoo serve {ref} did not start", hint="see uvicorn's log above"
+        )
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (uvicorn listens on it)."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise ServerError(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+            hint="pick another --port (0 takes any free one), or stop what listens there",
+        ) from None
+    return sock

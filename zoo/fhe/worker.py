@@ -106,11 +106,15 @@ class FheWorker:
             raise ZooError("the FHE worker is shut down")
         if self._proc is not None and self._proc.poll() is None:
             return self._proc
-        command = [sys.executable, "-m", "zoo.fhe.worker", self.ref,
+        # -P (Python 3.11+): `-m` would put the current folder first on the child's import path,
+        # so a zoo/ or numpy.py lying there would run as the server; it imports what we import.
+        safe = ["-P"] if sys.version_info >= (3, 11) else []
+        command = [sys.executable, *safe, "-m", "zoo.fhe.worker", self.ref,
                    "--max-cached-keys", str(self.max_cached_keys)]  # fmt: skip
         if self.registry_path is not None:
             command += ["--registry", str(self.registry_path)]
-        proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         assert proc.stdout is not None
         reply = read_frame(proc.stdout)
         if reply is None or reply[0]["status"] != "ok":
