@@ -165,9 +165,9 @@ def run(
         circuit = compile_qat(model.encrypted, calib, cfg["arch"], folder / "r6.onnx")
         feats = recipe.head_outputs(model, test_images[:n_simulate], bs)
         logits = fhe_logits(circuit, feats, "simulate")
-        row = {"fhe_simulation_top1_r6": topk_accuracy(logits, test_labels[:n_simulate])[1],
-               "n_simulate": n_simulate,
-               "simulate_seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
+        row.update(fhe_simulation_top1_r6=topk_accuracy(logits, test_labels[:n_simulate])[1],
+                   n_simulate=n_simulate,
+                   simulate_seconds=round(time.perf_counter() - started, 1))  # fmt: skip
     return {
         **row,
         "profile": profile,
@@ -260,9 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     done = set()
     if args.out.exists():
         rows = [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()]
-        done = {(r["config"], r["epochs"], r["n_test"], r["n_train"]) for r in rows}
+        done = {(r["config"], r["epochs"], r.get("qat_epochs"), r["n_test"], r["n_train"],
+                 r.get("n_simulate")) for r in rows}  # fmt: skip
     for name in args.config:
-        if (name, args.epochs, args.n_test, args.n_train or 50_000) in done:
+        qat = args.qat_epochs if name in VGG_CONFIGS else None
+        simulate = None if name in VGG_CONFIGS else args.simulate or None
+        if (name, args.epochs, qat, args.n_test, args.n_train or 50_000, simulate) in done:
             print(f"{name}: already in {args.out}")
             continue
         if name in VGG_CONFIGS:

@@ -149,7 +149,11 @@ def piece(args: argparse.Namespace) -> None:
     if not (data / "cifar-10-batches-py").is_dir():
         subprocess.run([sys.executable, str(CARRY / "data" / "materialize_cifar.py"), str(data)],
                        check=True)  # fmt: skip
-    join([CARRY / "work"], build / "work")
+    carried, joined = CARRY / "work" / "parts.json", build / "joined-carry.sha256"
+    if not joined.is_file() or joined.read_text() != sha256_file(carried):
+        join([CARRY / "work"], build / "work")
+        joined.write_text(sha256_file(carried))
+    # else: a warm machine, the same carry: its own checkpoints are newer than the carried ones
     (build / "work" / "build.log").unlink(missing_ok=True)  # a warm machine keeps the last one
     env = {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{ROOT}", "PYTHONUNBUFFERED": "1",
            "TQDM_DISABLE": "1"}  # fmt: skip

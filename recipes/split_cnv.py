@@ -66,7 +66,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from zoo.build import kernels
-from zoo.build.data import load_cifar10
+from zoo.build.data import fingerprint, load_cifar10
 from zoo.build.distill import teacher_logits
 from zoo.build.rounding import AccumulatorRounding
 from zoo.build.run import BuildContext, RecipeResult
@@ -819,8 +819,9 @@ def calibrate_rounding(
 
 
 def _save_checkpoint(
-    path: Path, epoch: int, model: SplitCNV, opt, history: list, cfg: dict[str, Any], ema=None
-) -> None:
+    path: Path, epoch: int, model: SplitCNV, opt, history: list, cfg: dict[str, Any], data: str,
+    ema=None,
+) -> None:  # fmt: skip
     masks = (
         [layer.weight_mask.detach().cpu() for layer in model.encrypted.quant_layers()]
         if is_pruned(model)
@@ -835,7 +836,7 @@ def _save_checkpoint(
         "history": history,
         **({"ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()}} if ema else {}),
     }
-    save_checkpoint(path, state, cfg)
+    save_checkpoint(path, state, cfg, data)
 
 
 def train(
@@ -862,9 +863,10 @@ def train(
             hint="use an arch without fanin, or a profile without ema_decay",
         )
     ckpt_path = Path(ctx.work_dir) / "checkpoint.safetensors"
+    data = fingerprint(images, labels)  # the images trained on: a resume must see the same
     state = None
     if ctx.resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, cfg, prof["epochs"])
+        state = load_checkpoint(ckpt_path, cfg, prof["epochs"], data)
     start_epoch = 0 if state is None else int(state["epoch"]) + 1
     device = torch.device(ctx.train_device(start_epoch < prof["epochs"]))
     history: list[dict[str, Any]] = []
@@ -948,7 +950,7 @@ def train(
             rec["train_top1"],
             time.perf_counter() - t0,
         )
-        _save_checkpoint(ckpt_path, epoch, model, opt, history, cfg, ema)
+        _save_checkpoint(ckpt_path, epoch, model, opt, history, cfg, data, ema)
         ctx.checkpointed(f"epoch {epoch + 1}/{prof['epochs']}")
     if rounding is not None:
         rounding.detach()

@@ -57,7 +57,7 @@ import torch
 from torch import nn
 
 from zoo.build import kernels
-from zoo.build.data import load_cifar10, load_cifar100_split, require_complete
+from zoo.build.data import fingerprint, load_cifar10, load_cifar100_split, require_complete
 from zoo.build.distill import teacher_logits
 from zoo.build.rounding import AccumulatorRounding
 from zoo.build.run import BuildContext, RecipeResult
@@ -475,7 +475,10 @@ def train_stage(
     stage_cfg = cfg if stage == "qat" else {
         **cfg, "profile": {k: v for k, v in prof.items() if not k.startswith("round_")}
     }  # fmt: skip
-    state = load_checkpoint(ckpt, stage_cfg, epochs) if ctx.resume and ckpt.exists() else None
+    data = fingerprint(images, labels)  # the images trained on: a resume must see the same
+    state = None
+    if ctx.resume and ckpt.exists():
+        state = load_checkpoint(ckpt, stage_cfg, epochs, data)
     start = 0 if state is None else int(state["epoch"]) + 1
     device = torch.device(ctx.train_device(start < epochs))
     model.to(device)
@@ -485,6 +488,12 @@ def train_stage(
     if state is not None:
         model.load_state_dict(state["model"])
         if start < epochs:  # a finished stage's checkpoint holds the weights it keeps, no more
+            if "optimizer" not in state:
+                raise BuildError(
+                    f"{ckpt} holds a finished {stage} stage of {start} epochs, without the "
+                    f"optimizer state that going on to {epochs} would need",
+                    hint=f"keep the {stage} stage's epoch count, or build into another --out",
+                )
             opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         history = list(state["history"])
@@ -555,7 +564,7 @@ def train_stage(
             **({} if last else {"optimizer": opt.state_dict()}),
             **({"ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()}}
                if ema is not None and not last else {}),
-        }, stage_cfg)  # fmt: skip
+        }, stage_cfg, data)  # fmt: skip
         ctx.checkpointed(f"{stage} epoch {epoch + 1}/{epochs}")
     if rounding is not None:
         rounding.detach()

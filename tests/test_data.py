@@ -155,3 +155,17 @@ def test_data_module_does_not_import_torch() -> None:
     subprocess.run(
         [sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent
     )
+
+
+def test_a_damaged_batch_is_an_integrity_error(cifar_dir: Path, tmp_path: Path) -> None:
+    """A truncated or reshaped batch file fails as damaged data (exit 4, with how to get it
+    again), not as a traceback of the unpickler."""
+    root = tmp_path / data.CIFAR10_DIRNAME
+    root.mkdir()
+    real = (cifar_dir / data.CIFAR10_DIRNAME / "test_batch").read_bytes()
+    for damage in (real[: len(real) // 2], pickle.dumps({b"data": [1, 2], b"labels": [0]}),
+                   pickle.dumps([1, 2, 3])):  # fmt: skip
+        (root / "test_batch").write_bytes(damage)
+        with pytest.raises(errors.IntegrityError, match="damaged or not a CIFAR batch") as err:
+            data.load_cifar10(tmp_path, "test")
+        assert err.value.exit_code == 4 and "materialize_cifar.py" in err.value.hint

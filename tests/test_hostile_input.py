@@ -235,3 +235,43 @@ def test_serve_on_a_taken_port_fails_before_loading(zoo_home: Path, registry_fil
         # The scratch registry pins no build: a load first would say "not found" (exit 3).
         code, err = _run("serve", f"{VARIANT}@{'0' * 64}", "--port", str(port))
     assert code == 9 and f"cannot listen on 127.0.0.1:{port}" in err and "--port" in err
+
+
+def test_a_build_without_resume_keeps_a_paused_builds_checkpoints(
+    registry_file: Path, tmp_path: Path
+) -> None:
+    checkpoint = tmp_path / "paused" / "work" / "checkpoint.safetensors"
+    checkpoint.parent.mkdir(parents=True)
+    checkpoint.write_bytes(b"hours of training")
+    code, err = _run("build", VARIANT, "--profile", "smoke", "--out", str(checkpoint.parent.parent))
+    assert code == 8 and "already holds a build or its checkpoints" in err and "--resume" in err
+    assert checkpoint.read_bytes() == b"hours of training"
+
+
+def test_a_build_trained_on_a_gpu_is_not_rebuilt_on_a_cpu(
+    zoo_home: Path, registry_file: Path, build_dir: Path
+) -> None:
+    build = zoo.publish(build_dir, "local")
+    document = json.loads(registry_file.read_text())
+    document["variants"][VARIANT]["builds"][-1]["device"] = "cuda"
+    reg.save(document, registry_file)
+    code, err = _run("build", VARIANT, "--check", build.revision[:12])
+    assert code == 8 and "trained on a GPU" in err and "release store" in err
+
+
+def test_training_on_a_gpu_that_is_not_there_is_a_build_error(
+    registry_file: Path, cifar_dir: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: it would train there")
+    code, err = _run("build", VARIANT, "--profile", "smoke", "--device", "cuda",
+                     "--data-dir", str(cifar_dir), "--out", str(tmp_path / "b"))  # fmt: skip
+    assert code == 8 and "sees no GPU" in err and "Traceback" not in err
+
+
+def test_check_refuses_options_it_would_ignore(registry_file: Path) -> None:
+    result = CliRunner().invoke(main, ["build", VARIANT, "--check", "abc", "--profile", "smoke",
+                                       "--stop-after", "60"])  # fmt: skip
+    assert result.exit_code == 2 and "drop --profile, --stop-after" in result.stderr

@@ -360,8 +360,10 @@ def test_resume_refuses_a_checkpoint_of_another_training(tmp_path: Path) -> None
     rounded = sc.resolve_config("x", {"arch": "tiny", "rounding_threshold_bits": rounding},
                                 "smoke", 0)  # fmt: skip
     path = tmp_path / "checkpoint.safetensors"
-    save_checkpoint(path, {"epoch": torch.tensor(3)}, base)
-    assert int(load_checkpoint(path, rounded, 4)["epoch"]) == 3
+    save_checkpoint(path, {"epoch": torch.tensor(3)}, base, "sha256:images")
+    assert int(load_checkpoint(path, rounded, 4, "sha256:images")["epoch"]) == 3
+    with pytest.raises(BuildError, match="other images"):  # another --data-dir or n_train
+        load_checkpoint(path, rounded, 4, "sha256:other-images")
     with pytest.raises(BuildError, match="more than the 3 of this profile"):
         load_checkpoint(path, base, 3)
     other_seed = sc.resolve_config("cifar10-split-tiny", {"arch": "tiny"}, "smoke", 1)
@@ -389,7 +391,7 @@ def test_checkpoint_round_trips_an_optimizer_and_refuses_a_damaged_file(tmp_path
         "torch_rng": torch.get_rng_state(),
     }
     path = tmp_path / "checkpoint.safetensors"
-    save_checkpoint(path, state, cfg)
+    save_checkpoint(path, state, cfg, "sha256:images")
     back = load_checkpoint(path, cfg, 1)
     assert back["history"] == state["history"] and back["masks"] == []
     assert torch.equal(back["torch_rng"], state["torch_rng"])

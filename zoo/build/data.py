@@ -26,7 +26,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from zoo.errors import DatasetNotFoundError, PartialDatasetError, UnsafePickleError
+from zoo.errors import (
+    DatasetNotFoundError,
+    IntegrityError,
+    PartialDatasetError,
+    UnsafePickleError,
+)
 
 __all__ = [
     "CIFAR_URL",
@@ -140,7 +145,18 @@ def _read_batch(path: Path, label_key: str, dirname: str) -> tuple[np.ndarray, n
             f"expected the archive file '{path.name}' in '{path.parent}' ({path} does not "
             "exist). " + _how_to_get(dirname)
         )
-    batch = restricted_load(path)
+    try:
+        return _parse_batch(restricted_load(path), path, label_key)
+    except UnsafePickleError:
+        raise
+    except (EOFError, pickle.UnpicklingError, ValueError, KeyError, TypeError) as exc:
+        raise IntegrityError(
+            f"{path} is damaged or not a CIFAR batch ({type(exc).__name__}: {exc})",
+            hint=_how_to_get(dirname),
+        ) from None
+
+
+def _parse_batch(batch: Any, path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(batch, dict):
         raise ValueError(f"{path}: expected a dict, got {type(batch).__name__}")
     data = np.asarray(_get(batch, "data", path))

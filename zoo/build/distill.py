@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo.build.data import fingerprint
+from zoo.store.atomic import replace_synced
 
 #: Images per call of the teacher.
 TEACHER_BATCH = 500
@@ -64,7 +65,7 @@ def teacher_logits(
     logits = np.concatenate(rows)
     tmp = path.with_name(f".{path.name}.tmp")
     save_file({"logits": logits}, str(tmp), metadata={"teacher": ref})
-    tmp.replace(path)
+    replace_synced(tmp, path)
     return logits
 
 

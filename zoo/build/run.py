@@ -94,7 +94,17 @@ class BuildContext:
     def train_device(self, epochs_left: bool) -> str:
         """Where training runs: ``device``, or the CPU when a resumed stage has no epoch left
         (so that a build trained on a GPU compiles and evaluates on a machine without one)."""
-        return self.device if epochs_left else "cpu"
+        if not epochs_left:
+            return "cpu"
+        if self.device != "cpu":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise BuildError(
+                    f"--device {self.device}: this machine's torch sees no GPU",
+                    hint="train with --device cpu, or where a GPU is (docs/gpu.md)",
+                )
+        return self.device
 
 
 @dataclass
@@ -155,6 +165,13 @@ def _split_metrics(metrics: dict[str, Any]) -> tuple[dict, dict, dict, dict]:
     return scalars, {k: v for k, v in rest.items() if k not in scalars}, sampled, timings
 
 
+def trained_on(details: dict[str, Any]) -> str:
+    """``cuda`` if an epoch of the training history ran on a GPU (its record names the GPU),
+    else ``cpu``: where the weights were made, whatever device the last command named."""
+    history = details.get("train_history") or []
+    return "cuda" if any("device" in record for record in history) else "cpu"
+
+
 def _write_safetensors(path: Path, tensors: dict[str, Any], meta: dict[str, Any]) -> None:
     from safetensors.torch import save_file
 
@@ -197,9 +214,13 @@ def build(
     seed = entry.recipe["seed"] if seed is None else seed
     data_dir = Path(data_dir) if data_dir else config.data_dir()
     out_dir = Path(out_dir) if out_dir else Path("build-out") / f"{variant}-{profile}"
-    if out_dir.exists() and not resume and any(p.is_file() for p in out_dir.iterdir()):
+    held = out_dir.exists() and (
+        any(p.is_file() for p in out_dir.iterdir()) or any(out_dir.glob("work/*.safetensors"))
+    )  # a paused build holds only its checkpoints, maybe hours of training (or a GPU's)
+    if held and not resume:
         raise BuildError(
-            f"{out_dir} already holds a build", hint="pass --resume, or another --out, or remove it"
+            f"{out_dir} already holds a build or its checkpoints",
+            hint="pass --resume to continue it, or another --out, or remove it",
         )
     recipe = load_recipe(entry.recipe["module"])
     if init is not None:
@@ -245,7 +266,7 @@ def build(
         },  # fmt: skip
         "seed": seed,
         "profile": profile,
-        "device": device,
+        "device": trained_on(details),
         "data": result.data,
         "runtime": {k: runtime[k] for k in versions.BINDING + versions.RECORDED},
         "metrics": metrics,
@@ -296,6 +317,17 @@ MISMATCH_HINT = (
 )
 
 
+def _on_a_cpu(pinned: reg.Build) -> None:
+    """Refuse to rebuild, on this CPU, a build whose weights a GPU trained: it cannot match."""
+    if pinned.raw.get("device", "cpu") != "cpu":
+        raise BuildError(
+            f"{pinned.short_ref} was trained on a GPU ({pinned.raw['device']}): a rebuild on a "
+            "CPU cannot give its bytes",
+            hint="pull it from the release store or a hub instead; its GPU command is in "
+            "docs/gpu.md",
+        )
+
+
 def check(
     ref: str,
     *,
@@ -310,6 +342,7 @@ def check(
     base variant's, whose training a rounded or later-split variant shares)."""
     registry = reg.load(registry_path)
     pinned = reg.resolve(registry, ref, check_runtime=False, allow_yanked=True)
+    _on_a_cpu(pinned)
     out_dir = out_dir or Path(tempfile.mkdtemp(prefix=f"zoo-check-{pinned.variant}-"))
     build(
         pinned.variant, profile=pinned.profile, data_dir=data_dir, out_dir=out_dir,
@@ -331,6 +364,7 @@ def rebuild_into_cache(
     A mismatching rebuild is kept aside (its path is in the error) and nothing enters the cache.
     The rebuild holds the build's cache lock and staging folder, as a download does.
     """
+    _on_a_cpu(pinned)
     root = cache_root or config.cache_dir()
     result = cache.PullResult(pinned, cache.build_path(pinned, root), role, source="rebuild")
     with cache.staging(pinned, root) as out_dir:

@@ -30,6 +30,7 @@ from zoo.cost import progress
 from zoo.errors import BitWidthBoundError, BuildError
 from zoo.fhe import head as zoo_head
 from zoo.fhe import sigpipe
+from zoo.store.atomic import replace_synced
 
 if TYPE_CHECKING:
     from zoo.build.run import BuildContext, RecipeResult
@@ -350,23 +351,28 @@ def _join_tensors(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return tree["value"]
 
 
-def save_checkpoint(path: Path, state: dict[str, Any], cfg: dict[str, Any]) -> None:
+def save_checkpoint(path: Path, state: dict[str, Any], cfg: dict[str, Any], data: str) -> None:
     """Write ``state`` (tensors, and JSON-able values around them: optimizer settings, history)
-    as safetensors with the structure in its metadata, to a temporary file, then rename: a
-    kill never leaves half a checkpoint, and nothing in it is pickle. The training fingerprint
-    of ``cfg`` goes with it."""
+    as safetensors with the structure in its metadata, to a temporary file, synced, then
+    renamed: neither a kill nor a power loss leaves half a checkpoint, and nothing in it is
+    pickle. The training fingerprint of ``cfg`` and ``data``, the fingerprint of the training
+    images (:func:`zoo.build.data.fingerprint`), go with it."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
     tree = json.dumps(_split_tensors(state, tensors), sort_keys=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"state": tree, "fingerprint": training_fingerprint(cfg)})
-    tmp.replace(path)
+    meta = {"state": tree, "fingerprint": training_fingerprint(cfg), "data": data}
+    save_file(tensors, str(tmp), metadata=meta)
+    replace_synced(tmp, path)
 
 
-def load_checkpoint(path: Path, cfg: dict[str, Any], epochs: int) -> dict[str, Any]:
-    """Load a :func:`save_checkpoint` file; refuse one trained under another config, or for
-    more than the ``epochs`` this config trains."""
+def load_checkpoint(
+    path: Path, cfg: dict[str, Any], epochs: int, data: str | None = None
+) -> dict[str, Any]:
+    """Load a :func:`save_checkpoint` file; refuse one trained under another config, on other
+    images than ``data`` fingerprints (to resume; checkpoints from before they recorded it
+    pass), or for more than the ``epochs`` this config trains."""
     from safetensors import SafetensorError, safe_open
 
     hint = "remove the build's work/ folder, or build into another --out"
@@ -382,6 +388,12 @@ def load_checkpoint(path: Path, cfg: dict[str, Any], epochs: int) -> dict[str, A
             f"{path} was trained with another configuration (recipe, arch, profile, seed or "
             "data settings differ, or it predates training fingerprints), so --resume cannot "
             "continue it",
+            hint=hint,
+        )
+    if data is not None and meta.get("data", data) != data:
+        raise BuildError(
+            f"{path} was trained on other images than these (another --data-dir, copy of "
+            "CIFAR or number of training images), so --resume cannot continue it",
             hint=hint,
         )
     if int(state["epoch"]) + 1 > epochs:

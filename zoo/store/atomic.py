@@ -1,4 +1,5 @@
-"""Write a file whole or not at all: a temporary file in the same folder, synced, then renamed."""
+"""Write a file whole or not at all: a temporary file in the same folder, synced, then renamed
+(so a kill or a power loss leaves the old file or the new one, never a torn one)."""
 
 from __future__ import annotations
 
@@ -22,3 +23,11 @@ def write_atomic(path: Path, data: bytes | str, mode: int = 0o644) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def replace_synced(tmp: Path, path: Path) -> None:
+    """Sync ``tmp`` (a whole file that a library wrote, e.g. safetensors) and rename it over
+    ``path``."""
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
