@@ -44,7 +44,7 @@ def _worker_class() -> Any:
         ) -> None:
             self.problems = versions.mismatches(runtime)
             if self.problems:
-                return  # told to the driver by problems(); nothing of the build is loaded
+                return  # the driver asks mismatches() and refuses; nothing of the build is loaded
             from concrete import fhe
             from concrete.ml.deployment import FHEModelServer
 
