@@ -863,10 +863,10 @@ def train(
             hint="use an arch without fanin, or a profile without ema_decay",
         )
     ckpt_path = Path(ctx.work_dir) / "checkpoint.safetensors"
-    data = fingerprint(images, labels)  # the images trained on: a resume must see the same
+    trained_on = fingerprint(images, labels)  # a resume must train on the same images
     state = None
     if ctx.resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, cfg, prof["epochs"], data)
+        state = load_checkpoint(ckpt_path, cfg, prof["epochs"], trained_on)
     start_epoch = 0 if state is None else int(state["epoch"]) + 1
     device = torch.device(ctx.train_device(start_epoch < prof["epochs"]))
     history: list[dict[str, Any]] = []
@@ -950,7 +950,7 @@ def train(
             rec["train_top1"],
             time.perf_counter() - t0,
         )
-        _save_checkpoint(ckpt_path, epoch, model, opt, history, cfg, data, ema)
+        _save_checkpoint(ckpt_path, epoch, model, opt, history, cfg, trained_on, ema)
         ctx.checkpointed(f"epoch {epoch + 1}/{prof['epochs']}")
     if rounding is not None:
         rounding.detach()

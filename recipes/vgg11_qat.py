@@ -475,10 +475,10 @@ def train_stage(
     stage_cfg = cfg if stage == "qat" else {
         **cfg, "profile": {k: v for k, v in prof.items() if not k.startswith("round_")}
     }  # fmt: skip
-    data = fingerprint(images, labels)  # the images trained on: a resume must see the same
+    trained_on = fingerprint(images, labels)  # a resume must train on the same images
     state = None
     if ctx.resume and ckpt.exists():
-        state = load_checkpoint(ckpt, stage_cfg, epochs, data)
+        state = load_checkpoint(ckpt, stage_cfg, epochs, trained_on)
     start = 0 if state is None else int(state["epoch"]) + 1
     device = torch.device(ctx.train_device(start < epochs))
     model.to(device)
@@ -564,7 +564,7 @@ def train_stage(
             **({} if last else {"optimizer": opt.state_dict()}),
             **({"ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()}}
                if ema is not None and not last else {}),
-        }, stage_cfg, data)  # fmt: skip
+        }, stage_cfg, trained_on)  # fmt: skip
         ctx.checkpointed(f"{stage} epoch {epoch + 1}/{epochs}")
     if rounding is not None:
         rounding.detach()

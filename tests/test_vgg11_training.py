@@ -132,6 +132,6 @@ def test_a_rounded_variant_shares_the_float_stage_of_its_base(
     again, again_history, rounded = _float_stage(cifar_dir, tmp_path, resume=True, params=params)
     assert again_history == history  # resumed, finished: nothing trained
     assert st_save(again.state_dict()) == st_save(model.state_dict())
-    save_checkpoint(tmp_path / "qat.safetensors", {"epoch": torch.tensor(0)}, base_cfg)
+    save_checkpoint(tmp_path / "qat.safetensors", {"epoch": torch.tensor(0)}, base_cfg, "sha256:x")
     with pytest.raises(BuildError, match="another configuration"):
         load_checkpoint(tmp_path / "qat.safetensors", rounded, 2)
