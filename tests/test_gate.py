@@ -214,6 +214,21 @@ def test_a_cached_file_changed_in_place_is_not_used(real_tiny: reg.Build) -> Non
     assert zoo.pull(TINY).downloaded == ["head.safetensors"]  # the repair is a pull
 
 
+@pytest.mark.parametrize("name", ["manifest.json", "server.zip"])
+def test_card_and_bundle_export_do_not_pass_on_a_changed_cached_file(
+    real_tiny: reg.Build, tmp_path: Path, name: str
+) -> None:
+    path = cache.build_path(real_tiny) / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1  # same size: a warm pull does not notice
+    path.write_bytes(bytes(data))
+    use = (lambda: api.card(TINY)) if name == "manifest.json" else (
+        lambda: bundle.export([TINY], tmp_path / "tiny.zoo.zip"))  # fmt: skip
+    with pytest.raises(IntegrityError, match=f"{name} changed since it was pulled"):
+        use()
+    assert not path.exists() and not (tmp_path / "tiny.zoo.zip").exists()
+
+
 def test_loading_leaves_no_temporary_folder_behind(real_tiny: reg.Build, tmp_path: Path) -> None:
     scratch = tmp_path / "tmp"
     scratch.mkdir()

@@ -322,6 +322,7 @@ def card(ref: str, registry_path: Path | None = None) -> str:
     import json
 
     pulled = pull(ref, role="client", registry_path=registry_path)
+    cache.check_hashes(pulled.build, "client")  # a warm pull checked sizes only
     document = json.loads((pulled.path / "manifest.json").read_text())
     variant = reg.load(registry_path).variant(pulled.build.variant)
     return cards.render(document, variant, measured=pulled.build.raw)

@@ -25,9 +25,17 @@ def write_atomic(path: Path, data: bytes | str, mode: int = 0o644) -> None:
         raise
 
 
+def sync(path: Path) -> None:
+    """Flush ``path`` (a file, or a folder after renames in it) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def replace_synced(tmp: Path, path: Path) -> None:
     """Sync ``tmp`` (a whole file that a library wrote, e.g. safetensors) and rename it over
     ``path``."""
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
+    sync(tmp)
     os.replace(tmp, path)

@@ -46,6 +46,8 @@ def _member(entry: reg.FileEntry) -> str:
 def export(refs: list[str], out: Path, registry_path: Path | None = None) -> dict[str, Any]:
     """Write the builds ``refs`` name (pulled first if not cached) into the bundle ``out``."""
     builds = [api.pull(ref, registry_path=registry_path).build for ref in refs]
+    for build in builds:
+        cache.check_hashes(build, "all")  # a warm pull checked sizes only
     out = Path(out)
     index = {
         "format": FORMAT,

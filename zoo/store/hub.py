@@ -30,6 +30,7 @@ from typing import Protocol
 from zoo import config
 from zoo.catalog.registry import FileEntry, HubRef
 from zoo.errors import HubError, InputError, IntegrityError, NotFoundError
+from zoo.store.atomic import replace_synced, sync
 from zoo.store.hashing import copy_hashed, sha256_file
 
 #: A repository name on a hub: ORG/REPO, as the registry schema allows it.
@@ -117,6 +118,8 @@ class LocalHub:
                     )
             meta = {"message": message, "files": [e.__dict__ for _, e in files]}
             (staging / ".zoo-revision.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+            for written in [*staging.iterdir(), staging]:  # on disk before the rename shows it
+                sync(written)
             try:
                 os.rename(staging, final)
             except OSError:
@@ -136,7 +139,7 @@ class LocalHub:
             tmp = final / f".tmp-{uuid.uuid4().hex}"
             try:
                 shutil.copyfile(source, tmp)
-                os.replace(tmp, target)
+                replace_synced(tmp, target)
             finally:
                 tmp.unlink(missing_ok=True)
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from zoo import config
 from zoo.catalog.registry import Build, FileEntry
 from zoo.errors import IntegrityError, NotFoundError
+from zoo.store.atomic import replace_synced
 from zoo.store.hashing import copy_hashed, sha256_file
 
 KIND = "releases"
@@ -63,7 +64,7 @@ class ReleaseStore:
                         hint="rebuild, then publish again",
                     )
                 os.chmod(tmp, 0o644)
-                os.replace(tmp, target)
+                replace_synced(tmp, target)
             finally:
                 tmp.unlink(missing_ok=True)
         return content_revision([entry for _, entry in files])
