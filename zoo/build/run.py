@@ -119,6 +119,9 @@ class RecipeResult:
     config: dict[str, Any]  # the recipe's full resolved config
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)  # device, wall seconds
     data: dict[str, Any] = field(default_factory=dict)  # dataset, fingerprints, sizes
+    #: the variant whose training made the weights (another one's for a recompile, so that
+    #: both builds share the bytes of weights.safetensors)
+    weights_of: str | None = None
 
 
 def load_recipe(module: str) -> ModuleType:
@@ -246,11 +249,18 @@ def build(
                        if b.profile == profile), {}),
     )  # fmt: skip
     logger.info("building %s (profile %s, seed %d, device %s)", variant, profile, seed, device)
-    result = recipe.build(ctx)
+    if "compile_from" in ctx.params:  # a new circuit for a pinned build's weights
+        from zoo.build.recompile import recompile
+
+        result = recompile(ctx, entry.dataset)
+    else:
+        result = recipe.build(ctx)
 
     package_started = time.time()
     _write_safetensors(out_dir / "head.safetensors", result.head, result.head_config)
-    _write_safetensors(out_dir / "weights.safetensors", result.weights, {"variant": variant})
+    _write_safetensors(
+        out_dir / "weights.safetensors", result.weights, {"variant": result.weights_of or variant}
+    )
     write_fhe_zips(result.quantized_module, out_dir)
     circuit = circuit_statistics(result.quantized_module)
     metrics, details, sampled, timings = _split_metrics(result.metrics)

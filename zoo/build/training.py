@@ -44,12 +44,24 @@ SIM_EVAL_BATCH = 500
 # --- config ---------------------------------------------------------------------------------
 
 
-class CompileSettings(TypedDict):
+class _CompileOptions(TypedDict, total=False):
+    # concrete's choice of crypto parameters per partition: "precision" (concrete's default: one
+    # set per bit width) or "precision_and_norm2" (per bit width and weight norm: lighter
+    # bootstraps where the weights are small). Absent unless a variant sets it, so that older
+    # builds keep their bytes.
+    multi_parameter_strategy: str
+
+
+class CompileSettings(_CompileOptions):
     """What every architecture says about its circuit (the keys :func:`finish` reads)."""
 
     max_bit_width: int  # the accumulator bound the compiled circuit is held to
     p_error: float  # concrete's per-PBS error probability
     rounding_threshold_bits: dict[str, Any] | None  # concrete-ml's rounded PBS, or none
+
+
+#: :data:`CompileSettings`' values of ``multi_parameter_strategy``.
+MULTI_PARAMETER_STRATEGIES = ("precision", "precision_and_norm2")
 
 
 class ProfileBase(TypedDict):
@@ -113,7 +125,7 @@ def merge_params(
         raise ValueError(f"unknown profile {profile!r}; choose from {sorted(profiles)}")
     arch = copy.deepcopy(archs[arch_name])
     for key, value in params.items():
-        if key not in arch:
+        if key not in arch and key not in _CompileOptions.__optional_keys__:
             raise ValueError(f"unknown {family} parameter {key!r}")
         arch[key] = value
     prof = dict(profiles[profile])
@@ -294,7 +306,8 @@ def train_epoch(
 #: ``n_calib`` and ``clear_blocks`` do change training (:data:`ROUNDING_INPUTS`).
 NOT_TRAINING = frozenset(
     {"p_error", "rounding_threshold_bits", "max_bit_width", "output_bits", "n_calib",
-     "eval_batch_size", "epochs", "qat_epochs", "clear_blocks", "n_simulate"}
+     "eval_batch_size", "epochs", "qat_epochs", "clear_blocks", "n_simulate",
+     "multi_parameter_strategy"}
 )  # fmt: skip
 
 
@@ -480,13 +493,21 @@ def quantizer_tensors_and_op(
 def compile_qat(
     module: torch.nn.Module, calib: np.ndarray, arch: dict[str, Any], onnx_path: Path
 ) -> Any:
-    """``compile_brevitas_qat_model`` on ``module`` (in eval mode) with the arch's ``p_error``
-    and ``rounding_threshold_bits``, calibrated on ``calib``; the ONNX export goes to
-    ``onnx_path``. An arch with ``output_bits`` quantizes the circuit's inputs and outputs to
-    that many bits; without it, concrete-ml's default applies."""
+    """``compile_brevitas_qat_model`` on ``module`` (in eval mode) with the arch's ``p_error``,
+    ``rounding_threshold_bits`` and ``multi_parameter_strategy``, calibrated on ``calib``; the
+    ONNX export goes to ``onnx_path``. An arch with ``output_bits`` quantizes the circuit's
+    inputs and outputs to that many bits; without it, concrete-ml's default applies."""
+    from concrete import fhe
     from concrete.ml.torch.compile import compile_brevitas_qat_model
 
     bits = arch.get("output_bits")
+    strategy = arch.get("multi_parameter_strategy")
+    if strategy is not None and strategy not in MULTI_PARAMETER_STRATEGIES:
+        raise BuildError(f"unknown multi_parameter_strategy {strategy!r}",
+                         hint=f"use one of {', '.join(MULTI_PARAMETER_STRATEGIES)}")  # fmt: skip
+    configuration = None if strategy is None else fhe.Configuration(
+        multi_parameter_strategy=fhe.MultiParameterStrategy[strategy.upper()]
+    )  # fmt: skip
     module.eval()
     return compile_brevitas_qat_model(
         module,
@@ -494,6 +515,7 @@ def compile_qat(
         n_bits={"model_inputs": bits, "model_outputs": bits} if bits is not None else None,
         p_error=arch["p_error"],
         rounding_threshold_bits=arch["rounding_threshold_bits"],
+        configuration=configuration,
         output_onnx_file=onnx_path,
     )
 
