@@ -51,6 +51,9 @@ def recompile(ctx: BuildContext, dataset: str) -> RecipeResult:
             f"{ctx.variant} compiles the weights of {parent_ref}, so it may not set {other}",
             hint=f"set only {', '.join(sorted(COMPILE_KEYS))}; a new network is a new variant",
         )
+    if ctx.init is not None:
+        raise BuildError(f"{ctx.variant} takes its weights from {parent_ref}, not from --init",
+                         hint="leave out --init")  # fmt: skip
     parent = load(parent_ref, role="all", circuits=False)
     if parent.build.profile != ctx.profile:
         raise BuildError(
@@ -79,6 +82,7 @@ def recompile(ctx: BuildContext, dataset: str) -> RecipeResult:
     # 3. Clear evaluation, compile, simulation.
     with stages("evaluate_clear"):
         clear = parent.logits(test[0], "disable")
+    ctx.trained()  # --train-only stops before compiling, as for any build
     kept = {k: v for k, v in parent.meta["metrics"].items() if k in WEIGHT_METRICS}
     result = finish(
         ctx, stages, cfg,
