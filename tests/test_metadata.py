@@ -117,8 +117,12 @@ def test_every_variant_resolves_with_its_recipe() -> None:
     from zoo.build.run import load_recipe
 
     problems = []
-    for variant in reg.load(ROOT / "registry.json").variants.values():
+    registry = reg.load(ROOT / "registry.json")
+    for variant in registry.variants.values():
         recipe = load_recipe(variant.recipe["module"])
+        if "compile_from" in variant.recipe["params"]:
+            problems += _recompile_problems(variant, registry)
+            continue
         for profile in variant.recipe["profiles"]:
             try:
                 cfg = recipe.resolve_config(variant.name, variant.recipe["params"], profile, 0)
@@ -128,6 +132,28 @@ def test_every_variant_resolves_with_its_recipe() -> None:
             if cfg["arch"]["max_bit_width"] != variant.recipe["params"].get("max_bit_width"):
                 problems.append(f"{variant.name}: max_bit_width is not pinned in the registry")
     assert not problems, "\n".join(problems)
+
+
+def _recompile_problems(variant: reg.Variant, registry: reg.Registry) -> list[str]:
+    """A ``compile_from`` variant names a live build of this registry, with its recipe and
+    profile, and sets compile settings only (so that a fresh clone can rebuild it)."""
+    from zoo.build.recompile import COMPILE_KEYS
+
+    params, name = variant.recipe["params"], variant.name
+    try:
+        parent = reg.resolve(registry, params["compile_from"], check_runtime=False)
+    except Exception as exc:  # noqa: BLE001 - any failure to resolve is the problem reported
+        return [f"{name}: compile_from {params['compile_from']}: {exc}"]
+    problems = []
+    if sorted(set(params) - COMPILE_KEYS - {"compile_from"}):
+        problems.append(f"{name}: sets more than compile settings")
+    if variant.recipe["profiles"] != [parent.profile]:
+        problems.append(f"{name}: its profiles are not [{parent.profile!r}], its parent's")
+    if variant.recipe["module"] != registry.variant(parent.variant).recipe["module"]:
+        problems.append(f"{name}: its recipe is not its parent's")
+    if "max_bit_width" not in params:
+        problems.append(f"{name}: max_bit_width is not pinned in the registry")
+    return problems
 
 
 def test_the_required_variants_are_catalogued() -> None:
