@@ -19,6 +19,7 @@ parent's tensors. Same parent, params and runtime ⇒ the same bytes, like any b
 from __future__ import annotations
 
 import copy
+import json
 from typing import TYPE_CHECKING
 
 from zoo.errors import BuildError
@@ -37,6 +38,7 @@ WEIGHT_METRICS = ("n_parameters", "float_top1")
 
 def recompile(ctx: BuildContext, dataset: str) -> RecipeResult:
     """Build ``ctx.variant`` from the weights of the build its ``compile_from`` param names."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from zoo.build.data import load_split
@@ -84,6 +86,9 @@ def recompile(ctx: BuildContext, dataset: str) -> RecipeResult:
         clear = parent.logits(test[0], "disable")
     ctx.trained()  # --train-only stops before compiling, as for any build
     kept = {k: v for k, v in parent.meta["metrics"].items() if k in WEIGHT_METRICS}
+    weights = parent.path / "weights.safetensors"
+    with safe_open(str(weights), framework="pt") as handle:  # whose training made them
+        weights_of = json.loads(handle.metadata()["zoo"])["variant"]
     result = finish(
         ctx, stages, cfg,
         circuit=parent.torch_module(),
@@ -92,9 +97,9 @@ def recompile(ctx: BuildContext, dataset: str) -> RecipeResult:
         export_head=lambda: (parent.head_tensors, parent.head_config),
         clear=clear,
         test=test,
-        weights=load_file(str(parent.path / "weights.safetensors")),
+        weights=load_file(str(weights)),
         data=data,
         metrics={**kept, **parent.meta["details"]},  # the training history among them
     )  # fmt: skip
-    result.weights_of = parent.build.variant
+    result.weights_of = weights_of
     return result
