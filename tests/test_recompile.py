@@ -41,16 +41,17 @@ def recompile_registry(
     return pinned
 
 
-def _pinned_hashes(build: reg.Build) -> dict[str, str]:
-    return {entry.path: entry.sha256 for entry in build.files}
+def _build(variant: str, parent: reg.Build, data: Path, out: Path) -> tuple[Path, dict, dict]:
+    """Build ``variant``; return its folder, its files' hashes and the parent's pinned ones."""
+    out = builder.build(variant, profile=parent.profile, data_dir=data, out_dir=out)
+    return out, build_hashes(out), {entry.path: entry.sha256 for entry in parent.files}
 
 
 def test_the_parents_settings_give_its_circuit_bit_for_bit(
     recompile_registry: reg.Build, cifar_dir: Path, tmp_path: Path
 ) -> None:
     parent = recompile_registry
-    out = builder.build(SAME, profile=parent.profile, data_dir=cifar_dir, out_dir=tmp_path / "b")
-    hashes, pinned = build_hashes(out), _pinned_hashes(parent)
+    out, hashes, pinned = _build(SAME, parent, cifar_dir, tmp_path / "b")
     for name in ("head.safetensors", "weights.safetensors", "client.zip", "server.zip"):
         assert hashes[name] == pinned[name], name  # nothing was trained, the compile repeats
     document = read_json(out / "manifest.json")
@@ -63,8 +64,7 @@ def test_other_settings_change_the_circuit_and_nothing_else(
     recompile_registry: reg.Build, cifar_dir: Path, tmp_path: Path
 ) -> None:
     parent = recompile_registry
-    out = builder.build(NORM2, profile=parent.profile, data_dir=cifar_dir, out_dir=tmp_path / "b")
-    hashes, pinned = build_hashes(out), _pinned_hashes(parent)
+    out, hashes, pinned = _build(NORM2, parent, cifar_dir, tmp_path / "b")
     assert hashes["weights.safetensors"] == pinned["weights.safetensors"]  # shared in releases/
     assert hashes["head.safetensors"] == pinned["head.safetensors"]
     assert hashes["server.zip"] != pinned["server.zip"]
@@ -75,9 +75,7 @@ def test_other_settings_change_the_circuit_and_nothing_else(
     # per weight norm: more parameter sets, each lighter, so less time than the parent's
     assert len(cost.pbs_rows(document["circuit"])) > len(cost.pbs_rows(parent.circuit))
     assert cost.estimate_seconds(document["circuit"]) < cost.estimate_seconds(parent.circuit)
-    again = builder.build(NORM2, profile=parent.profile, data_dir=cifar_dir,
-                          out_dir=tmp_path / "again")  # fmt: skip
-    assert build_hashes(again) == hashes
+    assert _build(NORM2, parent, cifar_dir, tmp_path / "again")[1] == hashes
 
 
 @pytest.mark.parametrize(

@@ -66,11 +66,14 @@ def test_every_variant_either_has_a_live_build_or_says_why_not() -> None:
 
 def test_the_registry_is_a_lean_catalogue() -> None:
     """Builds carry pins and headline numbers, not circuit dumps: the registry grows with the
-    number of builds (about 4 kB each), not with their detail."""
+    number of builds (about 4 kB each, plus one row per crypto parameter set of the circuit,
+    which the cost model prices: 3 for most, 6 under concrete's per-norm strategy), not with
+    their detail."""
     for variant in reg.load(ROOT / "registry.json").variants.values():
         for build in variant.builds:
             assert not set(build.circuit) & api.CATALOG_CIRCUIT_DROP, build.short_ref
-            assert len(json.dumps(build.raw, indent=2)) <= 5_000, build.short_ref
+            rows = len(build.circuit.get("pbs_count_per_parameter") or [])
+            assert len(json.dumps(build.raw, indent=2)) <= 4_000 + 400 * rows, build.short_ref
 
 
 def test_store_publish_and_pull_on_a_machine_without_hubs(
