@@ -145,7 +145,7 @@ def _recompile_problems(variant: reg.Variant, registry: reg.Registry) -> list[st
     except Exception as exc:  # noqa: BLE001 - any failure to resolve is the problem reported
         return [f"{name}: compile_from {params['compile_from']}: {exc}"]
     problems = []
-    if sorted(set(params) - COMPILE_KEYS - {"compile_from"}):
+    if set(params) - COMPILE_KEYS - {"compile_from"}:
         problems.append(f"{name}: sets more than compile settings")
     if variant.recipe["profiles"] != [parent.profile]:
         problems.append(f"{name}: its profiles are not [{parent.profile!r}], its parent's")

@@ -19,7 +19,6 @@ parent's tensors. Same parent, params and runtime ⇒ the same bytes, like any b
 from __future__ import annotations
 
 import copy
-import json
 from typing import TYPE_CHECKING
 
 from zoo.errors import BuildError
@@ -38,11 +37,9 @@ WEIGHT_METRICS = ("n_parameters", "float_top1")
 
 def recompile(ctx: BuildContext, dataset: str) -> RecipeResult:
     """Build ``ctx.variant`` from the weights of the build its ``compile_from`` param names."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
     from zoo.build.data import load_split
     from zoo.build.training import Stages, data_record, finish, subset
+    from zoo.fhe import head as zoo_head
     from zoo.fhe.runtime import load
 
     params = dict(ctx.params)
@@ -86,9 +83,8 @@ def recompile(ctx: BuildContext, dataset: str) -> RecipeResult:
         clear = parent.logits(test[0], "disable")
     ctx.trained()  # --train-only stops before compiling, as for any build
     kept = {k: v for k, v in parent.meta["metrics"].items() if k in WEIGHT_METRICS}
-    weights = parent.path / "weights.safetensors"
-    with safe_open(str(weights), framework="pt") as handle:  # whose training made them
-        weights_of = json.loads(handle.metadata()["zoo"])["variant"]
+    # a zoo safetensors file: its metadata names the variant whose training made the weights
+    weights, weights_meta = zoo_head.load(parent.path / "weights.safetensors")
     result = finish(
         ctx, stages, cfg,
         circuit=parent.torch_module(),
@@ -97,9 +93,9 @@ def recompile(ctx: BuildContext, dataset: str) -> RecipeResult:
         export_head=lambda: (parent.head_tensors, parent.head_config),
         clear=clear,
         test=test,
-        weights=load_file(str(weights)),
+        weights=weights,
         data=data,
         metrics={**kept, **parent.meta["details"]},  # the training history among them
     )  # fmt: skip
-    result.weights_of = weights_of
+    result.weights_of = weights_meta["variant"]
     return result
