@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import make_build_dir
 
 import zoo
 from zoo.catalog import manifest
@@ -94,6 +95,20 @@ def test_offline_uses_the_cache_and_names_what_is_missing(
     assert zoo.pull(VARIANT, role="client", offline=True).downloaded == []
     with pytest.raises(OfflineError, match="server.zip"):
         zoo.pull(VARIANT, role="server", offline=True)
+
+
+def test_offline_a_cached_build_serves_after_a_newer_one_is_published(
+    zoo_home: Path, registry_file: Path, build_dir: Path, tmp_path: Path
+) -> None:
+    old = zoo.publish(build_dir, "local")
+    zoo.pull(VARIANT, role="client")
+    new = zoo.publish(make_build_dir(tmp_path / "newer", seed=5), "local")  # e.g. a `git pull`
+    assert zoo.pull(VARIANT, role="client", offline=True).build.revision == old.revision
+    with pytest.raises(OfflineError, match="head.safetensors"):  # a pinned ref is never swapped
+        zoo.pull(f"{VARIANT}@{new.revision[:12]}", role="client", offline=True)
+    with pytest.raises(OfflineError):  # nor is a role the old build lacks in the cache
+        zoo.pull(VARIANT, role="server", offline=True)
+    assert zoo.pull(VARIANT, role="client").build.revision == new.revision  # online: the newest
 
 
 def test_hash_mismatch_on_the_hub_fails_and_leaves_the_cache_clean(

@@ -25,7 +25,7 @@ from zoo import api
 from zoo.catalog import manifest
 from zoo.catalog import registry as reg
 from zoo.cli import main
-from zoo.errors import IntegrityError, ZooError
+from zoo.errors import BuildError, IntegrityError, ZooError
 from zoo.fhe.worker import FheWorker
 from zoo.store import bundle, cache
 from zoo.store.gate import UnsafeArtifactError, check_zip
@@ -227,6 +227,14 @@ def test_card_and_bundle_export_do_not_pass_on_a_changed_cached_file(
     with pytest.raises(IntegrityError, match=f"{name} changed since it was pulled"):
         use()
     assert not path.exists() and not (tmp_path / "tiny.zoo.zip").exists()
+
+
+@pytest.mark.parametrize("module", ["/tmp/evil.py", "recipes/../tests/evil.py", "recipes/x.py\n"])
+def test_a_manifest_cannot_name_a_file_to_run(real_tiny: reg.Build, module: str) -> None:
+    model = zoo.load(TINY, circuits=False)
+    model.meta["recipe"]["module"] = module  # as a manifest from elsewhere would say
+    with pytest.raises(BuildError, match="is not a recipe of this project"):
+        model.torch_module()
 
 
 def test_loading_leaves_no_temporary_folder_behind(real_tiny: reg.Build, tmp_path: Path) -> None:

@@ -11,13 +11,16 @@ import stat
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 import zoo
 from zoo.catalog import registry as reg
 from zoo.cli import main
-from zoo.fhe import evaluate
+from zoo.errors import InputError, ZooError
+from zoo.fhe import evaluate, runtime
 from zoo.store import cache, hub
 from zoo.store.releases import ReleaseStore
 
@@ -195,6 +198,18 @@ def test_prune_leaves_the_staging_of_a_running_pull_alone(
     assert not folder.exists()
 
 
+def test_a_pull_behind_a_stuck_lock_says_what_holds_it(
+    zoo_home: Path, registry_file: Path, build_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    build = zoo.publish(build_dir, "local")
+    monkeypatch.setattr(cache, "LOCK_TIMEOUT_S", 0.2)
+    stuck = cache.staging(build, zoo_home / "cache")  # a pull (or a rebuild) that does not end
+    held = pytest.raises(ZooError, match=r"another pull or rebuild has held .*\.lock")
+    with stuck, held:
+        zoo.pull(VARIANT)
+    assert zoo.pull(VARIANT).downloaded  # the lock was released
+
+
 def test_predict_checks_its_images_before_loading(
     zoo_home: Path, registry_file: Path, tmp_path: Path
 ) -> None:
@@ -202,9 +217,24 @@ def test_predict_checks_its_images_before_loading(
     notes = tmp_path / "notes.png"
     notes.write_text("not a picture")
     code, err = _run("predict", VARIANT, str(notes))
-    assert code == 2 and "is not an image file" in err and "Traceback" not in err
+    assert code == 2 and "is not a readable image file" in err and "Traceback" not in err
     assert _run("predict", VARIANT, str(tmp_path))[0] == 2  # a folder
     assert _run("predict", VARIANT, str(notes), "--top-k", "0")[0] == 2
+    cut = tmp_path / "cut.png"  # a valid 32x32 header, its pixels cut off
+    noise = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(cut)
+    cut.write_bytes(cut.read_bytes()[:200])
+    code, err = _run("predict", VARIANT, str(cut))
+    assert code == 2 and "cut.png is not a readable image file" in err and "Traceback" not in err
+
+
+def test_images_from_python_fail_with_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="nothing.png is not a readable image file"):
+        runtime.as_images(tmp_path / "nothing.png")
+    pixels = np.zeros((32, 32, 3), np.uint8)
+    with pytest.raises(InputError, match=r"shape \(N, 32, 32, 3\), got \(1, 32, 31, 3\)"):
+        runtime.as_images([pixels, pixels[:, :31]])  # arrays of two shapes
+    assert runtime.as_images([pixels, pixels[None]]).shape == (2, 32, 32, 3)
 
 
 def test_the_serve_worker_does_not_import_from_the_current_folder(

@@ -67,6 +67,23 @@ def test_every_problem_is_reported_with_its_json_path(document: dict, tmp_path: 
     assert "$.variants['cifar10-split-tiny'].builds[1].revision" in message
 
 
+def test_what_the_patterns_alone_would_let_through_is_refused(
+    document: dict, tmp_path: Path
+) -> None:
+    bad = copy.deepcopy(document)
+    builds = bad["variants"]["cifar10-split-tiny"]["builds"]
+    builds[0]["files"][0]["path"] = "manifest.json\n"  # Python's "$" matches before it
+    builds[2]["revision"] = builds[1]["revision"]
+    path = tmp_path / "registry.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(RegistryError, match=r"builds\[0\]\.files\[0\]\.path: .* line break"):
+        reg.load(path)
+    builds[0]["files"][0]["path"] = "manifest.json"
+    path.write_text(json.dumps(bad))
+    with pytest.raises(RegistryError, match=r"builds\[2\]: revision 222222222222 is listed twice"):
+        reg.load(path)
+
+
 def test_invalid_json_is_a_clear_error(tmp_path: Path) -> None:
     path = tmp_path / "registry.json"
     path.write_text('{"schema_version": 1,')

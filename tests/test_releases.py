@@ -130,6 +130,26 @@ def test_recorded_hubs_come_first_then_the_store(
     assert zoo.pull(VARIANT).source == "releases"
 
 
+def test_a_bad_copy_on_one_source_falls_through_to_the_next(
+    zoo_home: Path, registry_file: Path, build_dir: Path
+) -> None:
+    build = zoo.publish(build_dir, ["local", "releases"])
+    (local,) = build.hubs
+    hub_file = zoo_home / "hub" / local.repo / "revisions" / local.revision / "server.zip"
+    hub_file.write_bytes(hub_file.read_bytes()[:100])  # the local hub's copy is truncated
+    assert zoo.pull(VARIANT, role="server").source == "releases"
+    cache.check_hashes(build, "server")
+
+    shutil.rmtree(cache.build_path(build))
+    ReleaseStore.beside(registry_file).blob(build.file("server").sha256).write_bytes(b"x" * 100)
+    with pytest.raises(IntegrityError) as info:  # both bad: each source named, nothing kept
+        zoo.pull(VARIANT, role="server")
+    assert f"from hub local:{local.repo}: server.zip: expected" in str(info.value)
+    assert "from the release store" in str(info.value)
+    assert "republish" in info.value.hint
+    assert not (cache.build_path(build) / "server.zip").exists()
+
+
 def test_republishing_keeps_what_was_recorded(
     zoo_home: Path, registry_file: Path, build_dir: Path
 ) -> None:

@@ -18,7 +18,15 @@ from zoo.catalog import card as cards
 from zoo.catalog import manifest, versions
 from zoo.catalog import registry as reg
 from zoo.cost import model as cost
-from zoo.errors import HubError, InputError, NotFoundError, RuntimeMismatchError, ZooError
+from zoo.errors import (
+    HubError,
+    InputError,
+    IntegrityError,
+    NotFoundError,
+    OfflineError,
+    RuntimeMismatchError,
+    ZooError,
+)
 from zoo.store import cache, hub, releases
 from zoo.store.gate import check_zip
 
@@ -171,7 +179,7 @@ def pull(
     if not cache.missing_files(build, role, cache_root):
         return cache.PullResult(build, cache.build_path(build, cache_root), role)
     if offline:
-        return cache.require_cached(build, role, cache_root)
+        return _offline(registry, ref, build, role, cache_root)
     sources = [(hub.hub_for(h, endpoint, hub_dir), h.repo, h.revision, f"hub {h.kind}:{h.repo}")
                for h in build.hubs]  # fmt: skip
     store = releases.ReleaseStore.beside(registry.path)  # last: files by sha256, any build
@@ -185,8 +193,11 @@ def pull(
                 build, role, source, repo=repo, revision=revision, root=cache_root,
                 progress=progress,
             )  # fmt: skip
-        except (NotFoundError, HubError) as exc:
+        except (NotFoundError, HubError, IntegrityError) as exc:
+            # Bad bytes from one source (deleted by the check) must not stop the next one.
             log.debug("%s: not from %s: %s", build.short_ref, label, exc)
+            if isinstance(exc, IntegrityError):
+                exc = type(exc)(f"from {label}: {exc}", hint=exc.hint)
             failures.append(exc)
             continue
         log.info("%s (%s): verified from %s", build.short_ref, role, label)
@@ -197,13 +208,44 @@ def pull(
         return rebuild_into_cache(
             build, registry, role=role, cache_root=cache_root, data_dir=data_dir
         )
-    # A hub that failed (network, HTTP) is reported as a hub error, else as not found.
-    error = HubError if any(isinstance(e, HubError) for e in failures) else NotFoundError
-    raise error(
-        f"no source could give {build.short_ref}: " + "; ".join(str(e) for e in failures),
-        hint=f"rebuild it from its recipe, accepted only if it matches the pins: "
-        f"`zoo pull {build.short_ref} --build-missing`",
+    # Reported as the worst failure: bad bytes, then a hub that failed (network, HTTP), then
+    # not found.
+    worst = next(
+        (e for kind in (IntegrityError, HubError) for e in failures if isinstance(e, kind)),
+        failures[0],
     )
+    hint = (f"rebuild it from its recipe, accepted only if it matches the pins: "
+            f"`zoo pull {build.short_ref} --build-missing`")  # fmt: skip
+    if isinstance(worst, IntegrityError):
+        hint += "; the source that gave other bytes than the pins holds a bad copy: republish it"
+    raise type(worst)(
+        f"no source could give {build.short_ref}: " + "; ".join(str(e) for e in failures),
+        hint=hint,
+    )
+
+
+def _offline(
+    registry: reg.Registry, ref: str, build: reg.Build, role: str, cache_root: Path | None
+) -> cache.PullResult:
+    """Offline: ``build`` from the cache; when it is not cached and ``ref`` names no revision,
+    the newest live build of the variant that this runtime loads and the cache holds whole
+    (a registry updated since the last pull must not make a cached variant unusable)."""
+    try:
+        return cache.require_cached(build, role, cache_root)
+    except OfflineError:
+        if reg.split_ref(ref)[1] is not None:
+            raise
+        cached = [
+            b
+            for b in registry.variant(build.variant).live
+            if not versions.mismatches(b.runtime) and not cache.missing_files(b, role, cache_root)
+        ]
+        if not cached:
+            raise
+    log.warning("offline: %s, the newest build of %s, is not cached; using the cached %s "
+                "(pull with the network to get the newer one)",
+                build.short_ref, build.variant, cached[-1].short_ref)  # fmt: skip
+    return cache.PullResult(cached[-1], cache.build_path(cached[-1], cache_root), role)
 
 
 #: What the registry keeps of a build's circuit (what ``zoo list`` / ``info`` and the cost model

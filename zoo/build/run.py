@@ -25,6 +25,7 @@ import importlib.util
 import json
 import logging
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -125,7 +126,14 @@ class RecipeResult:
 
 
 def load_recipe(module: str) -> ModuleType:
-    """Import a recipe file (``recipes/NAME.py``, as the registry names it)."""
+    """Import a recipe file (``recipes/NAME.py``, as the registry names it); any other path (a
+    pulled manifest names one too) is refused, so no downloaded file is ever run."""
+    if not re.fullmatch(r"recipes/[a-z0-9_]+\.py", module):
+        raise BuildError(
+            f"{module!r} is not a recipe of this project (recipes/NAME.py); refused to run it",
+            hint="the manifest or registry entry that names it is not from this project: "
+            "pull the build from the project's registry",
+        )
     path = config.recipe_path(module)
     if not path.is_file():
         raise BuildError(f"recipe {module} not found at {path}", hint="check the registry entry")

@@ -148,12 +148,22 @@ def validate(document: Any, definition: str | None = None) -> list[str]:
     ``definition`` names a ``$defs`` entry (e.g. ``"manifest"``) to validate against instead of
     the whole registry.
     """
-    from jsonschema import Draft202012Validator  # lazy: ~40 ms of import
+    from jsonschema import Draft202012Validator, ValidationError, validators  # ~40 ms
+
+    search_pattern = Draft202012Validator.VALIDATORS["pattern"]
+
+    def pattern(validator: Any, regex: str, instance: Any, schema: dict[str, Any]) -> Any:
+        # Python's ``$`` also matches before a final line break (ECMA-262's does not), so
+        # "server.zip\n" would pass "^[a-z.]+$" and fail later, as a name no file has.
+        if validator.is_type(instance, "string") and "\n" in instance:
+            yield ValidationError(f"{instance!r} contains a line break")
+        else:
+            yield from search_pattern(validator, regex, instance, schema)
 
     schema = _schema()
     if definition is not None:
         schema = {"$defs": schema["$defs"], "$ref": f"#/$defs/{definition}"}
-    validator = Draft202012Validator(schema)
+    validator = validators.extend(Draft202012Validator, {"pattern": pattern})(schema)
     errors = sorted(validator.iter_errors(document), key=lambda e: list(map(str, e.absolute_path)))
     return [f"{e.json_path}: {e.message}" for e in errors]
 
@@ -183,15 +193,23 @@ def parse(document: dict[str, Any], path: Path) -> Registry:
             f"{path} fails its schema ({len(problems)} problem(s)):\n  {listing}",
             hint="fix the fields above, or restore the file with `git checkout registry.json`",
         )
-    duplicates = [
-        f"$.variants.{name}.builds[{i}]: file {listed!r} is listed twice"
-        for name, variant in document["variants"].items()
-        for i, build in enumerate(variant["builds"])
-        for listed in {f["path"] for f in build["files"]}
-        if sum(f["path"] == listed for f in build["files"]) > 1
-    ]
-    if duplicates:
-        raise RegistryError(f"{path} fails its schema:\n  " + "\n  ".join(duplicates))
+    beyond = []  # what the schema cannot say
+    for name, variant in document["variants"].items():
+        seen = set()
+        for i, build in enumerate(variant["builds"]):
+            where = f"$.variants.{name}.builds[{i}]"
+            paths = [f["path"] for f in build["files"]]
+            beyond += [f"{where}: file {p!r} is listed twice" for p in sorted(set(paths))
+                       if paths.count(p) > 1]  # fmt: skip
+            if build["revision"] in seen:
+                beyond.append(f"{where}: revision {build['revision'][:12]} is listed twice")
+            seen.add(build["revision"])
+    if beyond:
+        raise RegistryError(
+            f"{path} fails its schema:\n  " + "\n  ".join(beyond),
+            hint="restore the file with `git checkout registry.json`; entries are written by "
+            "`zoo publish`, not by hand",
+        )
     variants = {}
     for name, raw in sorted(document["variants"].items()):
         variants[name] = Variant(

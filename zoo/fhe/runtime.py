@@ -46,10 +46,12 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
 
 def as_images(images: Any) -> np.ndarray:
     """uint8 (N, 32, 32, 3) from an array, a PIL image, a path, or a list of those."""
-    if isinstance(images, (str, Path)) or type(images).__module__.startswith("PIL"):
-        images = [images]
-    if isinstance(images, (list, tuple)) and images and not isinstance(images[0], np.ndarray):
-        return np.stack([_one_image(i) for i in images])
+    if _is_file_or_pil(images):
+        return _one_image(images)[None]
+    if isinstance(images, (list, tuple)) and images and all(
+        _is_file_or_pil(i) or isinstance(i, np.ndarray) for i in images
+    ):
+        return np.concatenate([as_images(i) for i in images])
     array = np.asarray(images)
     if array.ndim == 3:
         array = array[None]
@@ -66,21 +68,27 @@ def as_images(images: Any) -> np.ndarray:
     return np.ascontiguousarray(array)
 
 
+def _is_file_or_pil(item: Any) -> bool:
+    return isinstance(item, (str, Path)) or type(item).__module__.startswith("PIL")
+
+
 def _one_image(item: Any) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    """One 32x32 image file or PIL image as uint8 (32, 32, 3); a missing, unreadable,
+    truncated or oversized file is an InputError."""
+    from PIL import Image
 
     try:
         image = Image.open(item) if isinstance(item, (str, Path)) else item
-    except (UnidentifiedImageError, IsADirectoryError) as exc:
-        raise InputError(f"{item} is not an image file ({exc})",
+        if image.size != (32, 32):
+            raise InputError(
+                f"image {getattr(image, 'filename', '') or ''} is {image.size[0]}x"
+                f"{image.size[1]}, the models take 32x32",
+                hint="resize it first, e.g. PIL's image.resize((32, 32))",
+            )
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)  # decodes: may find it cut off
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as exc:
+        raise InputError(f"{item} is not a readable image file ({exc})",
                          hint="give 32x32 PNG or JPEG files") from None  # fmt: skip
-    if image.size != (32, 32):
-        raise InputError(
-            f"image {getattr(image, 'filename', '') or ''} is {image.size[0]}x{image.size[1]}, "
-            "the models take 32x32",
-            hint="resize it first, e.g. PIL's image.resize((32, 32))",
-        )
-    return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 @dataclass

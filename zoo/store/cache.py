@@ -131,11 +131,20 @@ def fetch(
 def staging(build: Build, root: Path) -> Iterator[Path]:
     """Hold ``build``'s lock and a fresh staging folder in ``tmp/`` (what a killed pull left
     there is removed first); the folder goes when the block ends, however it ends."""
-    from filelock import FileLock
+    from filelock import FileLock, Timeout
 
     (root / "locks").mkdir(parents=True, exist_ok=True)
     (root / "tmp").mkdir(parents=True, exist_ok=True)
-    with FileLock(root / "locks" / f"{build.ref}.lock", timeout=LOCK_TIMEOUT_S):
+    lock = FileLock(root / "locks" / f"{build.ref}.lock", timeout=LOCK_TIMEOUT_S)
+    try:
+        held = lock.acquire()
+    except Timeout:
+        raise ZooError(
+            f"{build.short_ref}: another pull or rebuild has held {lock.lock_file} for over "
+            f"{LOCK_TIMEOUT_S // 60} minutes",
+            hint="let it finish, or stop it (`fuser` on the lock file names it) and run again",
+        ) from None
+    with held:  # released when the block ends
         for stale in (root / "tmp").glob(f"{build.ref}-*"):
             shutil.rmtree(stale, ignore_errors=True)
         folder = Path(tempfile.mkdtemp(prefix=f"{build.ref}-", dir=root / "tmp"))
@@ -233,8 +242,12 @@ def clean_tmp(root: Path | None = None) -> int:
 
 
 def _intact(path: Path, entry: FileEntry) -> bool:
-    """Whether ``path`` still holds the pinned bytes of ``entry`` (size, then sha256)."""
-    return path.stat().st_size == entry.size and sha256_file(path) == entry.sha256
+    """Whether ``path`` still holds the pinned bytes of ``entry`` (size, then sha256); False
+    when it is gone (a concurrent ``zoo cache rm`` or ``verify``)."""
+    try:
+        return path.stat().st_size == entry.size and sha256_file(path) == entry.sha256
+    except FileNotFoundError:
+        return False
 
 
 def check_hashes(build: Build, role: str, root: Path | None = None) -> None:
@@ -244,7 +257,7 @@ def check_hashes(build: Build, role: str, root: Path | None = None) -> None:
     for entry in build.files_for(role):
         path = folder / entry.path
         if not _intact(path, entry):
-            path.unlink()
+            path.unlink(missing_ok=True)
             raise IntegrityError(
                 f"{path} changed since it was pulled and verified (it is not {entry.sha256}); "
                 "it was removed",
@@ -263,7 +276,7 @@ def verify(build: Build, root: Path | None = None) -> dict[str, str]:
         if not path.is_file():
             report[entry.path] = "not cached"
         elif not _intact(path, entry):
-            path.unlink()
+            path.unlink(missing_ok=True)
             report[entry.path] = "corrupt (removed)"
         else:
             report[entry.path] = "ok"
