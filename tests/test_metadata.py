@@ -112,6 +112,30 @@ def test_every_variant_and_build_has_complete_metadata() -> None:
     assert not problems, "\n".join(problems)
 
 
+def test_every_live_build_still_renders_its_pinned_card() -> None:
+    """A build's README.md is rendered from its manifest and its registry entry's summary, and
+    `zoo build --check` / `--build-missing` render it again: editing a summary (or the params)
+    of a variant with live builds would make them unreproducible."""
+    import json
+
+    from zoo.catalog import card
+    from zoo.store.releases import ReleaseStore
+
+    registry, store = reg.load(ROOT / "registry.json"), ReleaseStore(ROOT / "releases")
+    drifted = []
+    for variant in registry.variants.values():
+        for build in variant.live:
+            document = json.loads(store.blob(build.file("manifest").sha256).read_text())
+            pinned = store.blob(build.file("card").sha256).read_text()
+            same = all(document["recipe"][k] == variant.recipe[k] for k in ("module", "params"))
+            if card.render(document, variant) != pinned or not same:
+                drifted.append(build.short_ref)
+    assert not drifted, (
+        f"the registry entries of {drifted} no longer give their pinned README.md / manifest: "
+        "restore their summary and recipe, or yank the builds and rebuild"
+    )
+
+
 def test_every_variant_resolves_with_its_recipe() -> None:
     """The registry's params name a real arch and real keys, for every profile."""
     from zoo.build.run import load_recipe
