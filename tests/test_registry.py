@@ -105,6 +105,13 @@ def test_save_refuses_an_invalid_document_and_keeps_the_file(
     assert [p.name for p in tmp_path.iterdir()] == ["registry.json"]  # no temp file left
 
 
+def test_two_spellings_of_one_registry_share_its_lock(tmp_path: Path) -> None:
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    spelled = [tmp_path / "real" / "registry.json", tmp_path / "link" / "registry.json"]
+    assert reg.lock(spelled[0]).lock_file == reg.lock(spelled[1]).lock_file
+
+
 def test_save_is_canonical(document: dict, tmp_path: Path) -> None:
     path = tmp_path / "registry.json"
     reg.save(document, path)

@@ -302,8 +302,6 @@ def publish(
 ) -> reg.Build:
     """Upload a build directory to each hub (``releases``, ``local``, ``hf://ORG/REPO``) and
     pin it in the registry; a build already pinned keeps what was recorded of it."""
-    from filelock import FileLock
-
     document, files = manifest.check(Path(build_dir))
     for path, entry in files:
         if entry.role in cache.GATED_ROLES:
@@ -325,7 +323,7 @@ def publish(
         hub_revision = target.publish(repo, files, message)
         if target.kind != releases.KIND:  # the store is implied for every build
             entry["hubs"].append({"kind": target.kind, "repo": repo, "revision": hub_revision})
-    with FileLock(str(registry_path) + ".lock"):
+    with reg.lock(registry_path):
         fresh = reg.load(registry_path).raw
         builds = fresh["variants"][variant_name]["builds"]
         index = next((i for i, b in enumerate(builds) if b["revision"] == entry["revision"]), None)
@@ -343,10 +341,8 @@ def record_metrics(
     ref: str, metrics: dict[str, Any], registry_path: Path | None = None
 ) -> reg.Build:
     """Merge measured ``metrics`` into the registry entry of the pinned build ``ref``."""
-    from filelock import FileLock
-
     registry_path = Path(registry_path) if registry_path else config.registry_path()
-    with FileLock(str(registry_path) + ".lock"):
+    with reg.lock(registry_path):
         registry = reg.load(registry_path)
         build = reg.resolve(registry, ref, check_runtime=False, allow_yanked=True)
         fresh = registry.raw

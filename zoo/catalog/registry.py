@@ -265,6 +265,14 @@ def dumps(document: dict[str, Any]) -> str:
     return json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
 
 
+def lock(path: Path) -> Any:
+    """The file lock around a read-modify-:func:`save` of the registry at ``path``, named by the
+    file it resolves to (as ``save`` writes it), so that two spellings of one file share it."""
+    from filelock import FileLock
+
+    return FileLock(f"{Path(path).resolve()}.lock")
+
+
 def save(document: dict[str, Any], path: Path) -> Registry:
     """Validate ``document`` and write it to ``path`` atomically; return the parsed registry.
     A link is followed: the file it names is replaced, not the link."""

@@ -162,8 +162,6 @@ def import_bundle(
     cache_root: Path | None = None,
 ) -> dict[str, Any]:
     """Verify a bundle against the registry and put its builds into the cache."""
-    from filelock import FileLock
-
     path = Path(path)
     registry = reg.load(registry_path)
     builds, added = _plan(_read_index(path), registry, trust)
@@ -187,7 +185,7 @@ def import_bundle(
         for build in builds:
             cache.fetch(build, "all", source, repo="", revision=build.revision, root=cache_root)
     if added:
-        with FileLock(str(registry.path) + ".lock"):
+        with reg.lock(registry.path):
             fresh = reg.load(registry.path).raw
             for build in added:
                 entries = fresh["variants"][build.variant]["builds"]
