@@ -110,8 +110,11 @@ def test_a_sample_continued_on_another_machine_keeps_its_seconds_apart() -> None
     assert {"machine": xeon, "disturbed": True, "n_images": 1, "seconds_per_image": 300.0} in busy[
         "execute_seconds_by_machine"
     ]
-    assert "other processes used up to 25% of the CPU" in cli.eval_text({**busy, **run})
-    assert evaluate.registry_metrics({**busy, **run})["fhe_execute_conditions"] is None
+    assert "up to 25% of the CPU during an image: left out" in cli.eval_text({**busy, **run})
+    metrics = evaluate.registry_metrics({**busy, **run})
+    assert metrics["fhe_execute_conditions"] is None and metrics["fhe_execute_timed_images"] == 1
+    seconds = dict(card.fhe_truth({"metrics": metrics}, {}))["real FHE seconds per image"]
+    assert seconds.endswith("Intel Xeon, avx512, 2 cores, over the 1 images timed alone")
 
     # Only such images: their seconds go to the registry, said to be what they are.
     for others, why in [([5, 6], "2 image(s) timed 2 at a time on one machine"),
@@ -120,6 +123,7 @@ def test_a_sample_continued_on_another_machine_keeps_its_seconds_apart() -> None
         metrics = evaluate.registry_metrics({**only, **run})
         assert why in metrics["fhe_execute_conditions"]
         assert why in dict(card.fhe_truth({"metrics": metrics}, {}))["real FHE seconds per image"]
+        assert why in cli.eval_text({**only, **run})
 
 
 def test_a_keygen_time_taken_beside_other_work_is_not_recorded() -> None:

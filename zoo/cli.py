@@ -709,10 +709,12 @@ def eval_text(summary: dict[str, Any]) -> str:
             f"{cost.describe_machine(machine) if machine else 'the Ray cluster'}"
         )
         busy = summary.get("cpu_others_max")
-        if not alone(busy):
+        if summary.get("execute_timing_conditions"):
+            lines.append(f"  {summary['execute_timing_conditions']}")
+        elif not alone(busy):
             lines.append(
-                f"  other processes used up to {busy:.0%} of the CPU during an image: its "
-                "seconds are not this machine's alone (results file: cpu_others)"
+                f"  other processes used up to {busy:.0%} of the CPU during an image: left out "
+                "of the seconds per image (results file: cpu_others)"
             )
     lines.append(f"  results: {summary['results']}")
     return "\n".join(lines)

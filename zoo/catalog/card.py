@@ -98,8 +98,11 @@ def fhe_truth(measured: dict[str, Any], circuit: dict[str, Any]) -> list[tuple[s
         where = metrics.get("fhe_execute_machine") or "an unrecorded machine"
         rows.append(("real FHE agrees with simulation",
                      f"{agree:.2f} of images ({metrics.get('fhe_execute_sample')})"))  # fmt: skip
-        caveat = metrics.get("fhe_execute_conditions")
-        where += f" ({caveat})" if caveat else ""
+        timed = metrics.get("fhe_execute_timed_images") or n
+        if metrics.get("fhe_execute_conditions"):
+            where += f" ({metrics['fhe_execute_conditions']})"
+        elif timed != n:
+            where += f", over the {timed} images timed alone"
         rows.append(("real FHE seconds per image", f"{seconds:,.0f} on {where}"))
     rows.append(("PBS per image", f"{circuit.get('pbs_count', 0):,}, max bit width "
                  f"{circuit.get('max_bit_width')}"))  # fmt: skip
