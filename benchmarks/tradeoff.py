@@ -86,6 +86,7 @@ def rows(registry: reg.Registry) -> list[dict[str, Any]]:
                 "eval_key_bytes_serialized": metrics.get("eval_key_bytes_serialized"),
                 "keygen_seconds": metrics.get("keygen_seconds"),
                 "build_seconds": timings.get("build_seconds"),
+                "build_in_pieces_unknown": bool(timings.get("pieces")),
                 "compile_seconds": timings.get("compile_seconds"),
             }
         )
@@ -167,7 +168,9 @@ row marked "(yanked)" is a build that can no longer be had: its numbers are hist
 (docs/variants.md). An estimate marked † prices WoP-PBS lookups (11 bits and more) with the WoP
 points of another kind of machine (the default calibration's; docs/cost-model.md), one marked ≥
 is a lower bound. Eval keys: serialized (`zoo keygen --record`), else concrete's
-in-memory figure (*).
+in-memory figure (*). Build seconds count every command of a build made in pieces (`--resume`),
+but those marked ‡, which resumed checkpoints from before they kept their training time: theirs
+are the last command's, and their whole training is in docs/benchmarks.md and docs/variants.md.
 
 ![top-1 against FHE seconds per image](results/tradeoff.png)
 
@@ -264,7 +267,8 @@ def markdown(table: list[dict[str, Any]], registry: reg.Registry) -> str:
             f"{_estimate(row)} | {measured} | "
             f"{_keys(row)} | "
             f"{_num(row['keygen_seconds'], 1)} | "
-            f"{_num(row['build_seconds'])} ({_num(row['compile_seconds'])}) |"
+            f"{_num(row['build_seconds'])}{'‡' if row['build_in_pieces_unknown'] else ''} "
+            f"({_num(row['compile_seconds'])}) |"
         )
     return "\n".join(lines) + "\n"
 

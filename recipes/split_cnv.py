@@ -820,7 +820,7 @@ def calibrate_rounding(
 
 def _save_checkpoint(
     path: Path, epoch: int, model: SplitCNV, opt, history: list, cfg: dict[str, Any], data: str,
-    ema=None,
+    ema=None, train_seconds: float | None = None,
 ) -> None:  # fmt: skip
     masks = (
         [layer.weight_mask.detach().cpu() for layer in model.encrypted.quant_layers()]
@@ -834,6 +834,7 @@ def _save_checkpoint(
         "optimizer": opt.state_dict(),
         "torch_rng": torch.get_rng_state(),
         "history": history,
+        "train_seconds": train_seconds,  # wall seconds of the epochs so far, over all pieces
         **({"ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()}} if ema else {}),
     }
     save_checkpoint(path, state, cfg, data)
@@ -868,6 +869,9 @@ def train(
     if ctx.resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, cfg, prof["epochs"], trained_on)
     start_epoch = 0 if state is None else int(state["epoch"]) + 1
+    before = 0.0 if state is None else state.get("train_seconds")  # None: an older checkpoint
+    ctx.resumed(before)
+    piece = time.perf_counter()
     device = torch.device(ctx.train_device(start_epoch < prof["epochs"]))
     history: list[dict[str, Any]] = []
 
@@ -950,7 +954,8 @@ def train(
             rec["train_top1"],
             time.perf_counter() - t0,
         )
-        _save_checkpoint(ckpt_path, epoch, model, opt, history, cfg, trained_on, ema)
+        spent = None if before is None else before + time.perf_counter() - piece
+        _save_checkpoint(ckpt_path, epoch, model, opt, history, cfg, trained_on, ema, spent)
         ctx.checkpointed(f"epoch {epoch + 1}/{prof['epochs']}")
     if rounding is not None:
         rounding.detach()

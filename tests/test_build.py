@@ -84,6 +84,10 @@ def test_a_build_in_pieces_gives_the_same_bytes(
                       train_only=True)
     builder.build(TINY, profile="smoke", data_dir=cifar_dir, out_dir=out, resume=True)
     assert build_hashes(out) == build_hashes(tiny_build)
+    # The report counts the training of the earlier commands (this one trained nothing).
+    timings = [json.loads((b / "report.json").read_text())["timings"] for b in (out, tiny_build)]
+    assert timings[0]["train_seconds"] > 0.5 * timings[1]["train_seconds"]
+    assert timings[0]["build_seconds"] > timings[0]["train_seconds"]
 
     builder.build(TINY, profile="smoke", data_dir=cifar_dir, out_dir=out, resume=True,
                   device="cuda")  # no CUDA here: nothing is left to train

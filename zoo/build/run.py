@@ -75,12 +75,20 @@ class BuildContext:
     #: stop once training is done, before compiling (--train-only: a GPU machine without
     #: concrete-ml trains; the compile and simulation run where concrete-ml is installed)
     train_only: bool = False
+    #: training wall seconds that earlier commands of this build spent (the checkpoints it
+    #: resumed say so; None: one from before they recorded it), added to this command's
+    trained_before: float | None = 0.0
 
     def checkpointed(self, what: str) -> None:
         """Recipes call this after writing each checkpoint: stop there if time is up."""
         if self.stop_at is not None and time.monotonic() >= self.stop_at:
             raise BuildPaused(f"stopped after {what} (--stop-after): the checkpoint is in "
                               f"{self.work_dir}", hint=RESUME_HINT)  # fmt: skip
+
+    def resumed(self, seconds: float | None) -> None:
+        """Recipes call this with the training seconds of the checkpoint they resume from."""
+        known = seconds is not None and self.trained_before is not None
+        self.trained_before = self.trained_before + seconds if known else None
 
     def trained(self) -> None:
         """Recipes call this when training is done, before compiling."""
@@ -272,6 +280,12 @@ def build(
     write_fhe_zips(result.quantized_module, out_dir)
     circuit = circuit_statistics(result.quantized_module)
     metrics, details, sampled, timings = _split_metrics(result.metrics)
+    if ctx.trained_before is None:  # resumed from a checkpoint that did not record it
+        timings.pop("train_seconds", None)
+        timings["pieces"] = ("resumed from a checkpoint without its training time: these "
+                             "seconds are the last command's")  # fmt: skip
+    elif "train_seconds" in timings:
+        timings["train_seconds"] += ctx.trained_before
     runtime = versions.installed()
     document = {
         "schema_version": 1,
@@ -296,7 +310,7 @@ def build(
     manifest.write(out_dir, document)
     timings.update(
         package_seconds=round(time.time() - package_started, 3),
-        build_seconds=round(time.time() - started, 3),
+        build_seconds=round(time.time() - started + (ctx.trained_before or 0), 3),
     )
     report = {
         "variant": variant,
