@@ -35,15 +35,17 @@ from zoo.catalog import registry as reg  # noqa: E402
 from zoo.errors import ZooError  # noqa: E402
 from zoo.fhe import runtime  # noqa: E402
 
-DEFAULT_VARIANTS = ("cifar10-split-tiny", "cifar10-split-tiny-r4", "cifar10-cnv-2w2a")
+#: smoke builds, pinned: a bare name would take a variant's newest build, e.g. a trained one
+DEFAULT_VARIANTS = ("cifar10-split-tiny", "cifar10-split-tiny-r4", "cifar10-cnv-2w2a@dde39c7626ae")
 OUT = ROOT / "benchmarks" / "results" / "simulate.json"
 
 
-def measure(variant: str, n_images: int, build_missing: bool) -> dict:
-    """Pull (or rebuild) ``variant``'s pinned build, then time the simulation of ``n_images``."""
-    build = api.pull(variant, build_missing=build_missing).build
+def measure(ref: str, n_images: int, build_missing: bool) -> dict:
+    """Pull (or rebuild) the pinned build ``VARIANT[@REV]``, then time the simulation of
+    ``n_images``."""
+    build = api.pull(ref, build_missing=build_missing).build
     model = runtime.load(build.ref)
-    dataset = reg.load().variant(variant).dataset
+    dataset = reg.load().variant(build.variant).dataset
     images, labels = load_split(config.data_dir(), dataset, "test")
     images, labels = images[:n_images], labels[:n_images]
     started = time.perf_counter()
@@ -53,7 +55,7 @@ def measure(variant: str, n_images: int, build_missing: bool) -> dict:
     logits = model.logits(images, "simulate")
     seconds = time.perf_counter() - started
     return {
-        "variant": variant,
+        "variant": build.variant,
         "revision": build.revision[:12],
         "n_images": len(images),
         "seconds": round(seconds, 3),

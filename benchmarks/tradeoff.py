@@ -75,6 +75,7 @@ def rows(registry: reg.Registry) -> list[dict[str, Any]]:
                 "estimate_wop_other_machine": estimate["calibration"]["wop_other_machine"]
                 if estimate and estimate["method"] == "wop" else None,
                 "fhe_execute_seconds_per_image": measured,
+                "fhe_execute_timed_images": metrics.get("fhe_execute_timed_images"),
                 # set when the run was not clean (e.g. cores shared): then no error is computed
                 "fhe_execute_conditions": metrics.get("fhe_execute_conditions"),
                 "fhe_execute_machine": metrics.get("fhe_execute_machine"),
@@ -167,10 +168,12 @@ CIFAR-10 *(JPEG q75 copy)*, the data available here. The estimate is the cost mo
 row marked "(yanked)" is a build that can no longer be had: its numbers are history
 (docs/variants.md). An estimate marked † prices WoP-PBS lookups (11 bits and more) with the WoP
 points of another kind of machine (the default calibration's; docs/cost-model.md), one marked ≥
-is a lower bound. Eval keys: serialized (`zoo keygen --record`), else concrete's
-in-memory figure (*). Build seconds count every command of a build made in pieces (`--resume`),
-but those marked ‡, which resumed checkpoints from before they kept their training time: theirs
-are the last command's, and their whole training is in docs/benchmarks.md and docs/variants.md.
+is a lower bound. "[N timed]": the seconds are those of the N images that ran with nothing else
+on the machine (the others shared it: Ray workers side by side, or other work). Eval keys:
+serialized (`zoo keygen --record`), else concrete's in-memory figure (*). Build seconds count
+every command of a build made in pieces (`--resume`), but those marked ‡, which resumed
+checkpoints from before they kept their training time: theirs are the last command's, and their
+whole training is in docs/benchmarks.md and docs/variants.md.
 
 ![top-1 against FHE seconds per image](results/tradeoff.png)
 
@@ -181,6 +184,13 @@ def _num(value: Any, digits: int = 0) -> str:
     if value is None:
         return "–"
     return f"{value:,.{digits}f}"
+
+
+def _measured(row: dict[str, Any]) -> str:
+    """Real-FHE seconds per image, with how many images they cover when not all the sample."""
+    timed, n = row["fhe_execute_timed_images"], row["fhe_execute_n_images"]
+    seconds = _num(row["fhe_execute_seconds_per_image"])
+    return seconds + (f" [{timed} timed]" if timed and timed != n else "")
 
 
 def _keys(row: dict[str, Any]) -> str:
@@ -219,7 +229,7 @@ def readme_table(table: list[dict[str, Any]]) -> str:
             f"| `{row['variant']}` | {row['profile']} | {_num(row['clear_top1'], 4)} | "
             f"{_num(row['fhe_simulation_top1'], 4)} ({simulated:,}) | {_real(row)} | "
             f"{row['pbs_count']:,} | {_estimate(row)} | "
-            f"{_num(row['fhe_execute_seconds_per_image'])} | {_keys(row)} |"
+            f"{_measured(row)} | {_keys(row)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -249,7 +259,7 @@ def markdown(table: list[dict[str, Any]], registry: reg.Registry) -> str:
         widths = sorted((row["pbs_count_by_bit_width"] or {}).items(), key=lambda i: int(i[0]))
         by_width = ", ".join(f"{int(n):,} × {w}-bit" for w, n in widths)
         real = _real(row)
-        measured = _num(row["fhe_execute_seconds_per_image"])
+        measured = _measured(row)
         if row["estimate_relative_error"] is not None:
             measured += f" ({row['estimate_relative_error']:+.0%})"
         elif row["fhe_execute_conditions"]:
