@@ -84,7 +84,9 @@ def test_bad_hub_specs_are_usage_errors(
     assert code == 2 and "hub" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("args", [["--max-keys", "0"], ["--port", "99999"]])
+@pytest.mark.parametrize(
+    "args", [["--max-keys", "0"], ["--port", "99999"], ["--max-key-bytes", "0"]]
+)
 def test_serve_checks_its_options_before_loading(zoo_home: Path, args: list[str]) -> None:
     code, err = _run("serve", "cifar10-split-tiny@" + "0" * 64, *args)
     assert code == 2 and "Invalid value" in err  # click's usage error, before any pull
@@ -235,6 +237,8 @@ def test_images_from_python_fail_with_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(InputError, match=r"shape \(N, 32, 32, 3\), got \(1, 32, 31, 3\)"):
         runtime.as_images([pixels, pixels[:, :31]])  # arrays of two shapes
     assert runtime.as_images([pixels, pixels[None]]).shape == (2, 32, 32, 3)
+    with pytest.raises(InputError, match="no images given"):  # before keygen (minutes)
+        runtime.as_images(np.zeros((0, 32, 32, 3), np.uint8))
 
 
 def test_the_serve_worker_does_not_import_from_the_current_folder(

@@ -35,7 +35,7 @@ from zoo.build import run as builder
 from zoo.build.data import load_cifar10
 from zoo.catalog.registry import Build
 from zoo.cli import main
-from zoo.errors import KeyIdError, ServerError, ZooError
+from zoo.errors import InputError, KeyIdError, ServerError, ZooError
 from zoo.fhe import runtime, serve
 from zoo.fhe.keystore import KeyStore
 from zoo.fhe.remote import REVISION_HEADER, RemoteServer
@@ -246,11 +246,11 @@ def test_bad_requests_get_4xx_and_the_server_lives_on(
     (served.key_store / other_id).write_bytes(other)
     images, _ = load_cifar10(cifar_dir, "test")
     ciphertext = client.client.quantize_encrypt_serialize(client.head(images[:1]))
-    try:
-        check(requests.post(run, params={"key_id": other_id}, data=ciphertext, headers=good), 400,
-              "the FHE circuit aborted")  # fmt: skip
-    finally:
-        (served.key_store / other_id).unlink()
+    check(requests.post(run, params={"key_id": other_id}, data=ciphertext, headers=good), 400,
+          "the FHE circuit aborted")  # fmt: skip
+    assert not (served.key_store / other_id).exists()  # not kept to abort it again
+    check(requests.post(run, params={"key_id": other_id}, data=ciphertext, headers=good), 404,
+          "upload them with POST /keys")  # fmt: skip
     check(
         requests.post(run, params={"key_id": key_id}, data=b"garbage", headers=good),
         400,
@@ -268,6 +268,9 @@ def test_client_refuses_another_build_and_unreachable_servers(
     with pytest.raises(ServerError, match="cannot reach the zoo server") as info:
         RemoteServer(f"http://127.0.0.1:{_free_port()}", served.build).health()
     assert "zoo serve" in info.value.hint
+    images, _ = load_cifar10(cifar_dir, "test")
+    with pytest.raises(InputError, match="needs this build's server.zip"):  # not a raw zip error
+        client.logits(images[:1], "simulate")
 
     result = CliRunner().invoke(
         main,
@@ -437,3 +440,13 @@ def test_a_worker_that_cannot_start_is_its_error_not_uvicorns_exit(
     monkeypatch.setattr(FheWorker, "start", refuse)
     with pytest.raises(ZooError, match="could not load .*out of memory"):  # not SystemExit(3)
         serve.serve(TINY, port=0, log_level="critical")
+
+
+def test_a_key_limit_below_the_builds_keys_is_refused_at_start(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ZOO_HOME", str(served.server_home))
+    monkeypatch.setenv("ZOO_REGISTRY", str(served.root / "registry.json"))
+    with pytest.raises(InputError, match="refuses every upload") as info:  # not 413s at run time
+        serve.create_app(TINY, max_key_bytes=1_000, key_store=served.root / "small-keys")
+    assert "--max-key-bytes" in info.value.hint

@@ -599,7 +599,7 @@ def predict(ref: str, images: tuple[Path, ...], fhe: str, top_k: int, server_url
 @click.option("--key-store", type=click.Path(path_type=Path, file_okay=False), default=None,
               help="where received evaluation keys go (default "
                    "$ZOO_HOME/server-keys/VARIANT/REVISION)")
-@click.option("--max-key-bytes", type=int, default=None,
+@click.option("--max-key-bytes", type=click.IntRange(min=1), default=None,
               help="largest evaluation-key upload accepted (default 4 GiB)")
 @click.option("--max-keys", type=click.IntRange(min=1), default=None,
               help="evaluation keys kept per client; the least recently used go first "

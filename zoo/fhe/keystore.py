@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from zoo.errors import KeyIdError
+from zoo.store.atomic import replace_synced, sync
 
 KEY_ID = re.compile(r"[0-9a-f]{64}")
 INCOMING = ".incoming"
@@ -64,11 +65,8 @@ class Incoming:
         self._hash.update(chunk)
         self.size += len(chunk)
 
-    def close(self, sync: bool = False) -> None:
-        """Close the file (idempotent); with ``sync``, on disk first."""
-        if sync and not self._file.closed:
-            self._file.flush()
-            os.fsync(self._file.fileno())
+    def close(self) -> None:
+        """Close the file (idempotent)."""
         self._file.close()
 
     @property
@@ -125,11 +123,12 @@ class KeyStore:
     def commit(self, incoming: Incoming) -> str:
         """Move a checked upload into place under its key id (synced first: a power loss leaves
         the whole file or none under that id); evict beyond ``max_keys``."""
-        incoming.close(sync=True)
+        incoming.close()
         key_id = incoming.key_id
         target = self.folder / key_id
         os.chmod(incoming.path, 0o600)
-        os.replace(incoming.path, target)
+        replace_synced(incoming.path, target)
+        sync(self.folder)  # the rename too
         incoming.committed = True
         _touch(target)
         self.evict(keep=key_id)

@@ -65,6 +65,8 @@ def as_images(images: Any) -> np.ndarray:
         if array.ndim == 4 and array.shape[1] == 3:
             hint += "; these look channel-first: use x.transpose(0, 2, 3, 1)"
         raise InputError(f"images must have shape (N, 32, 32, 3), got {array.shape}", hint=hint)
+    if not len(array):
+        raise InputError("no images given", hint="give at least one (32, 32, 3) image")
     return np.ascontiguousarray(array)
 
 
@@ -147,6 +149,10 @@ class Model:
             raise InputError(f"fhe={fhe!r} needs the client and the server",
                              hint="zoo.load(ref, role='all') with circuits=True (the default)")
         if fhe == "simulate":
+            if self.role == "client":  # the server runs on a `zoo serve` machine
+                raise InputError("fhe='simulate' needs this build's server.zip, which a client "
+                                 "loaded with server_url does not pull",
+                                 hint="zoo.load(ref) (role 'all') to simulate here")  # fmt: skip
             return self._simulate(x)
         self.ensure_keys()
         keys = self.client.get_serialized_evaluation_keys()

@@ -143,26 +143,35 @@ async def _receive(
     return size
 
 
-def _worker_call(function: Callable[..., Any], *args: Any) -> Any:
-    """Call the FHE worker; its refusals and crashes become HTTP errors."""
+def _worker_call(function: Callable[..., Any], *args: Any, stored: Path | None = None) -> Any:
+    """Call the FHE worker; its refusals and crashes become HTTP errors. Stored keys
+    (``stored``) that the worker cannot read, or that the circuit aborts on, are removed, so
+    that the client uploads them again instead of failing (or crashing the worker) again."""
+    forgot = ""
     try:
         return function(*args)
     except WorkerRefused as exc:
         if exc.status == "missing_keys":
             raise HTTPException(404, f"{exc}: upload them again (POST /keys)") from None
         if exc.status in ("bad_keys", "bad_input"):
+            if exc.status == "bad_keys" and stored is not None:
+                stored.unlink(missing_ok=True)
+                forgot = " (the stored keys were removed)"
             hint = ("send what FHEModelClient.get_serialized_evaluation_keys() returns"
                     if exc.status == "bad_keys" else
                     "send what FHEModelClient.quantize_encrypt_serialize() returns, made with "
                     "the client of the build this server runs")  # fmt: skip
-            raise HTTPException(400, f"{exc}: {hint}") from None
+            raise HTTPException(400, f"{exc}{forgot}: {hint}") from None
         raise HTTPException(500, f"the FHE worker failed: {exc}; see the server's log") from None
     except WorkerCrashed as exc:
         if exc.aborted:
+            if stored is not None:
+                stored.unlink(missing_ok=True)
+                forgot = "; the keys were removed: upload this build's keys again"
             raise HTTPException(400, f"the FHE circuit aborted on this request "
                                      f"({describe_exit(exc.returncode)}): the evaluation keys or "
                                      "the ciphertext were not made by this build's client; the "
-                                     "server has restarted its worker") from None  # fmt: skip
+                                     f"server restarted its worker{forgot}") from None  # fmt: skip
         raise HTTPException(500, f"{exc}; see the server's log") from None
 
 
@@ -197,6 +206,12 @@ def create_app(
     stores: dict[str, KeyStore] = {}
     worker = FheWorker(build.ref, registry_path, max_cached_keys)
     least_key_bytes = min_key_bytes(model.server)
+    if max_key_bytes < least_key_bytes:
+        raise InputError(
+            f"a key limit of {max_key_bytes:,} bytes refuses every upload: {build.ref}'s "
+            f"evaluation keys take at least {least_key_bytes:,} bytes",
+            hint=f"give --max-key-bytes {least_key_bytes:,} or more, or leave it at its default",
+        )
     slots = asyncio.Semaphore(max_concurrent)
     limits = {"max_key_bytes": max_key_bytes, "max_keys": max_keys,
               "max_input_bytes": max_input_bytes, "max_concurrent": max_concurrent,
@@ -354,7 +369,9 @@ def create_app(
                 raise HTTPException(
                     400, "empty body: send FHEModelClient.quantize_encrypt_serialize() of one image"
                 )
-            result, seconds = await run_in_threadpool(_worker_call, worker.run, key_id, path, body)
+            result, seconds = await run_in_threadpool(
+                lambda: _worker_call(worker.run, key_id, path, body, stored=path)
+            )
         return Response(result, media_type="application/octet-stream",
                         headers={SECONDS_HEADER: f"{seconds:.3f}"})  # fmt: skip
 
