@@ -309,3 +309,25 @@ def test_check_refuses_options_it_would_ignore(registry_file: Path) -> None:
     result = CliRunner().invoke(main, ["build", VARIANT, "--check", "abc", "--profile", "smoke",
                                        "--stop-after", "60"])  # fmt: skip
     assert result.exit_code == 2 and "drop --profile, --stop-after" in result.stderr
+
+
+def test_sigpipe_is_ignored_again_from_any_thread() -> None:
+    """concrete's runtime installs an aborting SIGPIPE handler; a web app's worker thread that
+    ran a circuit must be able to put SIG_IGN back (Python's signal.signal cannot there)."""
+    import ctypes
+    import signal
+    import threading
+
+    from zoo.fhe import sigpipe
+
+    libc = ctypes.CDLL(None)
+    libc.signal.argtypes = (ctypes.c_int, ctypes.c_void_p)
+    libc.signal(signal.SIGPIPE, int(signal.SIG_DFL))  # as concrete leaves it: not ignored
+    try:
+        assert not sigpipe.ignored()
+        thread = threading.Thread(target=sigpipe.restore)
+        thread.start()
+        thread.join()
+        assert sigpipe.ignored()
+    finally:
+        sigpipe.restore()

@@ -9,14 +9,18 @@ path that runs a circuit calls :func:`restore` afterwards.
 
 from __future__ import annotations
 
+import ctypes
 import signal
-import threading
 
 
 def restore() -> None:
-    """Put back Python's ``SIG_IGN`` for SIGPIPE (only the main thread may set handlers)."""
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    """Put back Python's ``SIG_IGN`` for SIGPIPE, from any thread: through libc's ``signal``,
+    as Python's ``signal.signal`` works on the main thread only (a web app's worker threads
+    run circuits too)."""
+    libc = ctypes.CDLL(None)
+    libc.signal.argtypes = (ctypes.c_int, ctypes.c_void_p)
+    libc.signal.restype = ctypes.c_void_p
+    libc.signal(signal.SIGPIPE, int(signal.SIG_IGN))
 
 
 def ignored() -> bool:
