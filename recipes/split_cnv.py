@@ -869,9 +869,7 @@ def train(
     if ctx.resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path, cfg, prof["epochs"], trained_on)
     start_epoch = 0 if state is None else int(state["epoch"]) + 1
-    before = 0.0 if state is None else state.get("train_seconds")  # None: an older checkpoint
-    ctx.resumed(before)
-    piece = time.perf_counter()
+    clock = ctx.training_clock(state)
     device = torch.device(ctx.train_device(start_epoch < prof["epochs"]))
     history: list[dict[str, Any]] = []
 
@@ -954,8 +952,7 @@ def train(
             rec["train_top1"],
             time.perf_counter() - t0,
         )
-        spent = None if before is None else before + time.perf_counter() - piece
-        _save_checkpoint(ckpt_path, epoch, model, opt, history, cfg, trained_on, ema, spent)
+        _save_checkpoint(ckpt_path, epoch, model, opt, history, cfg, trained_on, ema, clock())
         ctx.checkpointed(f"epoch {epoch + 1}/{prof['epochs']}")
     if rounding is not None:
         rounding.detach()

@@ -480,9 +480,7 @@ def train_stage(
     if ctx.resume and ckpt.exists():
         state = load_checkpoint(ckpt, stage_cfg, epochs, trained_on)
     start = 0 if state is None else int(state["epoch"]) + 1
-    before = 0.0 if state is None else state.get("train_seconds")  # None: an older checkpoint
-    ctx.resumed(before)
-    piece = time.perf_counter()
+    clock = ctx.training_clock(state)
     device = torch.device(ctx.train_device(start < epochs))
     model.to(device)
     peak = prof[f"{stage}_lr"]
@@ -564,7 +562,7 @@ def train_stage(
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
             "torch_rng": torch.get_rng_state(),
             "history": history,
-            "train_seconds": None if before is None else before + time.perf_counter() - piece,
+            "train_seconds": clock(),
             **({} if last else {"optimizer": opt.state_dict()}),
             **({"ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()}}
                if ema is not None and not last else {}),

@@ -95,6 +95,22 @@ def test_a_build_in_pieces_gives_the_same_bytes(
     assert build_hashes(out) == build_hashes(tiny_build)  # the manifest too: trained on the CPU
 
 
+def test_training_clock_adds_the_pieces_of_every_stage(tmp_path: Path) -> None:
+    """Each stage's clock goes on from its checkpoint's seconds; the build's ``trained_before``
+    adds up the stages, and one checkpoint from before the record makes both unknown."""
+    ctx = builder.BuildContext(variant=TINY, params={}, profile="smoke", seed=0, data_dir=tmp_path,
+                               work_dir=tmp_path, device="cpu", resume=True,
+                               log=builder.log)  # fmt: skip
+    fresh = ctx.training_clock(None)
+    assert 0 <= fresh() < 60 and ctx.trained_before == 0
+    stage = ctx.training_clock({"train_seconds": 100.0})
+    assert 100 <= stage() < 160 and ctx.trained_before == 100
+    assert ctx.training_clock({"train_seconds": 7.5})() >= 7.5 and ctx.trained_before == 107.5
+    old = ctx.training_clock({"epoch": 3})  # a checkpoint older than train_seconds
+    assert old() is None and ctx.trained_before is None
+    assert ctx.training_clock({"train_seconds": 1.0})() >= 1.0 and ctx.trained_before is None
+
+
 def test_refuses_to_overwrite_a_build(tiny_build: Path, cifar_dir: Path) -> None:
     with pytest.raises(BuildError, match="already holds a build"):
         builder.build(TINY, profile="smoke", data_dir=cifar_dir, out_dir=tiny_build)

@@ -30,6 +30,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -85,10 +86,15 @@ class BuildContext:
             raise BuildPaused(f"stopped after {what} (--stop-after): the checkpoint is in "
                               f"{self.work_dir}", hint=RESUME_HINT)  # fmt: skip
 
-    def resumed(self, seconds: float | None) -> None:
-        """Recipes call this with the training seconds of the checkpoint they resume from."""
-        known = seconds is not None and self.trained_before is not None
-        self.trained_before = self.trained_before + seconds if known else None
+    def training_clock(self, state: dict[str, Any] | None) -> Callable[[], float | None]:
+        """Recipes call this as a training stage starts, with the checkpoint it resumes (or
+        None). It returns the stage's clock for the next checkpoint: wall seconds of training
+        over all pieces so far (None when the checkpoint is older than that record)."""
+        before = 0.0 if state is None else state.get("train_seconds")
+        known = before is not None and self.trained_before is not None
+        self.trained_before = self.trained_before + before if known else None
+        piece = time.perf_counter()
+        return lambda: None if before is None else before + time.perf_counter() - piece
 
     def trained(self) -> None:
         """Recipes call this when training is done, before compiling."""
