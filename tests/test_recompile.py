@@ -1,6 +1,7 @@
 """A ``compile_from`` variant: a pinned build's weights compiled with other settings, no
 training (zoo/build/recompile.py). Real builds: the pinned cifar10-split-tiny, from the
-project's release store, recompiled for real."""
+project's release store, recompiled for real, and a pinned VGG11 smoke build taken as far as
+its clear evaluation."""
 
 from __future__ import annotations
 
@@ -13,10 +14,11 @@ from conftest import ROOT, build_hashes, read_json
 from zoo.build import run as builder
 from zoo.catalog import registry as reg
 from zoo.cost import model as cost
-from zoo.errors import BuildError
+from zoo.errors import BuildError, BuildPaused
 
 PARENT = "cifar10-split-tiny"
 SAME, NORM2 = "cifar10-split-tiny-same", "cifar10-split-tiny-norm2"
+VGG_PARENT = "cifar10-vgg11-qat@8cd6ca65c1d4"  # smoke, pinned; its data record says ``partial``
 
 
 @pytest.fixture
@@ -25,19 +27,24 @@ def recompile_registry(
 ) -> reg.Build:
     """The scratch registry with the pinned tiny build and two variants compiled from it: one
     with its own settings, one with concrete's per-norm parameters at p_error 0.01."""
-    project = json.loads((ROOT / "registry.json").read_text())
-    pinned = reg.resolve(reg.load(ROOT / "registry.json"), PARENT, check_runtime=False)
-    raw = json.loads(registry_file.read_text())
-    raw["variants"][PARENT]["builds"] = [pinned.raw]
     norm2 = {"multi_parameter_strategy": "precision_and_norm2", "p_error": 0.01}
-    for name, settings in ((SAME, {}), (NORM2, norm2)):
-        variant = json.loads(json.dumps(project["variants"][PARENT]))
+    monkeypatch.setenv("ZOO_RELEASES", str(ROOT / "releases"))
+    return _compile_from(PARENT, {SAME: {}, NORM2: norm2}, registry_file)
+
+
+def _compile_from(parent: str, children: dict[str, dict], registry_file: Path) -> reg.Build:
+    """Pin the project's build ``parent`` in the scratch registry and add one variant compiled
+    from it per entry of ``children`` (name: compile settings); return the pinned build."""
+    pinned = reg.resolve(reg.load(ROOT / "registry.json"), parent, check_runtime=False)
+    raw = json.loads(registry_file.read_text())
+    raw["variants"][pinned.variant]["builds"] = [pinned.raw]
+    for name, settings in children.items():
+        variant = json.loads(json.dumps(raw["variants"][pinned.variant]))
         variant["recipe"]["params"] = {"compile_from": pinned.short_ref, **settings}
         variant["recipe"]["profiles"] = [pinned.profile]
         variant["builds"] = []
         raw["variants"][name] = variant
     reg.save(raw, registry_file)
-    monkeypatch.setenv("ZOO_RELEASES", str(ROOT / "releases"))
     return pinned
 
 
@@ -102,3 +109,17 @@ def test_a_recompile_refuses_what_it_cannot_honour(
     with pytest.raises(BuildError, match=error):
         builder.build(SAME, profile=profile or recompile_registry.profile, data_dir=cifar_dir,
                       out_dir=tmp_path / "b")  # fmt: skip
+
+
+def test_a_vgg11_parent_passes_its_data_check(
+    zoo_home: Path, registry_file: Path, cifar_dir: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """VGG11 builds record whether their data was a partial copy; the fingerprints, not that
+    extra key, decide whether these are the parent's images (up to the compile: --train-only)."""
+    monkeypatch.setenv("ZOO_RELEASES", str(ROOT / "releases"))
+    parent = _compile_from(VGG_PARENT, {"cifar10-vgg11-qat-same": {}}, registry_file)
+    with pytest.raises(BuildPaused, match="--train-only"):
+        builder.build("cifar10-vgg11-qat-same", profile=parent.profile, data_dir=cifar_dir,
+                      out_dir=tmp_path / "b", train_only=True)  # fmt: skip
+

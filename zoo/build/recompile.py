@@ -69,7 +69,9 @@ def recompile(ctx: BuildContext, dataset: str) -> RecipeResult:
     with stages("data"):
         train_x, train_y = subset(*load_split(ctx.data_dir, dataset, "train"), prof["n_train"])
         test = subset(*load_split(ctx.data_dir, dataset, "test"), prof["n_test"])
-        data = data_record(parent.meta["data"]["dataset"], (train_x, train_y), test)
+        # the parent's record may say more (VGG11's ``partial``): the fingerprints decide
+        data = {**parent.meta["data"], **data_record(parent.meta["data"]["dataset"],
+                                                     (train_x, train_y), test)}  # fmt: skip
     if data != parent.meta["data"]:
         raise BuildError(
             f"the images in {ctx.data_dir} are not those {parent.build.short_ref} was built "
