@@ -112,7 +112,10 @@ def test_a_recompile_refuses_what_it_cannot_honour(
 
 
 def test_a_vgg11_parent_passes_its_data_check(
-    zoo_home: Path, registry_file: Path, cifar_dir: Path, tmp_path: Path,
+    zoo_home: Path,
+    registry_file: Path,
+    cifar_dir: Path,
+    tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """VGG11 builds record whether their data was a partial copy; the fingerprints, not that
@@ -122,4 +125,3 @@ def test_a_vgg11_parent_passes_its_data_check(
     with pytest.raises(BuildPaused, match="--train-only"):
         builder.build("cifar10-vgg11-qat-same", profile=parent.profile, data_dir=cifar_dir,
                       out_dir=tmp_path / "b", train_only=True)  # fmt: skip
-
