@@ -327,6 +327,12 @@ PROFILES["distill"] = {
     "distill_temperature": 4.0,
     "round_as_compiled": True,
 }
+# ``distill`` on a schedule 12/7 as long (120 epochs, the last fifth rounded: PROFILE_OVERRIDES),
+# for #23's 0.84: every per-epoch choice the issue lists was measured (docs/benchmarks.md), and
+# ``distill``'s 70 epochs give 0.8400 clear, 0.8333 in the -r6 circuit. The reference's hundreds
+# of epochs give 88.7 % (its best epoch on the test set, original CIFAR-10): the schedule's
+# length is the lever left. About 7 h here, in pieces parked in runs/ (runs/README.md).
+PROFILES["distill-long"] = {**PROFILES["distill"], "epochs": 120}
 
 #: Per-architecture profile overrides. The tiny network trains much faster, so it gets more
 #: epochs within the same time box.
@@ -349,6 +355,7 @@ PROFILE_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
 }
 # ``distill`` is ``fast`` taught: the same rounding in the loop.
 PROFILE_OVERRIDES[("cnv-2w2a", "distill")] = PROFILE_OVERRIDES[("cnv-2w2a", "fast")]
+PROFILE_OVERRIDES[("cnv-2w2a", "distill-long")] = {"round_accumulators": 6, "round_from": 96}
 
 DATA: dict[str, Any] = {
     "dataset": "CIFAR-10 (JPEG q75 copy)",

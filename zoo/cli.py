@@ -358,10 +358,11 @@ def pull(
 @main.command("build")
 @click.argument("variant", shell_complete=complete_ref)
 @click.option("--profile",
-              type=click.Choice(["fast", "distill", "finetune", "long", "full", "quick", "smoke"]),
+              type=click.Choice(["fast", "distill", "distill-long", "finetune", "long", "full",
+                                 "quick", "smoke"]),
               default="quick", help="long: for a GPU, in pieces (--stop-after); fast: "
               "one-cycle schedule for the CPU, in pieces; distill: fast, taught by another "
-              "build; finetune: continues the build its arch names")
+              "build (distill-long: 120 epochs); finetune: continues the build its arch names")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None,
               help="folder with cifar-10-batches-py/ (default $ZOO_DATA_DIR)")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,

@@ -49,9 +49,9 @@ log = logging.getLogger(__name__)
 RESUME_HINT = "run the same command again with --resume to continue from the checkpoint"
 #: ``long`` trains several times longer than ``full``: for a lent GPU, in pieces (``--stop-after``);
 #: ``fast``: the fast-training schedule for the CPU, in pieces; ``distill``: ``fast`` taught by
-#: another build (:mod:`zoo.build.distill`); ``finetune`` continues another build's weights
-#: (architectures that name one in ``init_from``)
-PROFILES = ("fast", "distill", "finetune", "long", "full", "quick", "smoke")
+#: another build (:mod:`zoo.build.distill`), ``distill-long`` the same on a longer schedule;
+#: ``finetune`` continues another build's weights (architectures that name one in ``init_from``)
+PROFILES = ("fast", "distill", "distill-long", "finetune", "long", "full", "quick", "smoke")
 
 
 @dataclass
