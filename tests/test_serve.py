@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -356,8 +357,9 @@ def test_tokens_are_required_and_each_client_has_its_own_keys(
     assert held(TOKENS[0], key_id) and held(TOKENS[1], key_id)  # bob evicted nothing of alice's
 
 
-def test_one_slot_past_the_bound_is_a_503_with_retry_after(guarded: str, served: Served) -> None:
-    headers = {REVISION_HEADER: served.build.revision, "Authorization": f"Bearer {TOKENS[0]}"}
+@contextlib.contextmanager
+def _slot_taken(url: str, headers: dict[str, str]) -> Iterator[None]:
+    """The guarded server's one slot held by an upload that stalls after its first chunk."""
     started, release = threading.Event(), threading.Event()
 
     def slow_body() -> Iterator[bytes]:
@@ -367,17 +369,54 @@ def test_one_slot_past_the_bound_is_a_503_with_retry_after(guarded: str, served:
         yield b"x" * 1024
 
     holder = threading.Thread(target=lambda: requests.post(
-        f"{guarded}/keys", data=slow_body(), headers=headers, timeout=120))  # fmt: skip
+        f"{url}/keys", data=slow_body(), headers=headers, timeout=120))  # fmt: skip
     holder.start()
     try:
         assert started.wait(30)
         time.sleep(1)  # the server has the first chunk: the slot is taken
-        busy = requests.post(f"{guarded}/keys", data=b"y" * 4096, headers=headers, timeout=30)
-        assert busy.status_code == 503 and busy.headers["Retry-After"].isdigit()
-        assert "busy" in busy.json()["detail"]
+        yield
     finally:
         release.set()
         holder.join(120)
+
+
+def test_one_slot_past_the_bound_is_a_503_with_retry_after(guarded: str, served: Served) -> None:
+    headers = {REVISION_HEADER: served.build.revision, "Authorization": f"Bearer {TOKENS[0]}"}
+    with _slot_taken(guarded, headers):
+        busy = requests.post(f"{guarded}/keys", data=b"y" * 4096, headers=headers, timeout=30)
+        assert busy.status_code == 503 and busy.headers["Retry-After"].isdigit()
+        assert "busy" in busy.json()["detail"]
+
+
+def _held_body_answer(url: str, headers: dict[str, str], declared: int) -> tuple[int, str]:
+    """POST /keys with ``Expect: 100-continue`` and a declared size, sending no body: the status
+    and detail of the server's answer (http.client skips a ``100 Continue`` and would then wait
+    for a body that never comes: a timeout, not a pass)."""
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.putrequest("POST", "/keys")
+        for name, value in {**headers, "Content-Length": str(declared),
+                            "Expect": "100-continue"}.items():  # fmt: skip
+            conn.putheader(name, value)
+        conn.endheaders()
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())["detail"]
+    finally:
+        conn.close()
+
+
+def test_a_client_that_holds_its_body_back_is_refused_before_sending_it(
+    guarded: str, served: Served
+) -> None:
+    """With ``Expect: 100-continue`` (what curl sends for large bodies), a busy server's 503 and
+    an over-limit 413 come before the body: gigabytes of keys are not uploaded to be dropped."""
+    headers = {REVISION_HEADER: served.build.revision, "Authorization": f"Bearer {TOKENS[0]}"}
+    status, detail = _held_body_answer(guarded, headers, MAX_KEY_BYTES + 1)
+    assert status == 413 and "over this server's limit" in detail
+    with _slot_taken(guarded, headers):
+        status, detail = _held_body_answer(guarded, headers, 200 << 20)
+        assert status == 503 and "busy" in detail
 
 
 def _rss_kib(pid: int) -> int:

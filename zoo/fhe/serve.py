@@ -21,9 +21,10 @@ Access: with tokens (``--token-file``, one per line, and/or ``$ZOO_SERVE_TOKEN``
 but ``/health`` needs ``Authorization: Bearer TOKEN`` (401 otherwise; compared in constant
 time), and each token has its own key store and quota of ``max_keys``, so one client cannot
 evict another's keys. Without tokens the server binds loopback addresses only. Uploads and runs
-are bounded (``max_concurrent`` at once, 503 with ``Retry-After`` past it); key uploads are
-streamed to files, and an encrypted input is held in memory only by the requests in a slot
-(at most ``max_concurrent`` × ``max_input_bytes``). TLS: put it in front
+are bounded (``max_concurrent`` at once, 503 with ``Retry-After`` past it; a 503 or 413 comes
+before the body to a client that sends ``Expect: 100-continue``); key uploads are streamed to
+files, and an encrypted input is held in memory only by the requests in a slot (at most
+``max_concurrent`` × ``max_input_bytes``). TLS: put it in front
 (uvicorn's ``--ssl-keyfile``/``--ssl-certfile`` through ``serve(..., ssl_*)``, or a reverse
 proxy).
 """
@@ -121,6 +122,12 @@ def default_key_store(variant: str, revision: str) -> Path:
     return make_private(root / variant / revision, root, root / variant)
 
 
+def _holds_body(request: Request) -> bool:
+    """Whether the client sent ``Expect: 100-continue``: it sends its body only once the server
+    starts reading it (uvicorn answers ``100 Continue`` then), so a refusal needs no drain."""
+    return request.headers.get("expect", "").lower() == "100-continue"
+
+
 async def _receive(
     request: Request, limit: int, sink: Callable[[bytes], Any], what: str, hint: str
 ) -> int:
@@ -128,7 +135,7 @@ async def _receive(
     declared = request.headers.get("content-length", "")
     size = int(declared) if declared.isdigit() else 0
     over = size > limit
-    if size <= limit + DRAIN_BYTES:
+    if size <= limit + DRAIN_BYTES and not (over and _holds_body(request)):
         size = 0
         async for chunk in request.stream():
             size += len(chunk)
@@ -254,13 +261,15 @@ def create_app(
     @asynccontextmanager
     async def slot(request: Request) -> AsyncIterator[None]:
         """One of the ``max_concurrent`` upload/run slots, or a 503 at once (the body read and
-        dropped first, so that the client gets the answer, not a reset)."""
+        dropped first, so that the client gets the answer, not a reset, unless it holds the
+        body back with ``Expect: 100-continue``)."""
         if slots.locked():
-            seen = 0
-            async for chunk in request.stream():
-                seen += len(chunk)
-                if seen > max(max_key_bytes, max_input_bytes) + DRAIN_BYTES:
-                    break
+            if not _holds_body(request):
+                seen = 0
+                async for chunk in request.stream():
+                    seen += len(chunk)
+                    if seen > max(max_key_bytes, max_input_bytes) + DRAIN_BYTES:
+                        break
             raise HTTPException(
                 503, f"busy: {max_concurrent} uploads or runs are in progress; retry later",
                 headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
