@@ -14,6 +14,7 @@ import pytest
 
 from zoo.build import kernels
 from zoo.catalog import manifest, versions
+from zoo.store import gate
 
 kernels.pin()  # before any test module imports torch: builds here are the pinned kind
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,12 +75,13 @@ def make_build_dir(
     path.mkdir(parents=True, exist_ok=True)
     for name, size in [("head.safetensors", 8_000), ("weights.safetensors", payload // 4)]:
         (path / name).write_bytes(noise(size))
-    # Zips that pass the gate: a JSON member of the real kind, and noise for their size.
-    for name, size, member in [("client.zip", payload // 8, "client.specs.json"),
-                               ("server.zip", payload, "configuration.json")]:  # fmt: skip
+    # Zips that pass the gate: the members concrete-ml writes, one of them noise for the size.
+    for name, size, big in [("client.zip", payload // 8, "client.specs.json"),
+                            ("server.zip", payload, "circuit.mlir")]:  # fmt: skip
         with zipfile.ZipFile(path / name, "w", zipfile.ZIP_STORED) as archive:
-            archive.writestr(member, json.dumps({"seed": seed}))
-            archive.writestr("circuit.bin", noise(size))
+            for member in sorted(gate.MEMBERS[name]):
+                filler = {"noise": noise(size // 2).hex()} if member == big else {}
+                archive.writestr(member, json.dumps({"seed": seed, **filler}))
     (path / "README.md").write_text(f"# {variant}\n\ntest build, seed {seed}\n")
     manifest.write(
         path,

@@ -138,6 +138,76 @@ def test_skops_and_type_names_outside_real_builds_are_refused(tmp_path: Path) ->
         check_zip(folder / "client.zip")
 
 
+def _skops(schema: dict, method: int = zipfile.ZIP_STORED, prefix: bytes = b"") -> str:
+    """A skops type blob (hex) holding ``schema``, as concrete-ml writes it unless told."""
+    blob = io.BytesIO()
+    with zipfile.ZipFile(blob, "w", method) as skops:
+        skops.writestr("schema.json", json.dumps(schema))
+    return (prefix + blob.getvalue()).hex()
+
+
+def _model_type(folder: Path, edit) -> None:  # noqa: ANN001 - a callable
+    """Edit the ``model_type`` node of client.zip's serialized_processing.json."""
+
+    def rewrite(data: bytes) -> bytes:
+        document = json.loads(data)
+        edit(document["model_type"])
+        return json.dumps(document).encode()
+
+    _rewrite(folder / "client.zip", "serialized_processing.json", rewrite)
+
+
+GOOD_SCHEMA = {"__class__": "QuantizedModule", "__loader__": "TypeNode",
+               "__module__": "concrete.ml.quantization.quantized_module"}  # fmt: skip
+HOSTILE_TYPES = {  # what is put into the model_type node -> what the refusal says
+    "call beside it": ({"evil": {"py/reduce": [{"py/function": "os.system"}, {"py/tuple": []}]}},
+                       r"keys \['evil'\] beside a type"),
+    "pickle before the zip": ({"serialized_value": _skops(GOOD_SCHEMA, prefix=b"\x80\x04N.")},
+                              "not a zip from its first byte"),
+    "bzip2": ({"serialized_value": _skops(GOOD_SCHEMA, zipfile.ZIP_BZIP2)}, "method 12"),
+    "a big schema": ({"serialized_value": _skops({**GOOD_SCHEMA, "pad": "x" * 9000})},
+                     "skops schema of 9.* bytes"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", HOSTILE_TYPES)
+def test_a_type_node_holds_only_the_skops_blob_of_a_small_schema(tmp_path: Path, case: str) -> None:
+    folder = _tiny_dir(tmp_path / "b")
+    _model_type(folder, lambda node: node.update({"serialized_value": _skops(GOOD_SCHEMA)}))
+    check_zip(folder / "client.zip")  # the blob as concrete-ml writes it passes
+    change, problem = HOSTILE_TYPES[case]
+    _model_type(folder, lambda node: node.update(change))
+    with pytest.raises(UnsafeArtifactError, match=f"serialized_processing.json: .*{problem}"):
+        check_zip(folder / "client.zip")
+
+
+def test_a_jsonpickle_encoded_key_is_refused(tmp_path: Path) -> None:
+    folder = _tiny_dir(tmp_path / "b")
+    key = 'json://{"py/object": "x"}'
+    _rewrite(folder / "server.zip", "configuration.json",
+             lambda data: json.dumps({**json.loads(data), key: 1}).encode())  # fmt: skip
+    with pytest.raises(UnsafeArtifactError, match="jsonpickle-encoded key"):
+        check_zip(folder / "server.zip")
+
+
+@pytest.mark.parametrize("change", ["add sharedlib.so", "drop circuit.mlir", "drop is_simulated"])
+def test_a_zip_holds_exactly_the_members_concrete_ml_writes(tmp_path: Path, change: str) -> None:
+    """Without circuit.mlir, concrete would load a shared library from the archive instead."""
+    folder = _tiny_dir(tmp_path / "b")
+    with zipfile.ZipFile(folder / "server.zip") as src:
+        members = {name: src.read(name) for name in src.namelist()}
+    verb, name = change.split()
+    if verb == "add":
+        members[name] = b"\x7fELF"
+    else:
+        members.pop(name)
+    with zipfile.ZipFile(folder / "server.zip", "w") as dst:
+        for name, data in members.items():
+            dst.writestr(name, data)
+    with pytest.raises(UnsafeArtifactError, match="server.zip: members: "):
+        check_zip(folder / "server.zip")
+
+
 def test_every_command_refuses_a_pinned_hostile_build(
     zoo_home: Path, registry_file: Path, tmp_path: Path
 ) -> None:

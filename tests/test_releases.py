@@ -164,6 +164,15 @@ def test_republishing_keeps_what_was_recorded(
     assert stat.S_IMODE(registry_file.stat().st_mode) == 0o644  # a catalogue: readable by all
 
 
+def test_a_hub_published_to_again_takes_its_new_revision() -> None:
+    """A recreated or squashed hub repo is repaired by publishing to it again."""
+    hub_a1, hub_a2 = ({"kind": "hf", "repo": "org/a", "revision": r} for r in ("c1", "c2"))
+    hub_b = {"kind": "hf", "repo": "org/b", "revision": "c3"}
+    entry = {"metrics": {}, "circuit": {}}
+    merged = api.merge_entry({**entry, "hubs": [hub_a1, hub_b]}, {**entry, "hubs": [hub_a2]})
+    assert merged["hubs"] == [hub_a2, hub_b]
+
+
 def _yank(registry_file: Path, reason: str) -> None:
     document = json.loads(registry_file.read_text())
     document["variants"][VARIANT]["builds"][-1]["yanked"] = reason
@@ -209,6 +218,7 @@ def _untouched(zoo_home: Path, registry_file: Path, before: bytes) -> bool:
 
 
 def test_bundle_round_trip(exported: Path, zoo_home: Path) -> None:
+    assert stat.S_IMODE(exported.stat().st_mode) == 0o644  # made to be shared
     data = bundle.import_bundle(exported)
     assert data == {"imported": [zoo.pull(VARIANT).build.short_ref], "added_to_registry": []}
     assert zoo.pull(VARIANT, offline=True).downloaded == []
@@ -272,6 +282,22 @@ def test_hostile_bundles_leave_cache_and_registry_untouched(
 
         with pytest.raises(UnsafeArchiveError, match="not a zoo bundle|not a list of objects"):
             bundle.import_bundle(_rewrite(exported, tmp_path / f"{name}.zip", swap))
+
+    index = json.dumps({"format": bundle.FORMAT, "version": bundle.VERSION, "builds": []})
+    for method, problem in [(zipfile.ZIP_DEFLATED, "not a zoo bundle .*decompressing"),
+                            (zipfile.ZIP_BZIP2, "oddly compressed")]:  # fmt: skip
+        odd = tmp_path / f"index-{method}.zip"
+        with zipfile.ZipFile(odd, "w", method) as archive:
+            archive.writestr(bundle.INDEX, index)
+        if method == zipfile.ZIP_DEFLATED:  # a deflate stream that does not decode
+            with zipfile.ZipFile(odd) as archive:
+                info = archive.getinfo(bundle.INDEX)
+            data = bytearray(odd.read_bytes())
+            start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+            data[start : start + info.compress_size] = b"\xff" * info.compress_size
+            odd.write_bytes(bytes(data))
+        with pytest.raises(UnsafeArchiveError, match=problem):
+            bundle.import_bundle(odd)
     assert _untouched(zoo_home, registry_file, before)
 
 

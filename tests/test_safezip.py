@@ -138,6 +138,27 @@ def test_lying_header_is_rejected(dest: Path, declared: int) -> None:
     assert_nothing_left(dest)
 
 
+@pytest.mark.parametrize("method", [zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA])
+def test_other_compression_methods_are_rejected(dest: Path, method: int) -> None:
+    """Only stored and deflate: the others' decoders raise their own errors on corrupt data."""
+    dest.parent.mkdir()
+    archive = dest.parent / "evil.zip"
+    with zipfile.ZipFile(archive, "w", method) as writer:
+        writer.writestr("a.txt", b"x" * 1000)
+    with pytest.raises(UnsafeArchiveError, match=f"'a.txt'.*compression method {method}"):
+        extract_zip(archive, dest)
+    assert_nothing_left(dest)
+
+
+def test_a_name_that_is_not_utf8_is_rejected(dest: Path) -> None:
+    dest.parent.mkdir()
+    archive = make_zip(dest.parent / "evil.zip", [("caf\u00e9.txt", b"x")])  # flagged UTF-8
+    archive.write_bytes(archive.read_bytes().replace("\u00e9".encode(), b"\xff\xfe"))
+    with pytest.raises(UnsafeArchiveError, match="not a valid zip"):
+        extract_zip(archive, dest)
+    assert_nothing_left(dest)
+
+
 def test_not_a_zip_is_rejected(dest: Path) -> None:
     dest.parent.mkdir()
     archive = dest.parent / "evil.zip"

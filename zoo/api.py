@@ -281,12 +281,12 @@ def catalog_circuit(circuit: dict[str, Any]) -> dict[str, Any]:
 
 
 def merge_entry(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """A re-publish of the same revision: the new hubs are added, and everything recorded
+    """A re-publish of the same revision: the new hubs are added (a hub published to again
+    takes its new revision, so a recreated repo can be repaired), and everything recorded
     before (measured metrics, timings, first publish date) is kept; the build is live again."""
-    hubs = list(old["hubs"])
-    known = {(h["kind"], h["repo"]) for h in hubs}
-    hubs += [h for h in new["hubs"] if (h["kind"], h["repo"]) not in known]
-    merged = {**new, **{k: v for k, v in old.items() if k != "yanked"}, "hubs": hubs}
+    hubs = {(h["kind"], h["repo"]): h for h in old["hubs"]}
+    hubs |= {(h["kind"], h["repo"]): h for h in new["hubs"]}
+    merged = {**new, **{k: v for k, v in old.items() if k != "yanked"}, "hubs": [*hubs.values()]}
     merged["metrics"] = {**new["metrics"], **old["metrics"]}
     merged["circuit"] = new["circuit"]  # the same circuit, in the catalogue's current form
     merged["timings"] = {**new.get("timings", {}), **old.get("timings", {})}

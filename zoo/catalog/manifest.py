@@ -11,19 +11,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from zoo.catalog.registry import FileEntry, validate
+from zoo.catalog.registry import FILE_OF_ROLE, FileEntry, validate
 from zoo.errors import BuildError, IntegrityError
 from zoo.store.atomic import write_atomic
 from zoo.store.hashing import sha256_file
 
-MANIFEST = "manifest.json"
-ROLE_OF = {
-    "head.safetensors": "head",
-    "weights.safetensors": "weights",
-    "client.zip": "client",
-    "server.zip": "server",
-    "README.md": "card",
-}
+MANIFEST = FILE_OF_ROLE["manifest"]
+ROLE_OF = {name: role for role, name in FILE_OF_ROLE.items() if role != "manifest"}
 #: Written beside the build but not part of it: wall times and host (not reproducible).
 REPORT = "report.json"
 

@@ -27,6 +27,15 @@ from zoo.errors import (
 from zoo.store.atomic import write_atomic
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "registry.schema.json"
+#: The one file of each role: the loaders open these names.
+FILE_OF_ROLE = {
+    "head": "head.safetensors",
+    "weights": "weights.safetensors",
+    "client": "client.zip",
+    "server": "server.zip",
+    "card": "README.md",
+    "manifest": "manifest.json",
+}
 ROLES_FOR = {
     "client": ("head", "client", "manifest"),
     "server": ("server", "manifest"),
@@ -201,6 +210,9 @@ def parse(document: dict[str, Any], path: Path) -> Registry:
             paths = [f["path"] for f in build["files"]]
             beyond += [f"{where}: file {p!r} is listed twice" for p in sorted(set(paths))
                        if paths.count(p) > 1]  # fmt: skip
+            beyond += [f"{where}: file {f['path']!r} has role {f['role']!r}, whose file is "
+                       f"{FILE_OF_ROLE[f['role']]!r}" for f in build["files"]
+                       if FILE_OF_ROLE[f["role"]] != f["path"]]  # fmt: skip
             if build["revision"] in seen:
                 beyond.append(f"{where}: revision {build['revision'][:12]} is listed twice")
             seen.add(build["revision"])

@@ -21,6 +21,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from zoo.errors import IntegrityError, NotFoundError, UnsafeArchiveError
 from zoo.store import cache, hub
 from zoo.store.gate import check_zip
 from zoo.store.hashing import sha256_file
-from zoo.store.safezip import extract_zip
+from zoo.store.safezip import COMPRESSIONS, extract_zip
 
 FORMAT = "zoo-bundle"
 VERSION = 1
@@ -65,6 +66,7 @@ def export(refs: list[str], out: Path, registry_path: Path | None = None) -> dic
                     if _member(entry) not in written:
                         archive.write(cache.build_path(build) / entry.path, _member(entry))
                         written.add(_member(entry))
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 is for secrets; a bundle is made to be shared
         os.replace(tmp, out)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -77,12 +79,14 @@ def _read_index(path: Path) -> dict[str, Any]:
     try:
         with zipfile.ZipFile(path) as archive:
             info = archive.getinfo(INDEX)
+            if info.compress_type not in COMPRESSIONS or info.flag_bits & 0x1:
+                raise UnsafeArchiveError(f"{path}: {INDEX} is encrypted or oddly compressed")
             if info.file_size > MAX_INDEX_BYTES:
                 raise UnsafeArchiveError(f"{path}: {INDEX} declares {info.file_size} bytes")
             with archive.open(info) as handle:
                 index = json.loads(handle.read(MAX_INDEX_BYTES + 1))
     except (
-        zipfile.BadZipFile, KeyError, json.JSONDecodeError, UnicodeDecodeError, RecursionError
+        zipfile.BadZipFile, KeyError, ValueError, zlib.error, EOFError, RecursionError
     ) as exc:  # fmt: skip
         raise UnsafeArchiveError(
             f"{path} is not a zoo bundle ({type(exc).__name__}: {exc})",

@@ -12,7 +12,10 @@ accepts only what real concrete-ml 1.9 builds contain (sizes and compression rat
   and ``py/object`` of one of :data:`OBJECT_TYPES` (a dataclass of plain fields); no other
   ``py/`` tag anywhere;
 - concrete-ml ``type_name`` values in :data:`TYPE_NAMES`, and a ``type`` value only as the skops
-  blob that names ``QuantizedModule``.
+  blob that names ``QuantizedModule`` (a small zip of one ``schema.json``, nothing beside it);
+- no jsonpickle-encoded key (``json://``) anywhere;
+- the members concrete-ml 1.9 writes and no others (:data:`MEMBERS`): no shared library that
+  concrete would load in place of compiling ``circuit.mlir``.
 
 Anything else raises :class:`UnsafeArtifactError` naming the member and the tag; nothing has been
 deserialized then. Light: imports neither torch nor concrete.
@@ -24,11 +27,12 @@ import io
 import json
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
 from zoo.errors import UnsafeArtifactError
-from zoo.store.safezip import extract_zip
+from zoo.store.safezip import COMPRESSIONS, extract_zip
 
 CONFIGURATION = "concrete.fhe.compilation.configuration."
 #: Enum classes that concrete's configuration.json rebuilds with ``py/reduce``.
@@ -47,6 +51,13 @@ SKOPS_SCHEMA = {
     "__module__": "concrete.ml.quantization.quantized_module",
     "__loader__": "TypeNode",
 }
+#: The members of each archive that ``FHEModelDev.save(via_mlir=True)`` writes.
+MEMBERS = {
+    "client.zip": frozenset({"client.specs.json", "serialized_processing.json", "versions.json"}),
+    "server.zip": frozenset({"circuit.mlir", "client.specs.json", "composition_rules.json",
+                             "configuration.json", "is_simulated", "versions.json"}),
+}  # fmt: skip
+MAX_SKOPS_SCHEMA_BYTES = 4096  # a real one is 186 bytes
 MAX_JSON_BYTES = 64 * 1024**2  # a real build's largest JSON member is a few kB
 MAX_DEPTH = 64
 #: Bounds on what a build's zip may expand to. Real builds: the largest member is the 241 MB
@@ -74,13 +85,24 @@ def _plain(value: Any) -> bool:
 def _skops_blob(hex_value: Any) -> str | None:
     """None if ``hex_value`` is the skops blob of a QuantizedModule type, else what is wrong."""
     try:
-        with zipfile.ZipFile(io.BytesIO(bytes.fromhex(hex_value))) as blob:
-            if blob.namelist() != ["schema.json"]:
+        raw = bytes.fromhex(hex_value)
+        if not raw.startswith(b"PK\x03\x04"):  # concrete-ml unpickles it when skops is off
+            return "a skops blob that is not a zip from its first byte"
+        with zipfile.ZipFile(io.BytesIO(raw)) as blob:
+            infos = blob.infolist()
+            if [i.filename for i in infos] != ["schema.json"]:
                 return f"a skops blob with members {blob.namelist()}"
-            schema = json.loads(blob.read("schema.json"))
-    except (TypeError, ValueError, zipfile.BadZipFile, KeyError) as exc:
-        return f"a skops blob that does not parse ({exc})"
-    if not isinstance(schema, dict) or any(schema.get(k) != v for k, v in SKOPS_SCHEMA.items()):
+            if infos[0].compress_type not in COMPRESSIONS:
+                return f"a skops blob compressed with method {infos[0].compress_type}"
+            if infos[0].file_size > MAX_SKOPS_SCHEMA_BYTES:
+                return f"a skops schema of {infos[0].file_size} bytes"
+            with blob.open(infos[0]) as handle:
+                schema = json.loads(handle.read(MAX_SKOPS_SCHEMA_BYTES + 1))
+    except (TypeError, ValueError, RuntimeError, zipfile.BadZipFile, zlib.error) as exc:
+        return f"a skops blob that does not parse ({type(exc).__name__}: {exc})"
+    if not isinstance(schema, dict):
+        return "a skops blob whose schema is not an object"
+    if any(schema.get(k) != v for k, v in SKOPS_SCHEMA.items()):
         return f"a skops blob of type {schema.get('__module__')}.{schema.get('__class__')}"
     if not all(_plain(v) for v in schema.values()):
         return "a skops blob with nested objects"
@@ -107,7 +129,10 @@ def _walk(node: Any, depth: int) -> str | None:
         return next((p for p in (_walk(v, depth + 1) for v in node) if p), None)
     if not isinstance(node, dict):
         return None
-    tags = [k for k in node if isinstance(k, str) and k.startswith("py/")]
+    encoded = [k for k in node if k.startswith("json://")]
+    if encoded:
+        return f"a jsonpickle-encoded key {encoded[0][:120]!r}"
+    tags = [k for k in node if k.startswith("py/")]
     if tags == ["py/reduce"] and _enum_member(node):
         return None
     if tags == ["py/object"] and node["py/object"] in OBJECT_TYPES:
@@ -119,6 +144,8 @@ def _walk(node: Any, depth: int) -> str | None:
         if name not in TYPE_NAMES:
             return f"concrete-ml type_name {name!r} (allowed: {sorted(TYPE_NAMES)})"
         if name == "type":
+            if set(node) != {"type_name", "serialized_value"}:
+                return f"keys {sorted(set(node) - {'type_name', 'serialized_value'})} beside a type"
             return _skops_blob(node["serialized_value"])
     return next((p for p in (_walk(v, depth + 1) for v in node.values()) if p), None)
 
@@ -132,8 +159,11 @@ def check_zip(path: Path) -> None:
             path, Path(scratch) / "x", max_member_bytes=MAX_MEMBER_BYTES,
             max_total_bytes=MAX_TOTAL_BYTES, max_ratio=MAX_RATIO,
         )  # fmt: skip
-        for file in files:
-            member = file.relative_to(Path(scratch) / "x").as_posix()
+        members = {file.relative_to(Path(scratch) / "x").as_posix(): file for file in files}
+        if set(members) not in MEMBERS.values():
+            client, server = (sorted(names) for names in MEMBERS.values())
+            raise _refuse(path, "members", f"{sorted(members)}, not {client} or {server}")
+        for member, file in members.items():
             if not member.endswith(".json"):
                 continue
             if file.stat().st_size > MAX_JSON_BYTES:

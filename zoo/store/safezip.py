@@ -8,7 +8,8 @@ Rejected (`UnsafeArchiveError`, naming the archive and the member):
 
 * names that are absolute (``/x``), carry a drive letter (``C:x``), contain a ``..`` component,
   a backslash, a NUL byte, or are empty once ``.`` components are removed;
-* members whose mode says symlink, or any other non-regular, non-directory file type;
+* members whose mode says symlink, or any other non-regular, non-directory file type; members
+  that are encrypted or compressed with anything but stored or deflate;
 * duplicate names, compared after normalisation and case-folding (``a/b`` and ``A/./b``
   collide on case-insensitive file systems), and a member that is both a file and the parent
   directory of another member;
@@ -37,6 +38,7 @@ from zoo.errors import UnsafeArchiveError, ZooError
 DEFAULT_MAX_MEMBER_BYTES = 2 * 1024**3
 DEFAULT_MAX_TOTAL_BYTES = 8 * 1024**3
 DEFAULT_MAX_MEMBERS = 10_000
+COMPRESSIONS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # what zoo and concrete-ml write
 RATIO_FLOOR_BYTES = 1024**2  # smaller members are never refused for their compression ratio
 _CHUNK_BYTES = 1024 * 1024
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
@@ -85,6 +87,8 @@ def _check_type(zip_path: Path, info: zipfile.ZipInfo) -> None:
         raise _unsafe(zip_path, info.filename, "it is encrypted")
     if stat.S_ISLNK(mode):
         raise _unsafe(zip_path, info.filename, "it is a symbolic link")
+    if info.compress_type not in COMPRESSIONS:
+        raise _unsafe(zip_path, info.filename, f"it uses compression method {info.compress_type}")
     kind = stat.S_IFMT(mode)
     if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
         raise _unsafe(zip_path, info.filename, f"it is a special file (mode {oct(mode)})")
@@ -200,7 +204,7 @@ def _extract_into(
         budget = min(max_member_bytes, max_total_bytes - total)
         try:
             total += _stream_member(zip_path, archive, info, target, budget)
-        except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as exc:
+        except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as exc:
             raise _unsafe(zip_path, info.filename, f"its data is corrupt ({exc})") from exc
         files.append(rel)
     return files
@@ -264,7 +268,7 @@ def extract_zip(
                 files = _extract_into(
                     zip_path, archive, plan, tmp, (max_member_bytes, max_total_bytes)
                 )
-        except zipfile.BadZipFile as exc:
+        except (zipfile.BadZipFile, ValueError) as exc:  # ValueError: a name that is not UTF-8
             raise _unsafe(zip_path, None, f"it is not a valid zip archive ({exc})") from exc
         os.chmod(tmp, 0o755)
         try:
