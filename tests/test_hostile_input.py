@@ -19,8 +19,8 @@ from PIL import Image
 import zoo
 from zoo.catalog import registry as reg
 from zoo.cli import main
-from zoo.errors import InputError, ZooError
-from zoo.fhe import evaluate, runtime
+from zoo.errors import InputError, ServerError, ZooError
+from zoo.fhe import evaluate, runtime, serve
 from zoo.store import cache, hub
 from zoo.store.releases import ReleaseStore
 
@@ -67,6 +67,11 @@ def test_a_registry_listing_a_file_twice_or_dot_dot_is_refused(registry_file: Pa
     build["files"] = [manifest_entry, manifest_entry]
     registry_file.write_text(json.dumps(document))
     with pytest.raises(zoo.api.reg.RegistryError, match="listed twice"):
+        reg.load(registry_file)
+    # head.safetensors as the weights: a client pull would skip it, and loading would fail
+    build["files"] = [manifest_entry, dict(entry, path="head.safetensors", role="weights")]
+    registry_file.write_text(json.dumps(document))
+    with pytest.raises(zoo.api.reg.RegistryError, match="role 'weights', whose file is 'weigh"):
         reg.load(registry_file)
 
 
@@ -148,6 +153,103 @@ def test_results_files_are_private(tmp_path: Path) -> None:
     results.append({"index": 0})
     results.close()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+RUN = {"variant": VARIANT, "revision": "0" * 64, "fhe": "simulate", "test_set": "t",
+       "indices": [0, 1, 2]}  # fmt: skip
+
+
+def _results(path: Path, *records: object) -> Path:
+    lines = [json.dumps({"run": RUN}), *(json.dumps(r) for r in records)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"index": [1], "label": 0, "simulate": [0.0, 1.0]},  # not an int: unhashable
+        {"index": 7, "label": 0, "simulate": [0.0, 1.0]},  # not one of the run's images
+        {"index": 1},  # no label, no logits
+        {"index": 1, "label": 0, "simulate": [0.0]},  # logits of another width
+        {"index": 1, "label": 0, "simulate": ["x", 1.0]},
+    ],
+)
+def test_a_results_record_that_this_run_does_not_write_is_refused(
+    tmp_path: Path, record: dict
+) -> None:
+    good = {"index": 0, "label": 3, "simulate": [0.5, 0.25]}
+    path = _results(tmp_path / "r.jsonl", good, record)
+    before = path.read_bytes()
+    with pytest.raises(InputError, match="is not one this run writes"):
+        evaluate._ResultsFile(path, RUN, resume=True)
+    assert path.read_bytes() == before
+    evaluate._ResultsFile(_results(tmp_path / "ok.jsonl", good), RUN, resume=True).close()
+
+
+def test_results_files_of_others_are_refused_and_kept(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="is a folder"):
+        evaluate._ResultsFile(tmp_path, RUN, resume=True)
+    other = tmp_path / "conf.json"
+    other.write_text('{"a": 1}')  # no newline: not a torn header either
+    with pytest.raises(InputError, match="no run header"):
+        evaluate._ResultsFile(other, RUN, resume=False)
+    assert other.read_text() == '{"a": 1}'
+    path = _results(tmp_path / "r.jsonl")
+    with pytest.raises(InputError, match="exists"):
+        evaluate._ResultsFile(path, RUN, resume=False)
+    with pytest.raises(InputError, match="belongs to another run"):
+        evaluate._ResultsFile(path, {**RUN, "indices": [0, 1]}, resume=True)
+    torn = tmp_path / "torn.jsonl"
+    torn.write_text(json.dumps({"run": RUN})[:20])  # a first write that was interrupted
+    evaluate._ResultsFile(torn, RUN, resume=True).close()
+    assert evaluate.parse_results(torn.read_text())[0] == RUN
+    with path.open("ab") as handle:
+        handle.write(b'{"index": 2, "label": 1, "simulate": [0.1, 0.2]}\xff\n')  # not UTF-8
+    results = evaluate._ResultsFile(path, RUN, resume=True)
+    assert results.done == {}  # the line is taken for a torn write, as it is not JSON
+    results.close()
+
+
+def test_eval_checks_seed_and_workers_before_loading_anything() -> None:
+    absent = f"{VARIANT}@{'0' * 64}"  # loading it would say "not found" (exit 3)
+    code, err = _run("eval", absent, "--seed", "-1")
+    assert code == 2 and "-1 is not in the range x>=0" in err
+    code, err = _run("eval", absent, "--fhe", "execute", "--backend", "ray", "--workers", "0")
+    assert code == 2 and "0 is not in the range x>=1" in err
+    with pytest.raises(InputError, match="--seed must be >= 0"):
+        evaluate.evaluate(absent, seed=-1)
+    with pytest.raises(InputError, match="--workers must be at least 1"):
+        evaluate.evaluate(absent, workers=0)
+
+
+def test_writing_into_a_folder_that_is_not_there_is_one_line(
+    zoo_home: Path, registry_file: Path, build_dir: Path, tmp_path: Path
+) -> None:
+    zoo.publish(build_dir, "local")
+    code, err = _run("bundle", "export", VARIANT, "-o", str(tmp_path / "absent" / "b.zip"))
+    assert code == 2 and "absent" in err and "check the path" in err and "Traceback" not in err
+
+
+def test_serve_checks_its_tls_files_before_loading(tmp_path: Path) -> None:
+    absent = f"{VARIANT}@{'0' * 64}"
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    key.write_text("-----BEGIN PRIVATE KEY-----\nnot a key\n-----END PRIVATE KEY-----\n")
+    cert.write_text("not a certificate\n")
+    code, err = _run("serve", absent, "--port", "0", "--ssl-keyfile", str(key))
+    assert code == 2 and "--ssl-keyfile and --ssl-certfile go together" in err
+    code, err = _run("serve", absent, "--port", "0", "--ssl-keyfile", str(key),
+                     "--ssl-certfile", str(cert))  # fmt: skip
+    assert code == 2 and "cannot serve HTTPS" in err and "Traceback" not in err
+
+
+def test_a_port_in_use_is_refused_before_the_build_loads() -> None:
+    first = serve._listen("127.0.0.1", 0)
+    try:
+        with pytest.raises(ServerError, match="cannot listen on 127.0.0.1"):
+            serve._listen("127.0.0.1", first.getsockname()[1]).close()
+    finally:
+        first.close()
 
 
 def test_serve_refuses_an_open_address_without_a_token(

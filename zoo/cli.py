@@ -2,7 +2,8 @@
 
 Every command takes ``--json``. Failures print one line and a hint, and exit with the error's
 code: 1 generic, 2 usage, 3 not found / bad registry, 4 integrity, 5 runtime mismatch,
-6 offline and missing, 7 hub error, 8 build failed, 9 `zoo serve` refused.
+6 offline and missing, 7 hub error, 8 build failed, 9 `zoo serve` refused, 10 build paused at a
+checkpoint as asked.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ FHE = click.option(
 )
 #: Disk full, quota, read-only or forbidden: the user's to fix, so one line and a hint.
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+PATH_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR}
 
 
 def _size(n: int | None) -> str:
@@ -76,6 +78,11 @@ def handles_errors(command: Callable[..., Any]) -> Callable[..., Any]:
                     click.echo(f"hint: {exc.hint}", err=True)
             sys.exit(exc.exit_code)
         except OSError as exc:
+            if exc.errno in PATH_ERRNOS and exc.filename:  # e.g. -o into a folder that is not
+                click.echo(f"error: {exc.strerror}: {exc.filename}", err=True)
+                click.echo("hint: check the path (the folder of a file to write must exist)",
+                           err=True)  # fmt: skip
+                sys.exit(2)
             if exc.errno not in DISK_ERRNOS:
                 raise
             where = f" ({exc.filename})" if exc.filename else ""
@@ -577,7 +584,8 @@ def predict(ref: str, images: tuple[Path, ...], fhe: str, top_k: int, server_url
                                "runs locally: drop --server)")  # fmt: skip
     pixels = runtime.as_images(list(images))  # bad images fail before the load (minutes)
     role = "client" if server_url else "all"
-    model = runtime.load(ref, role=role, server_url=server_url, registry_path=registry_path)
+    model = runtime.load(ref, role=role, server_url=server_url, circuits=fhe != "disable",
+                         registry_path=registry_path)  # fmt: skip
     if server_url:
         model.server.health()  # a wrong or absent server fails now, not after keygen
     predictions = model.predict(pixels, fhe=fhe, top_k=top_k)
@@ -643,7 +651,8 @@ def serve_cmd(ref: str, host: str, port: int, key_store: Path | None, max_key_by
 @REF
 @FHE
 @click.option("-n", "n_images", type=int, default=100, help="number of test images")
-@click.option("--seed", type=int, default=None, help="seeded sample (default: first N)")
+@click.option("--seed", type=click.IntRange(min=0), default=None,
+              help="seeded sample (default: first N)")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None)
 @click.option(
     "--results",
@@ -667,7 +676,8 @@ def serve_cmd(ref: str, host: str, port: int, key_store: Path | None, max_key_by
     help="where the encrypted circuit runs (--fhe execute)",
 )
 @click.option("--address", default=None, help="Ray cluster address (default: start a local one)")
-@click.option("--workers", type=int, default=None, help="Ray workers (default: one per CPU)")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="Ray workers (default: one per CPU)")
 @click.option(
     "--record",
     is_flag=True,

@@ -48,15 +48,17 @@ def _worker_class() -> Any:
             from concrete import fhe
             from concrete.ml.deployment import FHEModelServer
 
+            from zoo.fhe.runtime import circuit_tempdir
             from zoo.store.gate import check_zip
 
             if hashlib.sha256(server_zip).hexdigest() != sha256:
                 raise IntegrityError("server.zip changed on its way to the worker")
-            self.folder = tempfile.mkdtemp(prefix="zoo-worker-")
-            path = Path(self.folder) / "server.zip"
-            path.write_bytes(server_zip)
-            check_zip(path)
-            self.server = FHEModelServer(self.folder)
+            with tempfile.TemporaryDirectory(prefix="zoo-worker-") as folder:
+                path = Path(folder) / "server.zip"
+                path.write_bytes(server_zip)
+                check_zip(path)
+                with circuit_tempdir(self):  # what concrete unpacks: removed with the actor
+                    self.server = FHEModelServer(folder)  # loads server.zip at once
             self.keys = fhe.EvaluationKeys.deserialize(eval_keys)
 
         def pid(self) -> int:

@@ -45,7 +45,7 @@ from zoo.build.data import fingerprint, load_split
 from zoo.catalog import registry as reg
 from zoo.cost import model as cost
 from zoo.cost.machine import alone, cpu, cpu_ticks, others, steal
-from zoo.errors import InputError, ZooError
+from zoo.errors import InputError
 from zoo.fhe import cluster, runtime, sigpipe
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def parse_results(text: str) -> tuple[dict[str, Any] | None, dict[int, dict[str,
         if "run" in item:
             header = item["run"]
         elif "index" in item:
-            records[item["index"]] = item
+            records[item["index"] if type(item["index"]) is int else repr(item["index"])] = item
             if "execute" in item and "machine" not in item:
                 unnamed.append(item)
             elif "machine" in item:
@@ -114,30 +114,56 @@ def parse_results(text: str) -> tuple[dict[str, Any] | None, dict[int, dict[str,
     return header, records
 
 
+def _bad_record(record: dict[str, Any], fhe: str, indices: set[int], width: int | None) -> bool:
+    """Whether ``record`` is not one that a run of mode ``fhe`` on ``indices`` writes
+    (``width``: the length of its logits, once a record has shown it)."""
+    modes = ["simulate", "execute"] if fhe == "execute" else [fhe]
+    rows = [record.get(mode) for mode in modes]
+    return not (
+        type(record["index"]) is int and record["index"] in indices
+        and type(record.get("label")) is int
+        and all(isinstance(row, list) and len(row) == (width or len(rows[0])) for row in rows)
+        and all(type(v) in (int, float) for row in rows for v in row)
+    )  # fmt: skip
+
+
 class _ResultsFile:
     """Append-only JSON lines, flushed and synced after every record."""
 
+    HEAD = '{"run": '  # how the file starts (json.dumps of the header)
+
     def __init__(self, path: Path, header: dict[str, Any], resume: bool) -> None:
         self.path = path
-        self.done: dict[int, dict[str, Any]] = {}
-        text = path.read_text() if path.exists() else ""
+        if path.is_dir():
+            raise InputError(f"--results {path} is a folder", hint="name a file in it")
+        text = path.read_bytes().decode(errors="replace") if path.exists() else ""
+        torn = "\n" not in text and (text.startswith(self.HEAD) or self.HEAD.startswith(text))
         found, self.done = parse_results(text)
-        if found is None and "\n" in text:  # more than a torn header: someone else's file
+        if found is None and not torn:  # someone else's file: never truncated
             raise InputError(
                 f"{path} is not a results file of zoo eval (it has no run header)",
                 hint="pass --results to write another file, or remove this one",
             )
         if found is not None:
             if not resume:
-                raise ZooError(
+                raise InputError(
                     f"results file {path} exists",
                     hint="pass --resume to continue it, or --results to write another file",
                 )
             if found != header:
-                raise ZooError(
+                raise InputError(
                     f"results file {path} belongs to another run (build, mode or images differ)",
                     hint="pass --results to write another file, or remove this one",
                 )
+            width, indices = None, set(header["indices"])
+            for record in self.done.values():
+                if _bad_record(record, header["fhe"], indices, width):
+                    raise InputError(
+                        f"results file {path}: the record of image {record['index']!r} is not "
+                        "one this run writes",
+                        hint="remove its line (or the file) to run that image again",
+                    )
+                width = len(record[header["fhe"]])
         path.parent.mkdir(parents=True, exist_ok=True)
         # decrypted logits: readable by their owner only, like the keys
         mode = os.O_APPEND if found is not None else os.O_TRUNC
@@ -284,7 +310,11 @@ def evaluate(
         raise InputError(f"-n must be at least 1, got {n_images}")
     if stop_after is not None and stop_after < 0:
         raise InputError(f"--stop-after must be >= 0, got {stop_after}")
-    model = runtime.load(ref, registry_path=registry_path)
+    if seed is not None and seed < 0:
+        raise InputError(f"--seed must be >= 0, got {seed}")
+    if workers is not None and workers < 1:
+        raise InputError(f"--workers must be at least 1, got {workers}")
+    model = runtime.load(ref, registry_path=registry_path, circuits=fhe != "disable")
     dataset = reg.load(registry_path).variant(model.build.variant).dataset
     images, labels = load_split(Path(data_dir or config.data_dir()), dataset, "test")
     indices = sample_indices(len(labels), n_images, seed)
@@ -330,28 +360,30 @@ def evaluate(
             if fhe != "execute"
             else _executed(model, images, labels, pending, backend, address, workers, machine)
         )
+        ran = 0
         for item in records:
             out.append(item)
             out.done[item["index"]] = item
+            ran += 1
             bar.update(1)
+        if not out.done:
+            raise InputError(f"no image of this sample is evaluated yet ({path})",
+                             hint="run without --stop-after 0")  # fmt: skip
+        summary = {
+            "variant": build.variant,
+            "revision": build.revision,
+            "fhe": fhe,
+            "backend": backend,
+            "sample": sample_name(seed, len(out.done), len(indices)),
+            **summarize(list(out.done.values()), fhe, machine),
+            **{k: round(v, 3) for k in KEY_TIMINGS if (v := model.timings.get(k)) is not None},
+            "this_run_images": ran,
+            "this_run_seconds": round(time.perf_counter() - started, 3),
+        }
+        out.append({"summary": summary})
     finally:
         bar.close()
-    if not out.done:
-        raise ZooError(f"no image of this sample is evaluated yet ({path})",
-                       hint="run without --stop-after 0")  # fmt: skip
-    summary = {
-        "variant": build.variant,
-        "revision": build.revision,
-        "fhe": fhe,
-        "backend": backend,
-        "sample": sample_name(seed, len(out.done), len(indices)),
-        **summarize(list(out.done.values()), fhe, machine),
-        **{k: round(model.timings[k], 3) for k in KEY_TIMINGS if model.timings.get(k) is not None},
-        "this_run_images": len(pending),
-        "this_run_seconds": round(time.perf_counter() - started, 3),
-    }
-    out.append({"summary": summary})
-    out.close()
+        out.close()
     summary["results"] = str(path)
     if record:
         api.record_metrics(build.ref, registry_metrics(summary), registry_path=registry_path)

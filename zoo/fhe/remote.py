@@ -29,7 +29,7 @@ HINTS = {
     404: "check the URL (a `zoo serve` server answers GET /health)",
     409: "the client and the server must run the same build",
     401: "set ZOO_SERVE_TOKEN to a token the server accepts (its --token-file)",
-    413: "restart the server with a larger --max-key-bytes",
+    413: "the upload is over the server's limit (for evaluation keys: its --max-key-bytes)",
     503: "the server is busy with other clients: retry in a while",
 }
 TOKEN_ENV = "ZOO_SERVE_TOKEN"
@@ -59,6 +59,12 @@ class RemoteServer:
         timeout = (self.timeout, None if slow else self.timeout)
         try:
             response = self.session.request(method, self.url + path, timeout=timeout, **kwargs)
+        except requests.ReadTimeout:
+            raise ServerError(
+                f"the zoo server at {self.url} took the connection but did not answer in "
+                f"{self.timeout:.0f} s",
+                hint="it may still be loading its build (minutes for a large one): retry later",
+            ) from None
         except requests.RequestException as exc:
             errno = re.search(r"\[Errno -?\d+\] [^'\")]*", str(exc))
             raise ServerError(

@@ -205,7 +205,7 @@ class Model:
     def _simulate(self, x: np.ndarray) -> np.ndarray:
         """The circuit of server.zip compiled for simulation: same integers, no encryption."""
         if self._simulator is None:
-            with _circuit_tempdir(self):
+            with circuit_tempdir(self):
                 self._simulator = _simulator(self.path / "server.zip")
         server, client = self._simulator
         processing = self.client.model
@@ -247,7 +247,7 @@ def _simulator(server_zip: Path) -> tuple[Any, Any]:
 
 
 @contextlib.contextmanager
-def _circuit_tempdir(owner: Any) -> Iterator[None]:
+def circuit_tempdir(owner: Any) -> Iterator[None]:
     """Make concrete put the folders it unpacks and compiles a circuit into under one folder of
     ``owner``'s, removed once ``owner`` is collected or the process exits (concrete-python 2.10
     never removes them: its ``Server.cleanup`` does nothing)."""
@@ -388,7 +388,7 @@ def load(
     if role in ("server", "all"):
         started = time.perf_counter()
         check_zip(path / "server.zip")
-        with _circuit_tempdir(model):
+        with circuit_tempdir(model):
             model.server = FHEModelServer(str(path))
         model.timings["server_load_seconds"] = time.perf_counter() - started
     if server_url is not None:

@@ -38,7 +38,9 @@ import hmac
 import ipaddress
 import os
 import socket
+import ssl
 import tempfile
+import zipfile
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -53,6 +55,7 @@ from zoo.errors import InputError, KeyIdError, ServerError, ZooError
 from zoo.fhe.keystore import KeyStore, make_private
 from zoo.fhe.remote import TOKEN_ENV
 from zoo.fhe.worker import FheWorker, WorkerCrashed, WorkerRefused, describe_exit
+from zoo.store.gate import check_zip
 
 REVISION_HEADER = "X-Zoo-Revision"
 SECONDS_HEADER = "X-Zoo-Seconds"
@@ -102,14 +105,19 @@ def check_exposure(host: str, tokens: list[str]) -> None:
     )
 
 
-def min_key_bytes(server: Any) -> int:
-    """A lower bound on the serialized evaluation keys of a circuit (FHEModelServer).
+def min_key_bytes(server_zip: Path) -> int:
+    """A lower bound on the serialized evaluation keys of the circuit in ``server_zip`` (which
+    passed :func:`~zoo.store.gate.check_zip`), read from its client specs: nothing compiled.
 
     Every encoding of a bootstrap key stores at least the body polynomial of each of its GLWE
     ciphertexts, 64-bit coefficients: keys smaller than that are another circuit's, which
     concrete would not notice before it aborts.
     """
-    info = server.server.client_specs.program_info.get_keyset_info()
+    from concrete import fhe
+
+    with zipfile.ZipFile(server_zip) as archive:
+        specs = fhe.ClientSpecs.deserialize(archive.read("client.specs.json"))
+    info = specs.program_info.get_keyset_info()
     return sum(
         k.input_lwe_dimension() * k.level() * (k.glwe_dimension() + 1) * k.polynomial_size() * 8
         for k in info.bootstrap_keys()
@@ -196,7 +204,8 @@ def create_app(
 ) -> FastAPI:
     """The HTTP app that runs the circuit of build ``ref`` (VARIANT or VARIANT@REV).
 
-    Loads (pulling through the verified cache if needed) only the server side. Evaluation keys
+    Pulls (through the verified cache) only the server side and passes it through the gate; the
+    circuit is compiled once, in the worker. Evaluation keys
     are kept in ``key_store`` (default ``$ZOO_HOME/server-keys/VARIANT/REVISION``), at most
     ``max_keys`` of at most ``max_key_bytes`` each; the worker keeps ``max_cached_keys``
     deserialized in memory. With ``tokens``, each token is a client with a key store of its own
@@ -204,7 +213,9 @@ def create_app(
     """
     from zoo.fhe import runtime
 
-    model = runtime.load(ref, role="server", registry_path=registry_path)
+    # the worker compiles the circuit; here, only what is pinned and what the gate lets through
+    model = runtime.load(ref, role="server", registry_path=registry_path, circuits=False)
+    check_zip(model.path / "server.zip")
     build = model.build
     if key_store is None:
         key_store = default_key_store(build.variant, build.revision)
@@ -212,7 +223,7 @@ def create_app(
     clients = {hashlib.sha256(t.encode()).hexdigest()[:16]: t.encode() for t in tokens or []}
     stores: dict[str, KeyStore] = {}
     worker = FheWorker(build.ref, registry_path, max_cached_keys)
-    least_key_bytes = min_key_bytes(model.server)
+    least_key_bytes = min_key_bytes(model.path / "server.zip")
     if max_key_bytes < least_key_bytes:
         raise InputError(
             f"a key limit of {max_key_bytes:,} bytes refuses every upload: {build.ref}'s "
@@ -387,11 +398,11 @@ def create_app(
     return app
 
 
-def describe(app: FastAPI, host: str, port: int) -> dict[str, Any]:
+def describe(app: FastAPI, host: str, port: int, scheme: str = "http") -> dict[str, Any]:
     """What `zoo serve` announces: URL, build and key store."""
     netloc = f"[{host}]" if ":" in host else host
     build = app.state.build
-    return {"url": f"http://{netloc}:{port}", "variant": build.variant,
+    return {"url": f"{scheme}://{netloc}:{port}", "variant": build.variant,
             "revision": build.revision, "key_store": str(app.state.key_store),
             **app.state.limits}  # fmt: skip
 
@@ -412,12 +423,12 @@ def serve(
     import uvicorn
 
     check_exposure(host, kwargs.get("tokens") or [])
-    tls = {k: kwargs.pop(k) for k in ("ssl_keyfile", "ssl_certfile") if k in kwargs}
+    tls = _tls(kwargs.pop("ssl_keyfile", None), kwargs.pop("ssl_certfile", None))
     sock = _listen(host, port)
     try:
         app = create_app(ref, **kwargs)
         if announce is not None:
-            announce(describe(app, host, sock.getsockname()[1]))
+            announce(describe(app, host, sock.getsockname()[1], "https" if tls else "http"))
         server = uvicorn.Server(uvicorn.Config(app, log_level=log_level,
                                                timeout_graceful_shutdown=5, **tls))  # fmt: skip
         with contextlib.suppress(SystemExit):  # how uvicorn says that the app did not start
@@ -430,12 +441,31 @@ def serve(
         )
 
 
+def _tls(keyfile: Path | None, certfile: Path | None) -> dict[str, Path]:
+    """uvicorn's TLS options, once the key and certificate are known to load together."""
+    if keyfile is None and certfile is None:
+        return {}
+    if keyfile is None or certfile is None:
+        raise InputError("--ssl-keyfile and --ssl-certfile go together",
+                         hint="give both (PEM files) to serve HTTPS, or neither")  # fmt: skip
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+    except (ssl.SSLError, OSError) as exc:
+        raise InputError(
+            f"cannot serve HTTPS with {certfile} and {keyfile}: {exc}",
+            hint="pass a PEM certificate and its own private key",
+        ) from None
+    return {"ssl_keyfile": keyfile, "ssl_certfile": certfile}
+
+
 def _listen(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` (uvicorn listens on it)."""
+    """A TCP socket listening on ``host:port``, handed to uvicorn: a second server on the
+    same port fails here, before it loads its build."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen()
     except OSError as exc:
         sock.close()
         raise ServerError(

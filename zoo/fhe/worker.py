@@ -14,10 +14,12 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import OrderedDict
@@ -93,6 +95,7 @@ class FheWorker:
         self.registry_path = registry_path
         self.max_cached_keys = max_cached_keys
         self._proc: subprocess.Popen[bytes] | None = None
+        self._scratch: str | None = None  # the child's TMPDIR, removed once it has exited
         self._lock = threading.Lock()
         self._closed = False
 
@@ -106,6 +109,7 @@ class FheWorker:
             raise ZooError("the FHE worker is shut down")
         if self._proc is not None and self._proc.poll() is None:
             return self._proc
+        self._reap()  # a child that exited between requests
         # -P (Python 3.11+): `-m` would put the current folder first on the child's import path,
         # so a zoo/ or numpy.py lying there would run as the server; it imports what we import.
         safe = ["-P"] if sys.version_info >= (3, 11) else []
@@ -113,18 +117,31 @@ class FheWorker:
                    "--max-cached-keys", str(self.max_cached_keys)]  # fmt: skip
         if self.registry_path is not None:
             command += ["--registry", str(self.registry_path)]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        # concrete unpacks and compiles the circuit under TMPDIR and never removes it; a child
+        # that dies by a signal cannot either, so the parent removes the folder it gave it
+        self._scratch = tempfile.mkdtemp(prefix="zoo-worker-")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+               "TMPDIR": self._scratch}  # fmt: skip
         proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self._proc = proc
         assert proc.stdout is not None
         reply = read_frame(proc.stdout)
         if reply is None or reply[0]["status"] != "ok":
             message = reply[0]["message"] if reply else describe_exit(proc.wait())
             proc.kill()
-            proc.wait()
+            self._reap()
             raise ZooError(f"the FHE worker could not load {self.ref}: {message}",
                            hint="see the server's log above")  # fmt: skip
-        self._proc = proc
         return proc
+
+    def _reap(self) -> int | None:
+        """Wait for the child (if any) to exit, then remove its TMPDIR; its exit code."""
+        proc, self._proc = self._proc, None
+        returncode = proc.wait() if proc is not None else None
+        if self._scratch is not None:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._scratch = None
+        return returncode
 
     def _call(self, header: dict[str, Any], payload: bytes = b"") -> tuple[dict[str, Any], bytes]:
         with self._lock:
@@ -136,9 +153,7 @@ class FheWorker:
             except OSError:  # the pipe broke: the child is gone
                 reply = None
             if reply is None:
-                returncode = proc.wait()
-                self._proc = None
-                raise WorkerCrashed(returncode)
+                raise WorkerCrashed(self._reap())
         if reply[0]["status"] != "ok":
             raise WorkerRefused(reply[0]["status"], reply[0]["message"])
         return reply
@@ -155,14 +170,14 @@ class FheWorker:
     def close(self) -> None:
         """Stop the child (a request in progress fails with :class:`WorkerCrashed`)."""
         self._closed = True
-        proc, self._proc = self._proc, None
+        proc = self._proc
         if proc is not None and proc.poll() is None:
             proc.terminate()
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
-                proc.wait()
+        self._reap()
 
 
 # --- the child ------------------------------------------------------------------------------
