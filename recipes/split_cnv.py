@@ -711,7 +711,7 @@ def torch_module(cfg: dict[str, Any], weights: dict[str, torch.Tensor]) -> nn.Mo
     return encrypted_part(model, cfg["arch"]).eval()
 
 
-def load_parent(model: SplitCNV, ref: str) -> None:
+def load_parent(model: SplitCNV, ref: str, registry_path: Path | None = None) -> None:
     """Start ``model`` from the weights of the build ``ref`` (VARIANT@REV), pulled and verified
     like any pull. Its module layout may differ where pooling moved: the learned layers (convs,
     linears, norms) are copied in order and must match in type and shape."""
@@ -722,7 +722,7 @@ def load_parent(model: SplitCNV, ref: str) -> None:
 
     from zoo import api
 
-    path = api.pull(ref).path
+    path = api.pull(ref, registry_path=registry_path).path
     parent_cfg = json.loads((path / "manifest.json").read_text())["recipe"]["config"]
     parent = SplitCNV(parent_cfg["arch"])
     parent.encrypted.load_state_dict(load_file(str(path / "weights.safetensors")))
@@ -903,7 +903,7 @@ def train(
         history = list(state["history"])
         ctx.log.info("resumed from %s after epoch %d", ckpt_path, start_epoch)
     teacher = None if start_epoch == prof["epochs"] else teacher_logits(
-        prof, images, labels, ctx.work_dir, ctx.log
+        prof, images, labels, ctx.work_dir, ctx.log, ctx.registry_path
     )  # trained: a compile-only resume needs no teacher
     rounding = None
     if prof.get("round_accumulators"):
@@ -1134,7 +1134,7 @@ def build(ctx: BuildContext) -> RecipeResult:
     n_params = sum(p.numel() for p in model.parameters())
     ctx.log.info("model %s: %d parameters", cfg["arch_name"], n_params)
     if "init_from" in arch:
-        load_parent(model, arch["init_from"])
+        load_parent(model, arch["init_from"], ctx.registry_path)
         ctx.log.info("training starts from the weights of %s", arch["init_from"])
 
     # 3. Train (QAT + fan-in pruning).

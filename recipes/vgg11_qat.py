@@ -514,7 +514,7 @@ def train_stage(
         std = torch.tensor(data["std"], dtype=torch.float32)
         calib = normalize_images(images[: prof["n_calib"]], mean, std).to(device)
     teacher = None if start == epochs else teacher_logits(prof, images, labels, ctx.work_dir,
-                                                          ctx.log)  # fmt: skip
+                                                          ctx.log, ctx.registry_path)  # fmt: skip
     stage_id = 0 if stage == "float" else 1
     for epoch in range(start, epochs):
         lr = _float_lr(prof, epoch) if stage == "float" else prof["qat_lr"]

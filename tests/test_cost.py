@@ -497,6 +497,30 @@ def _with_wop(calibration: dict, a: float, b: float) -> dict:
                                        "max_abs_relative_error": 0.1}}  # fmt: skip
 
 
+def test_the_per_width_table_interpolates_and_takes_one_entry() -> None:
+    table = {4: 0.01, 8: 0.16}
+    assert cost.seconds_per_pbs(4, table) == 0.01
+    assert cost.seconds_per_pbs(6, table) == pytest.approx(0.04)  # log-linear: halfway = x4
+    assert cost.seconds_per_pbs(10, table) == pytest.approx(0.64)  # extrapolated
+    assert cost.seconds_per_pbs(6, {8: 0.16}) == 0.16
+
+
+def test_wop_lookups_are_counted_once() -> None:
+    """What the graph does not attribute is already in the widest bucket (the packager puts it
+    there): it is not added again, and a negative remainder takes nothing away."""
+    work = cost.pbs_work(PARAM_WOP)
+    packaged = {**WOP_CIRCUIT, "pbs_count_per_parameter": [{"parameter": PARAM_WOP, "count": 18}],
+                "pbs_count_by_bit_width": {"4": 10, "12": 8},
+                "pbs_count_by_bit_width_unattributed": 3}  # fmt: skip
+    assert cost.wop_work(packaged) == [(4, 10, work), (12, 8, work)]
+    over = {**packaged, "pbs_count_by_bit_width": {"4": 10, "12": 11},
+            "pbs_count_by_bit_width_unattributed": -3}  # fmt: skip
+    assert cost.wop_work(over) == [(4, 10, work), (12, 11, work)]
+    short = {**packaged, "pbs_count_by_bit_width": {"4": 10, "12": 5}}  # an older table
+    assert cost.wop_work(short) == [(4, 10, work), (12, 8, work)]
+    assert cost.wop_work({**packaged, "pbs_count_by_bit_width": {}}) == [(12, 18, work)]
+
+
 def test_wop_lookups_are_priced_by_width_and_parameter_set() -> None:
     a, b, overhead = 1e-9, 2e-10, 0.05
     calibration = _with_wop(_calibration(1e-10, overhead), a, b)

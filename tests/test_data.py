@@ -163,8 +163,11 @@ def test_a_damaged_batch_is_an_integrity_error(cifar_dir: Path, tmp_path: Path) 
     root = tmp_path / data.CIFAR10_DIRNAME
     root.mkdir()
     real = (cifar_dir / data.CIFAR10_DIRNAME / "test_batch").read_bytes()
+    batch = data.restricted_load(cifar_dir / data.CIFAR10_DIRNAME / "test_batch")
+    half = {b"data": batch[b"data"][:5000], b"labels": batch[b"labels"][:5000]}  # truncated
+    eleven = {b"data": batch[b"data"][:2], b"labels": [0, 11]}  # a label CIFAR-10 lacks
     for damage in (real[: len(real) // 2], pickle.dumps({b"data": [1, 2], b"labels": [0]}),
-                   pickle.dumps([1, 2, 3])):  # fmt: skip
+                   pickle.dumps([1, 2, 3]), pickle.dumps(half), pickle.dumps(eleven)):  # fmt: skip
         (root / "test_batch").write_bytes(damage)
         with pytest.raises(errors.IntegrityError, match="damaged or not a CIFAR batch") as err:
             data.load_cifar10(tmp_path, "test")

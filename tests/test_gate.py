@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 import zipfile
@@ -138,12 +139,20 @@ def test_skops_and_type_names_outside_real_builds_are_refused(tmp_path: Path) ->
         check_zip(folder / "client.zip")
 
 
-def _skops(schema: dict, method: int = zipfile.ZIP_STORED, prefix: bytes = b"") -> str:
-    """A skops type blob (hex) holding ``schema``, as concrete-ml writes it unless told."""
+def _skops(
+    schema: dict, method: int = zipfile.ZIP_STORED, prefix: bytes = b"", extra_size: int = 0
+) -> str:
+    """A skops type blob (hex) holding ``schema``, as concrete-ml writes it unless told
+    (``extra_size``: its central directory claims that many more bytes than it holds)."""
     blob = io.BytesIO()
     with zipfile.ZipFile(blob, "w", method) as skops:
         skops.writestr("schema.json", json.dumps(schema))
-    return (prefix + blob.getvalue()).hex()
+    data = bytearray(blob.getvalue())
+    central = data.find(b"PK\x01\x02")
+    for offset in (20, 24):  # compressed and uncompressed sizes
+        size = struct.unpack_from("<I", data, central + offset)[0]
+        struct.pack_into("<I", data, central + offset, size + extra_size)
+    return (prefix + bytes(data)).hex()
 
 
 def _model_type(folder: Path, edit) -> None:  # noqa: ANN001 - a callable
@@ -167,6 +176,8 @@ HOSTILE_TYPES = {  # what is put into the model_type node -> what the refusal sa
     "bzip2": ({"serialized_value": _skops(GOOD_SCHEMA, zipfile.ZIP_BZIP2)}, "method 12"),
     "a big schema": ({"serialized_value": _skops({**GOOD_SCHEMA, "pad": "x" * 9000})},
                      "skops schema of 9.* bytes"),
+    "a size that lies": ({"serialized_value": _skops(GOOD_SCHEMA, extra_size=1000)},
+                         "skops blob that does not parse"),
 }  # fmt: skip
 
 

@@ -17,6 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 import zoo
+from zoo import config
 from zoo.catalog import registry as reg
 from zoo.cli import main
 from zoo.errors import InputError, ServerError, ZooError
@@ -227,8 +228,9 @@ def test_writing_into_a_folder_that_is_not_there_is_one_line(
     zoo_home: Path, registry_file: Path, build_dir: Path, tmp_path: Path
 ) -> None:
     zoo.publish(build_dir, "local")
-    code, err = _run("bundle", "export", VARIANT, "-o", str(tmp_path / "absent" / "b.zip"))
-    assert code == 2 and "absent" in err and "check the path" in err and "Traceback" not in err
+    for command in (["bundle", "export", VARIANT], ["card", VARIANT]):
+        code, err = _run(*command, "-o", str(tmp_path / "absent" / "b.zip"))
+        assert code == 2 and "absent does not exist" in err and "Traceback" not in err
 
 
 def test_serve_checks_its_tls_files_before_loading(tmp_path: Path) -> None:
@@ -395,6 +397,27 @@ def test_a_build_trained_on_a_gpu_is_not_rebuilt_on_a_cpu(
     assert code == 8 and "trained on a GPU" in err and "release store" in err
 
 
+def test_a_build_of_other_versions_is_not_rebuilt_for_hours_to_differ(
+    zoo_home: Path, registry_file: Path, build_dir: Path
+) -> None:
+    build = zoo.publish(build_dir, "local")
+    document = json.loads(registry_file.read_text())
+    document["variants"][VARIANT]["builds"][-1]["runtime"]["concrete-ml"] = "0.1.0"
+    reg.save(document, registry_file)
+    code, err = _run("build", VARIANT, "--check", build.revision[:12])
+    assert code == 5 and "built with other versions" in err and "concrete-ml: need 0.1.0" in err
+
+
+@pytest.mark.parametrize(("option", "value"), [("--seed", "-1"), ("--stop-after", "nan")])
+def test_build_options_out_of_range_stop_before_any_work(
+    registry_file: Path, tmp_path: Path, option: str, value: str
+) -> None:
+    code, err = _run("build", VARIANT, "--profile", "smoke", "--out", str(tmp_path / "b"),
+                     option, value)  # fmt: skip
+    assert code == 2 and option in err and "Traceback" not in err
+    assert not (tmp_path / "b").exists()
+
+
 def test_training_on_a_gpu_that_is_not_there_is_a_build_error(
     registry_file: Path, cifar_dir: Path, tmp_path: Path
 ) -> None:
@@ -433,3 +456,15 @@ def test_sigpipe_is_ignored_again_from_any_thread() -> None:
         assert sigpipe.ignored()
     finally:
         sigpipe.restore()
+
+
+def test_a_tilde_in_the_environment_is_the_home_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As a systemd unit or a .env file passes it, unexpanded: not a folder named ``~``."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name, get in [("ZOO_HOME", config.zoo_home), ("ZOO_DATA_DIR", config.data_dir),
+                      ("ZOO_REGISTRY", config.registry_path),
+                      ("ZOO_RELEASES", config.releases_dir)]:  # fmt: skip
+        monkeypatch.setenv(name, "~/x")
+        assert get() == tmp_path / "x"

@@ -51,6 +51,21 @@ def test_a_build_refuses_kernels_above_the_pin(monkeypatch: pytest.MonkeyPatch) 
     assert "zoo.build.kernels.pin()" in info.value.hint
 
 
+def test_numpy_started_before_the_pin_is_refused() -> None:
+    """OpenBLAS reads its pin when numpy starts: a build in a process that imported numpy
+    first (the Python API, not `zoo build`) must not record a pin it does not run."""
+    clean = {k: v for k, v in os.environ.items() if k not in kernels.PINS}
+    own = ("import numpy, threadpoolctl; print(*{i['architecture'] for i in "
+           "threadpoolctl.threadpool_info() if i['internal_api'] == 'openblas'})")  # fmt: skip
+    core = subprocess.run([sys.executable, "-c", own], env=clean, capture_output=True,
+                          text=True, check=True).stdout.strip()  # fmt: skip
+    if core.lower() == kernels.PINS["OPENBLAS_CORETYPE"].lower():
+        pytest.skip(f"this CPU's own OpenBLAS kernels ({core}) are the pinned ones")
+    late = "import numpy; from zoo.build import kernels; kernels.pin(); kernels.check()"
+    out = subprocess.run([sys.executable, "-c", late], env=clean, capture_output=True, text=True)
+    assert out.returncode != 0 and f"OpenBLAS runs its {core} kernels" in out.stderr
+
+
 def test_steal_and_others_are_shares_of_the_machines_cpu_time() -> None:
     Ticks = machine.Ticks
     before, after = Ticks(10, 1_000, 400, 300), Ticks(60, 1_200, 560, 400)

@@ -150,6 +150,21 @@ def test_other_compression_methods_are_rejected(dest: Path, method: int) -> None
     assert_nothing_left(dest)
 
 
+@pytest.mark.parametrize("flag", [0x1, 0x20, 0x40])
+def test_encrypted_or_patched_members_are_rejected(dest: Path, flag: int) -> None:
+    """Flags zipfile cannot read (or would need a password for) are refused, not a traceback."""
+    dest.parent.mkdir()
+    archive = make_zip(dest.parent / "evil.zip", [("a.txt", b"x" * 1000)])
+    data = bytearray(archive.read_bytes())
+    for signature, offset in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):
+        start = data.find(signature) + offset
+        struct.pack_into("<H", data, start, struct.unpack_from("<H", data, start)[0] | flag)
+    archive.write_bytes(bytes(data))
+    with pytest.raises(UnsafeArchiveError, match=f"'a.txt'.*encrypted or patched \\({flag:#x}"):
+        extract_zip(archive, dest)
+    assert_nothing_left(dest)
+
+
 def test_a_name_that_is_not_utf8_is_rejected(dest: Path) -> None:
     dest.parent.mkdir()
     archive = make_zip(dest.parent / "evil.zip", [("caf\u00e9.txt", b"x")])  # flagged UTF-8

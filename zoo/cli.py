@@ -23,6 +23,7 @@ from zoo import api
 from zoo.cost import model as cost
 from zoo.cost.machine import alone
 from zoo.errors import BuildPaused, ZooError
+from zoo.store.atomic import writable
 
 REGISTRY = click.option(
     "--registry",
@@ -40,7 +41,6 @@ FHE = click.option(
 )
 #: Disk full, quota, read-only or forbidden: the user's to fix, so one line and a hint.
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
-PATH_ERRNOS = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR}
 
 
 def _size(n: int | None) -> str:
@@ -78,11 +78,6 @@ def handles_errors(command: Callable[..., Any]) -> Callable[..., Any]:
                     click.echo(f"hint: {exc.hint}", err=True)
             sys.exit(exc.exit_code)
         except OSError as exc:
-            if exc.errno in PATH_ERRNOS and exc.filename:  # e.g. -o into a folder that is not
-                click.echo(f"error: {exc.strerror}: {exc.filename}", err=True)
-                click.echo("hint: check the path (the folder of a file to write must exist)",
-                           err=True)  # fmt: skip
-                sys.exit(2)
             if exc.errno not in DISK_ERRNOS:
                 raise
             where = f" ({exc.filename})" if exc.filename else ""
@@ -374,13 +369,14 @@ def pull(
               help="folder with cifar-10-batches-py/ (default $ZOO_DATA_DIR)")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
               help="build directory (default build-out/VARIANT-PROFILE)")
-@click.option("--seed", type=int, default=None, help="default: the registry's seed")
+@click.option("--seed", type=click.IntRange(min=0), default=None,
+              help="default: the registry's seed")
 @click.option("--resume", is_flag=True, help="continue from the last epoch checkpoint")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
 @click.option("--init", "init", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               default=None, help="safetensors weights to start training from (VGG11: float "
               "weights, ours or torchvision's vgg11)")
-@click.option("--stop-after", type=float, default=None, metavar="SECONDS",
+@click.option("--stop-after", type=click.FloatRange(min=0), default=None, metavar="SECONDS",
               help="stop at the first checkpoint after SECONDS (exit code 10); --resume continues")
 @click.option("--train-only", is_flag=True,
               help="stop once trained, before compiling (exit code 10): train on a GPU machine "
@@ -520,7 +516,7 @@ def releases_check(registry_path: Path | None, as_json: bool) -> None:
 @click.option(
     "-o",
     "--output",
-    type=click.Path(path_type=Path),
+    type=click.Path(path_type=Path, dir_okay=False),
     default=None,
     help="write the card to this file instead of printing it",
 )
@@ -529,6 +525,8 @@ def releases_check(registry_path: Path | None, as_json: bool) -> None:
 def card(ref: str, output: Path | None, registry_path: Path | None) -> None:
     """Print a build's model card with its FHE truth: accuracy in simulation and real FHE (with
     image counts), seconds per image and where, PBS count, serialized evaluation-key size."""
+    if output is not None:
+        writable(output)
     text = api.card(ref, registry_path)
     if output is None:
         click.echo(text)

@@ -20,9 +20,16 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 DEFAULT_HF_ENDPOINT = "https://huggingface.co"
 
 
+def _env_path(name: str) -> Path | None:
+    """``$name`` as a path, ``~`` expanded (a unit or .env file does not expand it); None if
+    unset or empty."""
+    value = os.environ.get(name)
+    return Path(value).expanduser() if value else None
+
+
 def zoo_home() -> Path:
     """Root folder of the local hub, the cache and the keys."""
-    return Path(os.environ.get("ZOO_HOME") or Path.home() / ".cache" / "zoo")
+    return _env_path("ZOO_HOME") or Path.home() / ".cache" / "zoo"
 
 
 def hub_dir() -> Path:
@@ -47,20 +54,20 @@ def server_keys_dir() -> Path:
 
 def data_dir() -> Path:
     """Where builds read CIFAR (``cifar-10-batches-py/``, ``cifar-100-python/``)."""
-    return Path(os.environ.get("ZOO_DATA_DIR") or zoo_home() / "data")
+    return _env_path("ZOO_DATA_DIR") or zoo_home() / "data"
 
 
 def registry_path() -> Path:
     """The registry file: ``$ZOO_REGISTRY`` or the project's ``registry.json`` (link resolved,
     so that an atomic save replaces the file, not the link)."""
-    return Path(os.environ.get("ZOO_REGISTRY") or (PACKAGE_DIR / "registry.json").resolve())
+    return _env_path("ZOO_REGISTRY") or (PACKAGE_DIR / "registry.json").resolve()
 
 
 def releases_dir(registry: Path | None = None) -> Path:
     """The release store: ``$ZOO_RELEASES``, else ``releases/`` beside the registry file."""
-    if os.environ.get("ZOO_RELEASES"):
-        return Path(os.environ["ZOO_RELEASES"])
-    return Path(registry or registry_path()).resolve().parent / "releases"
+    return _env_path("ZOO_RELEASES") or (
+        Path(registry or registry_path()).resolve().parent / "releases"
+    )
 
 
 def recipe_path(module: str) -> Path:

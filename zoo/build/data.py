@@ -56,6 +56,7 @@ CIFAR10_DIRNAME = "cifar-10-batches-py"
 CIFAR100_DIRNAME = "cifar-100-python"
 CIFAR10_TRAIN_SIZE = 50_000
 CIFAR10_TEST_SIZE = 10_000
+CIFAR10_BATCH_SIZE = 10_000  # every file of the official archive
 CIFAR100_TRAIN_SIZE = 50_000
 CIFAR100_TEST_SIZE = 10_000
 _CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -139,17 +140,27 @@ def _dataset_dir(data_dir: Path, dirname: str) -> Path:
     return root
 
 
-def _read_batch(path: Path, label_key: str, dirname: str) -> tuple[np.ndarray, np.ndarray]:
+def _read_batch(
+    path: Path, label_key: str, dirname: str, n_classes: int, size: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One batch file: its images and labels, checked (labels in ``0..n_classes-1``; exactly
+    ``size`` images if given) or refused as damaged."""
     if not path.is_file():
         raise DatasetNotFoundError(
             f"expected the archive file '{path.name}' in '{path.parent}' ({path} does not "
             "exist). " + _how_to_get(dirname)
         )
     try:
-        return _parse_batch(restricted_load(path), path, label_key)
+        images, labels = _parse_batch(restricted_load(path), path, label_key)
+        if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+            raise ValueError(f"labels outside 0..{n_classes - 1}")
+        if size is not None and len(labels) != size:
+            raise ValueError(f"{len(labels)} images, not the official {size}")
+        return images, labels
     except UnsafePickleError:
         raise
-    except (EOFError, pickle.UnpicklingError, ValueError, KeyError, TypeError) as exc:
+    except (EOFError, pickle.UnpicklingError, ValueError, KeyError, TypeError,
+            RecursionError) as exc:  # fmt: skip
         raise IntegrityError(
             f"{path} is damaged or not a CIFAR batch ({type(exc).__name__}: {exc})",
             hint=_how_to_get(dirname),
@@ -191,12 +202,9 @@ def load_cifar10(data_dir: Path, split: Split) -> tuple[np.ndarray, np.ndarray]:
     _check_split(split)
     root = _dataset_dir(data_dir, CIFAR10_DIRNAME)
     files = _CIFAR10_TRAIN_FILES if split == "train" else _CIFAR10_TEST_FILES
-    parts = [_read_batch(root / name, "labels", CIFAR10_DIRNAME) for name in files]
-    images = np.concatenate([p[0] for p in parts])
-    labels = np.concatenate([p[1] for p in parts])
-    if labels.size and (labels.min() < 0 or labels.max() > 9):
-        raise ValueError(f"{root}: CIFAR-10 labels outside 0..9")
-    return images, labels
+    parts = [_read_batch(root / name, "labels", CIFAR10_DIRNAME, 10, CIFAR10_BATCH_SIZE)
+             for name in files]  # fmt: skip
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 @dataclass(frozen=True)
@@ -246,11 +254,8 @@ def load_cifar100(
     if label not in ("fine", "coarse"):
         raise ValueError(f"label must be 'fine' or 'coarse', got {label!r}")
     root = _dataset_dir(data_dir, CIFAR100_DIRNAME)
-    images, labels = _read_batch(root / split, f"{label}_labels", CIFAR100_DIRNAME)
     n_classes = 100 if label == "fine" else 20
-    if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
-        raise ValueError(f"{root}: CIFAR-100 {label} labels outside 0..{n_classes - 1}")
-    return images, labels
+    return _read_batch(root / split, f"{label}_labels", CIFAR100_DIRNAME, n_classes)
 
 
 def require_complete(split_data: CifarSplit, what: str = "CIFAR-100") -> CifarSplit:

@@ -38,6 +38,7 @@ def teacher_logits(
     labels: np.ndarray,
     work_dir: Path,
     log: logging.Logger,
+    registry_path: Path | None = None,
 ) -> np.ndarray | None:
     """Logits (N, 2, classes) of the profile's teacher in the clear on ``images`` (uint8 NHWC)
     and on their horizontal mirrors, from ``work_dir``'s cache when it holds them; None for a
@@ -53,7 +54,7 @@ def teacher_logits(
         return load_file(str(path))["logits"]
     import zoo
 
-    model = zoo.load(ref, circuits=False)
+    model = zoo.load(ref, circuits=False, registry_path=registry_path)
     log.info("distillation: logits of %s on %d training images and their mirrors", ref,
              len(labels))  # fmt: skip
     rows = []

@@ -11,6 +11,7 @@ environment is left as it is (and recorded as it is).
 from __future__ import annotations
 
 import os
+import platform
 from typing import Any
 
 from zoo.errors import BuildError
@@ -43,5 +44,18 @@ def check() -> dict[str, Any]:
             "reproduce on AVX2 machines",
             hint="build with `zoo build` (a fresh process), or call zoo.build.kernels.pin() "
             "before importing torch",
+        )
+    from threadpoolctl import threadpool_info
+
+    x86 = platform.machine().lower() in ("x86_64", "amd64")  # elsewhere the pins mean nothing
+    wanted = os.environ.get("OPENBLAS_CORETYPE", "").lower() if x86 else ""
+    started = {i.get("architecture") for i in threadpool_info() if i["internal_api"] == "openblas"}
+    late = sorted(core for core in started if core and wanted and core.lower() != wanted)
+    if late:
+        raise BuildError(
+            f"OpenBLAS runs its {', '.join(late)} kernels in this process (numpy started before "
+            "the pin), so the build would not reproduce on other machines",
+            hint="build with `zoo build` (a fresh process), or call zoo.build.kernels.pin() "
+            "before importing numpy",
         )
     return {"torch": capability, **{name: os.environ.get(name) for name in PINS}}

@@ -53,7 +53,7 @@ def recompile(ctx: BuildContext, dataset: str) -> RecipeResult:
     if ctx.init is not None:
         raise BuildError(f"{ctx.variant} takes its weights from {parent_ref}, not from --init",
                          hint="leave out --init")  # fmt: skip
-    parent = load(parent_ref, role="all", circuits=False)
+    parent = load(parent_ref, role="all", circuits=False, registry_path=ctx.registry_path)
     if parent.build.profile != ctx.profile:
         raise BuildError(
             f"{ctx.variant} takes the weights of {parent.build.short_ref}, trained with the "

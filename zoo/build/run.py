@@ -41,7 +41,7 @@ from zoo.build import kernels
 from zoo.catalog import card, manifest, versions
 from zoo.catalog import registry as reg
 from zoo.cost import machine
-from zoo.errors import BuildError, BuildPaused, IntegrityError
+from zoo.errors import BuildError, BuildPaused, InputError, IntegrityError, RuntimeMismatchError
 from zoo.store import cache
 from zoo.store.atomic import write_atomic
 
@@ -68,6 +68,8 @@ class BuildContext:
     resume: bool
     log: logging.Logger
     init: Path | None = None  # --init: weights to start training from (recipes with ACCEPTS_INIT)
+    #: the registry that names the variant: parents and teachers are resolved in it too
+    registry_path: Path | None = None
     #: seconds each step took when this variant and profile were last built (``*_seconds`` of
     #: the registry's timings), for progress bars' ETAs
     expected: dict[str, float] = field(default_factory=dict)
@@ -237,6 +239,10 @@ def build(
             hint=f"use one of {', '.join(entry.recipe['profiles'])}",
         )
     seed = entry.recipe["seed"] if seed is None else seed
+    if seed < 0:
+        raise InputError(f"--seed must be >= 0, got {seed}")
+    if stop_after is not None and not stop_after >= 0:  # NaN too
+        raise InputError(f"--stop-after must be a number of seconds >= 0, got {stop_after}")
     data_dir = Path(data_dir) if data_dir else config.data_dir()
     out_dir = Path(out_dir) if out_dir else Path("build-out") / f"{variant}-{profile}"
     held = out_dir.exists() and (
@@ -258,14 +264,18 @@ def build(
             raise BuildError(f"--init file {init} not found", hint="pass a .safetensors file")
     work_dir = out_dir / "work"
     work_dir.mkdir(parents=True, exist_ok=True)
-    for stale in [*manifest.ROLE_OF, manifest.MANIFEST, manifest.REPORT]:
+    for stale in [manifest.MANIFEST, *manifest.ROLE_OF, manifest.REPORT]:  # manifest first
         (out_dir / stale).unlink(missing_ok=True)
+    for torn in out_dir.glob(".*.tmp"):  # what a killed write_atomic left: not part of a build
+        if torn.is_file():
+            torn.unlink()
     logger = _logger(work_dir)
     started = time.time()
     ctx = BuildContext(
         variant=variant, params=dict(entry.recipe["params"]), profile=profile, seed=seed,
         data_dir=data_dir, work_dir=work_dir, device=device, resume=resume, log=logger,
         init=Path(init) if init is not None else None, train_only=train_only,
+        registry_path=registry_path,
         stop_at=None if stop_after is None else time.monotonic() + stop_after,
         expected=next((b.raw.get("timings", {}) for b in reversed(entry.builds)
                        if b.profile == profile), {}),
@@ -313,7 +323,6 @@ def build(
         "head": result.head_config,
     }
     (out_dir / "README.md").write_text(card.render(document, entry))
-    manifest.write(out_dir, document)
     timings.update(
         package_seconds=round(time.time() - package_started, 3),
         build_seconds=round(time.time() - started + (ctx.trained_before or 0), 3),
@@ -328,6 +337,7 @@ def build(
         "timings": timings,
     }
     write_atomic(out_dir / manifest.REPORT, manifest.dumps(report))
+    manifest.write(out_dir, document)  # last: a folder with a manifest is a whole build
     logger.info("wrote %s in %.1f s", out_dir, timings["build_seconds"])
     return out_dir
 
@@ -355,8 +365,16 @@ MISMATCH_HINT = (
 )
 
 
-def _on_a_cpu(pinned: reg.Build) -> None:
-    """Refuse to rebuild, on this CPU, a build whose weights a GPU trained: it cannot match."""
+def _can_rebuild_here(pinned: reg.Build) -> None:
+    """Refuse to rebuild what cannot match, before hours of it: a build whose weights a GPU
+    trained, or one made with other versions of the binding packages than those installed."""
+    problems = versions.mismatches(pinned.runtime)
+    if problems:
+        raise RuntimeMismatchError(
+            f"{pinned.short_ref} was built with other versions: {'; '.join(problems)}; a "
+            "rebuild here cannot give its bytes",
+            hint=versions.install_hint(pinned.runtime),
+        )
     if pinned.raw.get("device", "cpu") != "cpu":
         raise BuildError(
             f"{pinned.short_ref} was trained on a GPU ({pinned.raw['device']}): a rebuild on a "
@@ -380,7 +398,7 @@ def check(
     base variant's, whose training a rounded or later-split variant shares)."""
     registry = reg.load(registry_path)
     pinned = reg.resolve(registry, ref, check_runtime=False, allow_yanked=True)
-    _on_a_cpu(pinned)
+    _can_rebuild_here(pinned)
     out_dir = out_dir or Path(tempfile.mkdtemp(prefix=f"zoo-check-{pinned.variant}-"))
     build(
         pinned.variant, profile=pinned.profile, data_dir=data_dir, out_dir=out_dir,
@@ -402,7 +420,7 @@ def rebuild_into_cache(
     A mismatching rebuild is kept aside (its path is in the error) and nothing enters the cache.
     The rebuild holds the build's cache lock and staging folder, as a download does.
     """
-    _on_a_cpu(pinned)
+    _can_rebuild_here(pinned)
     root = cache_root or config.cache_dir()
     result = cache.PullResult(pinned, cache.build_path(pinned, root), role, source="rebuild")
     with cache.staging(pinned, root) as out_dir:

@@ -160,12 +160,12 @@ def wop_work(circuit: dict[str, Any]) -> list[tuple[int, int, float]]:
         return []
     mean = sum(int(r["count"]) * pbs_work(r["parameter"]) for r in rows) / total
     by_width = {int(b): int(n) for b, n in (circuit.get("pbs_count_by_bit_width") or {}).items()}
-    unattributed = int(circuit.get("pbs_count_by_bit_width_unattributed") or 0)
-    if not by_width:
-        unattributed = total
-    if unattributed:  # what the graph does not attribute is priced at the widest lookup
+    # lookups the table leaves out (the packager already adds what the graph does not
+    # attribute to the widest width) are priced at the widest lookup
+    missing = total - sum(by_width.values())
+    if missing > 0:
         widest = max(by_width, default=int(circuit.get("max_bit_width") or 0))
-        by_width[widest] = by_width.get(widest, 0) + unattributed
+        by_width[widest] = by_width.get(widest, 0) + missing
     return [(bits, n, mean) for bits, n in sorted(by_width.items()) if n]
 
 
@@ -183,6 +183,8 @@ def seconds_per_pbs(bit_width: int, table: dict[int, float] | None = None) -> fl
     table = dict(sorted((table or DEFAULT_SECONDS_PER_PBS).items()))
     if bit_width in table:
         return table[bit_width]
+    if len(table) == 1:  # nothing to interpolate
+        return next(iter(table.values()))
     widths = list(table)
     low = max([w for w in widths if w < bit_width], default=widths[0])
     high = min([w for w in widths if w > bit_width], default=widths[-1])

@@ -14,9 +14,11 @@ build's before it loads the circuit: a cluster node set up otherwise is refused,
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -53,13 +55,18 @@ def _worker_class() -> Any:
 
             if hashlib.sha256(server_zip).hexdigest() != sha256:
                 raise IntegrityError("server.zip changed on its way to the worker")
-            with tempfile.TemporaryDirectory(prefix="zoo-worker-") as folder:
+            with tempfile.TemporaryDirectory(prefix="zoo-ray-") as folder:
                 path = Path(folder) / "server.zip"
                 path.write_bytes(server_zip)
                 check_zip(path)
-                with circuit_tempdir(self):  # what concrete unpacks: removed with the actor
+                with circuit_tempdir(self) as self.circuit_folder:  # what concrete unpacks
                     self.server = FHEModelServer(folder)  # loads server.zip at once
             self.keys = fhe.EvaluationKeys.deserialize(eval_keys)
+
+        def close(self) -> None:
+            """Remove what concrete unpacked (an actor that Ray ends runs no exit hook)."""
+            if getattr(self, "circuit_folder", None):  # not set where the runtime mismatched
+                shutil.rmtree(self.circuit_folder, ignore_errors=True)
 
         def pid(self) -> int:
             return os.getpid()
@@ -114,6 +121,7 @@ def run(
             # Ray nices workers to 15 by default; here the workers are the work.
             _system_config=None if joins else {"worker_niceness": 0},
         )
+    actors: list[Any] = []
     try:
         server_zip = (Path(build_dir) / "server.zip").read_bytes()
         digest = hashlib.sha256(server_zip).hexdigest()
@@ -121,6 +129,7 @@ def run(
         count = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         worker = _worker_class()
         idle = [worker.remote(zip_ref, digest, keys_ref, runtime) for _ in range(count)]
+        actors = list(idle)
         for problems in ray.get([actor.mismatches.remote() for actor in idle]):
             if problems:
                 raise RuntimeMismatchError(
@@ -146,5 +155,7 @@ def run(
             idle.append(actor)
             yield index, result, seconds
     finally:
+        with contextlib.suppress(Exception):  # an actor that died took nothing more to remove
+            ray.get([actor.close.remote() for actor in actors], timeout=60)
         if started_here:
             ray.shutdown()

@@ -247,7 +247,7 @@ def _simulator(server_zip: Path) -> tuple[Any, Any]:
 
 
 @contextlib.contextmanager
-def circuit_tempdir(owner: Any) -> Iterator[None]:
+def circuit_tempdir(owner: Any) -> Iterator[str]:
     """Make concrete put the folders it unpacks and compiles a circuit into under one folder of
     ``owner``'s, removed once ``owner`` is collected or the process exits (concrete-python 2.10
     never removes them: its ``Server.cleanup`` does nothing)."""
@@ -258,7 +258,7 @@ def circuit_tempdir(owner: Any) -> Iterator[None]:
     atexit.register(remove)
     saved, tempfile.tempdir = tempfile.tempdir, folder
     try:
-        yield
+        yield folder
     finally:
         tempfile.tempdir = saved
 

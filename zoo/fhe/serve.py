@@ -449,11 +449,12 @@ def _tls(keyfile: Path | None, certfile: Path | None) -> dict[str, Path]:
         raise InputError("--ssl-keyfile and --ssl-certfile go together",
                          hint="give both (PEM files) to serve HTTPS, or neither")  # fmt: skip
     try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(certfile, keyfile)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(certfile, keyfile, password=lambda: b"")  # never a prompt
     except (ssl.SSLError, OSError) as exc:
         raise InputError(
             f"cannot serve HTTPS with {certfile} and {keyfile}: {exc}",
-            hint="pass a PEM certificate and its own private key",
+            hint="pass a PEM certificate and its own private key, unencrypted",
         ) from None
     return {"ssl_keyfile": keyfile, "ssl_certfile": certfile}
 

@@ -7,6 +7,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from zoo.errors import InputError
+
 
 def write_atomic(path: Path, data: bytes | str, mode: int = 0o644) -> None:
     """Replace ``path`` with ``data`` (text is UTF-8); a crash leaves the old file or none,
@@ -39,3 +41,12 @@ def replace_synced(tmp: Path, path: Path) -> None:
     ``path``."""
     sync(tmp)
     os.replace(tmp, path)
+
+
+def writable(path: Path) -> None:
+    """Refuse an output file whose folder does not exist, before any work for it is done."""
+    if not Path(path).parent.is_dir():
+        raise InputError(
+            f"cannot write {path}: the folder {Path(path).parent} does not exist",
+            hint="create the folder first, or name a file in one that exists",
+        )

@@ -30,9 +30,10 @@ from zoo.catalog import manifest
 from zoo.catalog import registry as reg
 from zoo.errors import IntegrityError, NotFoundError, UnsafeArchiveError
 from zoo.store import cache, hub
+from zoo.store.atomic import writable
 from zoo.store.gate import check_zip
 from zoo.store.hashing import sha256_file
-from zoo.store.safezip import COMPRESSIONS, extract_zip
+from zoo.store.safezip import check_member, extract_zip
 
 FORMAT = "zoo-bundle"
 VERSION = 1
@@ -46,6 +47,7 @@ def _member(entry: reg.FileEntry) -> str:
 
 def export(refs: list[str], out: Path, registry_path: Path | None = None) -> dict[str, Any]:
     """Write the builds ``refs`` name (pulled first if not cached) into the bundle ``out``."""
+    writable(out)
     builds = [api.pull(ref, registry_path=registry_path).build for ref in refs]
     for build in builds:
         cache.check_hashes(build, "all")  # a warm pull checked sizes only
@@ -79,14 +81,14 @@ def _read_index(path: Path) -> dict[str, Any]:
     try:
         with zipfile.ZipFile(path) as archive:
             info = archive.getinfo(INDEX)
-            if info.compress_type not in COMPRESSIONS or info.flag_bits & 0x1:
-                raise UnsafeArchiveError(f"{path}: {INDEX} is encrypted or oddly compressed")
+            check_member(path, info)
             if info.file_size > MAX_INDEX_BYTES:
                 raise UnsafeArchiveError(f"{path}: {INDEX} declares {info.file_size} bytes")
             with archive.open(info) as handle:
                 index = json.loads(handle.read(MAX_INDEX_BYTES + 1))
     except (
-        zipfile.BadZipFile, KeyError, ValueError, zlib.error, EOFError, RecursionError
+        zipfile.BadZipFile, KeyError, ValueError, zlib.error, EOFError, NotImplementedError,
+        RecursionError,
     ) as exc:  # fmt: skip
         raise UnsafeArchiveError(
             f"{path} is not a zoo bundle ({type(exc).__name__}: {exc})",

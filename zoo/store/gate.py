@@ -98,7 +98,7 @@ def _skops_blob(hex_value: Any) -> str | None:
                 return f"a skops schema of {infos[0].file_size} bytes"
             with blob.open(infos[0]) as handle:
                 schema = json.loads(handle.read(MAX_SKOPS_SCHEMA_BYTES + 1))
-    except (TypeError, ValueError, RuntimeError, zipfile.BadZipFile, zlib.error) as exc:
+    except (TypeError, ValueError, RuntimeError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
         return f"a skops blob that does not parse ({type(exc).__name__}: {exc})"
     if not isinstance(schema, dict):
         return "a skops blob whose schema is not an object"

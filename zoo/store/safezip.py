@@ -80,11 +80,14 @@ def _is_dir(info: zipfile.ZipInfo) -> bool:
     return info.filename.endswith("/") or stat.S_ISDIR(info.external_attr >> 16)
 
 
-def _check_type(zip_path: Path, info: zipfile.ZipInfo) -> None:
-    """Reject symlinks and other special files (by the Unix mode in the external attributes)."""
+def check_member(zip_path: Path, info: zipfile.ZipInfo) -> None:
+    """Reject a member that is encrypted, patched, oddly compressed or placed, or a symlink or
+    other special file (by the Unix mode in the external attributes)."""
     mode = info.external_attr >> 16
-    if info.flag_bits & 0x1:
-        raise _unsafe(zip_path, info.filename, "it is encrypted")
+    if info.flag_bits & 0x61:  # encrypted, compressed patched data, strongly encrypted
+        raise _unsafe(zip_path, info.filename, f"it is encrypted or patched ({info.flag_bits:#x})")
+    if info.header_offset < 0:
+        raise _unsafe(zip_path, info.filename, "its header lies before the archive")
     if stat.S_ISLNK(mode):
         raise _unsafe(zip_path, info.filename, "it is a symbolic link")
     if info.compress_type not in COMPRESSIONS:
@@ -138,7 +141,7 @@ def _plan(
     files: set[str] = set()
     plan = []
     for info in infos:
-        _check_type(zip_path, info)
+        check_member(zip_path, info)
         parts = _safe_parts(zip_path, info.filename)
         key = "/".join(parts).casefold()
         if key in seen:
@@ -204,7 +207,7 @@ def _extract_into(
         budget = min(max_member_bytes, max_total_bytes - total)
         try:
             total += _stream_member(zip_path, archive, info, target, budget)
-        except (zipfile.BadZipFile, zlib.error, EOFError, ValueError) as exc:
+        except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError) as exc:
             raise _unsafe(zip_path, info.filename, f"its data is corrupt ({exc})") from exc
         files.append(rel)
     return files
@@ -268,7 +271,8 @@ def extract_zip(
                 files = _extract_into(
                     zip_path, archive, plan, tmp, (max_member_bytes, max_total_bytes)
                 )
-        except (zipfile.BadZipFile, ValueError) as exc:  # ValueError: a name that is not UTF-8
+        except (zipfile.BadZipFile, ValueError, NotImplementedError) as exc:  # a name not UTF-8,
+            # or a zip version zipfile does not read
             raise _unsafe(zip_path, None, f"it is not a valid zip archive ({exc})") from exc
         os.chmod(tmp, 0o755)
         try:
