@@ -86,6 +86,8 @@ from zoo.build.training import (
     merge_params,
     normalize_images,
     quantizer_tensors_and_op,
+    restore_runtime_scales,
+    runtime_scales,
     save_checkpoint,
     seed_everything,
     subset,
@@ -482,12 +484,14 @@ def train_stage(
     start = 0 if state is None else int(state["epoch"]) + 1
     clock = ctx.training_clock(state)
     device = torch.device(ctx.train_device(start < epochs))
+    if state is not None:  # first: loading re-makes Brevitas' activation scales (new tensors)
+        model.load_state_dict(state["model"])
+        restore_runtime_scales(model, state.get("scales", {}))
     model.to(device)
     peak = prof[f"{stage}_lr"]
-    opt = make_optimizer(model, prof, peak)
+    opt = make_optimizer(model, prof, peak)  # over the parameters the model now holds
     history: list[dict[str, Any]] = []
     if state is not None:
-        model.load_state_dict(state["model"])
         if start < epochs:  # a finished stage's checkpoint holds the weights it keeps, no more
             if "optimizer" not in state:
                 raise BuildError(
@@ -502,6 +506,7 @@ def train_stage(
     ema = weight_average(model, prof) if start < epochs else None
     if ema is not None and state is not None:
         ema.load_state_dict(state["ema"])
+        restore_runtime_scales(ema.module, state.get("ema_scales", {}))
     rounding = None
     if stage == "qat" and prof.get("round_accumulators"):
         # as the circuit rounds: every conv and pool sum, not the output linear's accumulator
@@ -560,12 +565,13 @@ def train_stage(
         save_checkpoint(ckpt, {
             "epoch": torch.tensor(epoch),
             "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+            "scales": runtime_scales(model),
             "torch_rng": torch.get_rng_state(),
             "history": history,
             "train_seconds": clock(),
             **({} if last else {"optimizer": opt.state_dict()}),
-            **({"ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()}}
-               if ema is not None and not last else {}),
+            **({"ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()},
+                "ema_scales": runtime_scales(ema.module)} if ema is not None and not last else {}),
         }, stage_cfg, trained_on)  # fmt: skip
         ctx.checkpointed(f"{stage} epoch {epoch + 1}/{epochs}")
     if rounding is not None:

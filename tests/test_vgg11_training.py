@@ -122,6 +122,39 @@ def test_the_weight_average_of_a_qat_stage_switches_its_scales_with_the_model(
     assert st_save(shipped) == st_save(model.state_dict())
 
 
+def test_a_qat_stage_paused_while_its_scales_collect_statistics_resumes_to_the_same_weights(
+    cifar_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Paused after one QAT epoch (4 steps) of a 6-step statistics collection: the resumed
+    stage ships the uninterrupted one's bytes (the scales' counters and statistics, which
+    their state dict leaves out, come back with the checkpoint)."""
+    import brevitas.quant
+
+    class Six(brevitas.quant.Int8ActPerTensorFloat):  # of 300 steps (loading re-makes scales)
+        collect_stats_steps = 6
+
+    monkeypatch.setattr(brevitas.quant, "Int8ActPerTensorFloat", Six)
+    cfg = vgg.resolve_config("cifar10-vgg11-qat", PARAMS, "smoke", 0)
+    x, y = load_cifar10(cifar_dir, "train")
+
+    def qat(work: Path, resume: bool = False, stop_now: bool = False) -> bytes:
+        vgg.seed_everything(0, "cpu")
+        work.mkdir(parents=True, exist_ok=True)
+        model = vgg.QuantVGG11(10, 5, PROFILE["width_divisor"])
+        ctx = BuildContext(variant="cifar10-vgg11-qat", params=PARAMS, profile="smoke", seed=0,
+                           data_dir=cifar_dir, work_dir=work, device="cpu", resume=resume,
+                           log=logging.getLogger("test-vgg11"))  # fmt: skip
+        if stop_now:
+            ctx.stop_at = time.monotonic()
+        vgg.train_stage("qat", model, x[:256], y[:256], cfg, ctx)
+        return st_save(model.state_dict())
+
+    whole = qat(tmp_path / "a")
+    with pytest.raises(BuildPaused):
+        qat(tmp_path / "b", stop_now=True)
+    assert qat(tmp_path / "b", resume=True) == whole
+
+
 def test_a_rounded_variant_shares_the_float_stage_of_its_base(
     cifar_dir: Path, tmp_path: Path
 ) -> None:

@@ -158,21 +158,18 @@ class WeightAverage(torch.optim.swa_utils.AveragedModel):
     here it switches with the model, from the model's value, and averages it from then on."""
 
     def __init__(self, model: torch.nn.Module, decay: float) -> None:
-        from brevitas.core.scaling.standalone import ParameterFromRuntimeStatsScaling
         from torch.optim.swa_utils import get_ema_multi_avg_fn
 
         super().__init__(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-        self._runtime_scales = [
-            (mine, theirs)
-            for mine, theirs in zip(self.module.modules(), model.modules())
-            if isinstance(theirs, ParameterFromRuntimeStatsScaling)
-        ]
 
     def update_parameters(self, model: torch.nn.Module) -> None:
         """Average one more step of ``model`` (the one this average was made of)."""
+        from brevitas.core.scaling.standalone import ParameterFromRuntimeStatsScaling as Runtime
+
         super().update_parameters(model)
-        for mine, theirs in self._runtime_scales:
-            if mine.counter != theirs.counter:
+        # paired anew each step: loading a state dict re-makes the scale modules
+        for mine, theirs in zip(self.module.modules(), model.modules()):
+            if isinstance(theirs, Runtime) and mine.counter != theirs.counter:
                 with torch.no_grad():
                     mine.value.copy_(theirs.value)
                 mine.counter = theirs.counter

@@ -364,6 +364,29 @@ def _join_tensors(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return tree["value"]
 
 
+def runtime_scales(module: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """What Brevitas' runtime-statistics scales (``ParameterFromRuntimeStatsScaling``) hold
+    beyond their state dict, by module name: the step counter, the running statistics and the
+    raw ``value``. While a scale still collects statistics its state dict saves them as
+    ``value``, and loading any ``value`` ends the collection: a checkpoint needs these too."""
+    return {
+        name: {"counter": torch.tensor(int(m.counter)), "buffer": m.buffer.detach().cpu().clone(),
+               "value": m.value.detach().cpu().clone()}
+        for name, m in module.named_modules() if hasattr(m, "collect_stats_steps")
+    }  # fmt: skip
+
+
+def restore_runtime_scales(module: torch.nn.Module, saved: dict[str, Any]) -> None:
+    """Put back what :func:`runtime_scales` saved, after ``load_state_dict``."""
+    modules = dict(module.named_modules())
+    with torch.no_grad():
+        for name, held in saved.items():
+            scale = modules[name]
+            scale.counter = int(held["counter"])
+            scale.buffer.copy_(held["buffer"])
+            scale.value.copy_(held["value"])
+
+
 def save_checkpoint(path: Path, state: dict[str, Any], cfg: dict[str, Any], data: str) -> None:
     """Write ``state`` (tensors, and JSON-able values around them: optimizer settings, history)
     as safetensors with the structure in its metadata, to a temporary file, synced, then
