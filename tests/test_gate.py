@@ -294,7 +294,7 @@ def test_a_cached_file_changed_in_place_is_not_used(real_tiny: reg.Build) -> Non
     assert not head.exists()
     assert zoo.pull(TINY).downloaded == ["head.safetensors"]  # the repair is a pull
     head.unlink()  # removed between the pull and the check (a concurrent `zoo cache rm`)
-    with pytest.raises(IntegrityError, match="head.safetensors changed since it was pulled"):
+    with pytest.raises(IntegrityError, match="head.safetensors is gone since it was pulled"):
         cache.check_hashes(real_tiny, "client")
 
 

@@ -134,14 +134,14 @@ class FheWorker:
                            hint="see the server's log above")  # fmt: skip
         return proc
 
-    def _reap(self) -> int | None:
-        """Wait for the child (if any) to exit, then remove its TMPDIR; its exit code."""
+    def _reap(self) -> None:
+        """Wait for the child (if any) to exit, then remove its TMPDIR."""
         proc, self._proc = self._proc, None
-        returncode = proc.wait() if proc is not None else None
+        if proc is not None:
+            proc.wait()
         if self._scratch is not None:
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._scratch = None
-        return returncode
 
     def _call(self, header: dict[str, Any], payload: bytes = b"") -> tuple[dict[str, Any], bytes]:
         with self._lock:
@@ -153,7 +153,9 @@ class FheWorker:
             except OSError:  # the pipe broke: the child is gone
                 reply = None
             if reply is None:
-                raise WorkerCrashed(self._reap())
+                returncode = proc.wait()  # its own: close() may have reaped it meanwhile
+                self._reap()
+                raise WorkerCrashed(returncode)
         if reply[0]["status"] != "ok":
             raise WorkerRefused(reply[0]["status"], reply[0]["message"])
         return reply

@@ -25,6 +25,7 @@ from zoo import config
 from zoo.catalog import versions
 from zoo.catalog.registry import Build, FileEntry, Registry
 from zoo.errors import IntegrityError, OfflineError, ZooError
+from zoo.store.atomic import replace_synced
 from zoo.store.gate import check_zip
 from zoo.store.hashing import sha256_file
 
@@ -96,7 +97,7 @@ def verify_into(staged: Path, entry: FileEntry, final: Path) -> None:
             staged.unlink(missing_ok=True)
             raise
     final.parent.mkdir(parents=True, exist_ok=True)
-    staged.replace(final)
+    replace_synced(staged, final)  # a power loss leaves no right-sized file of zeros
 
 
 def fetch(
@@ -257,10 +258,12 @@ def check_hashes(build: Build, role: str, root: Path | None = None) -> None:
     for entry in build.files_for(role):
         path = folder / entry.path
         if not _intact(path, entry):
+            what = (f"changed since it was pulled and verified (it is not {entry.sha256}); it "
+                    "was removed" if path.exists() else "is gone since it was pulled (a `zoo "
+                    "cache rm` or `zoo verify` meanwhile?)")  # fmt: skip
             path.unlink(missing_ok=True)
             raise IntegrityError(
-                f"{path} changed since it was pulled and verified (it is not {entry.sha256}); "
-                "it was removed",
+                f"{path} {what}",
                 hint=f"pull it again: `zoo pull {build.short_ref} --role {role}`; if the cache "
                 "is shared, find who writes to it",
             )
