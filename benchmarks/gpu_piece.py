@@ -46,10 +46,12 @@ CARRY = ROOT / ".gpu"
 PART = 15 * 2**20  # the device tool returns files of at most 16 MiB
 PARTS_PER_CALL = 4  # ... and 64 MiB in all: 60 MiB of parts, a log and an index
 #: What zoo's training imports that the GPU machine's image lacks (it has torch, numpy, click,
-#: tqdm, filelock, safetensors, huggingface_hub, attrs): brevitas and its own needs, and
-#: jsonschema (the registry's schema) with its needs. Versions: brevitas as pinned here.
+#: tqdm, filelock, safetensors, huggingface_hub, attrs): brevitas and its own needs,
+#: jsonschema (the registry's schema) with its needs, and threadpoolctl (the kernel check).
+#: Versions: brevitas and threadpoolctl as installed here.
 WHEELS = [
     "brevitas=={brevitas}",
+    "threadpoolctl=={threadpoolctl}",
     "setuptools==75.3.0",  # brevitas 0.10 imports pkg_resources, which newer setuptools lack
     "dependencies==2.0.1",
     "unfoldNd==0.2.3",
@@ -118,7 +120,8 @@ def prepare(args: argparse.Namespace) -> None:
 
     shutil.rmtree(CARRY, ignore_errors=True)
     wheels = CARRY / "wheels"
-    specs = [w.format(brevitas=metadata.version("brevitas")) for w in WHEELS]
+    here = {name: metadata.version(name) for name in ("brevitas", "threadpoolctl")}
+    specs = [w.format(**here) for w in WHEELS]
     platforms = [a for p in PLATFORMS for a in ("--platform", p)]
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
                     "--only-binary=:all:", "--python-version", DEVICE_PYTHON,
