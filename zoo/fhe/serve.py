@@ -215,7 +215,8 @@ def create_app(
 
     # the worker compiles the circuit; here, only what is pinned and what the gate lets through
     model = runtime.load(ref, role="server", registry_path=registry_path, circuits=False)
-    check_zip(model.path / "server.zip")
+    server_zip = model.path / "server.zip"
+    check_zip(server_zip)
     build = model.build
     if key_store is None:
         key_store = default_key_store(build.variant, build.revision)
@@ -223,7 +224,7 @@ def create_app(
     clients = {hashlib.sha256(t.encode()).hexdigest()[:16]: t.encode() for t in tokens or []}
     stores: dict[str, KeyStore] = {}
     worker = FheWorker(build.ref, registry_path, max_cached_keys)
-    least_key_bytes = min_key_bytes(model.path / "server.zip")
+    least_key_bytes = min_key_bytes(server_zip)
     if max_key_bytes < least_key_bytes:
         raise InputError(
             f"a key limit of {max_key_bytes:,} bytes refuses every upload: {build.ref}'s "

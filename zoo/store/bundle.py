@@ -21,7 +21,6 @@ import os
 import shutil
 import tempfile
 import zipfile
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +32,7 @@ from zoo.store import cache, hub
 from zoo.store.atomic import writable
 from zoo.store.gate import check_zip
 from zoo.store.hashing import sha256_file
-from zoo.store.safezip import check_member, extract_zip
+from zoo.store.safezip import READ_ERRORS, check_member, extract_zip
 
 FORMAT = "zoo-bundle"
 VERSION = 1
@@ -86,10 +85,7 @@ def _read_index(path: Path) -> dict[str, Any]:
                 raise UnsafeArchiveError(f"{path}: {INDEX} declares {info.file_size} bytes")
             with archive.open(info) as handle:
                 index = json.loads(handle.read(MAX_INDEX_BYTES + 1))
-    except (
-        zipfile.BadZipFile, KeyError, ValueError, zlib.error, EOFError, NotImplementedError,
-        RecursionError,
-    ) as exc:  # fmt: skip
+    except (*READ_ERRORS, KeyError, RecursionError) as exc:
         raise UnsafeArchiveError(
             f"{path} is not a zoo bundle ({type(exc).__name__}: {exc})",
             hint="make bundles with `zoo bundle export`",

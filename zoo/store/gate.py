@@ -27,12 +27,11 @@ import io
 import json
 import tempfile
 import zipfile
-import zlib
 from pathlib import Path
 from typing import Any
 
 from zoo.errors import UnsafeArtifactError
-from zoo.store.safezip import COMPRESSIONS, extract_zip
+from zoo.store.safezip import COMPRESSIONS, READ_ERRORS, extract_zip
 
 CONFIGURATION = "concrete.fhe.compilation.configuration."
 #: Enum classes that concrete's configuration.json rebuilds with ``py/reduce``.
@@ -98,7 +97,7 @@ def _skops_blob(hex_value: Any) -> str | None:
                 return f"a skops schema of {infos[0].file_size} bytes"
             with blob.open(infos[0]) as handle:
                 schema = json.loads(handle.read(MAX_SKOPS_SCHEMA_BYTES + 1))
-    except (TypeError, ValueError, RuntimeError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+    except (*READ_ERRORS, TypeError, RuntimeError) as exc:
         return f"a skops blob that does not parse ({type(exc).__name__}: {exc})"
     if not isinstance(schema, dict):
         return "a skops blob whose schema is not an object"

@@ -39,6 +39,9 @@ DEFAULT_MAX_MEMBER_BYTES = 2 * 1024**3
 DEFAULT_MAX_TOTAL_BYTES = 8 * 1024**3
 DEFAULT_MAX_MEMBERS = 10_000
 COMPRESSIONS = (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED)  # what zoo and concrete-ml write
+#: What zipfile raises while it reads a damaged member (bad CRC or stream, short data, a
+#: feature it does not implement).
+READ_ERRORS = (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError)
 RATIO_FLOOR_BYTES = 1024**2  # smaller members are never refused for their compression ratio
 _CHUNK_BYTES = 1024 * 1024
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
@@ -207,7 +210,7 @@ def _extract_into(
         budget = min(max_member_bytes, max_total_bytes - total)
         try:
             total += _stream_member(zip_path, archive, info, target, budget)
-        except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, NotImplementedError) as exc:
+        except READ_ERRORS as exc:
             raise _unsafe(zip_path, info.filename, f"its data is corrupt ({exc})") from exc
         files.append(rel)
     return files
