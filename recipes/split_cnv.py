@@ -101,7 +101,7 @@ from zoo.build.training import (
     topk_accuracy,
     train_epoch,
 )
-from zoo.errors import BuildError
+from zoo.errors import BuildError, RecipeConfigError
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -385,11 +385,11 @@ def resolve_config(variant: str, params: dict[str, Any], profile: str, seed: int
     )
     if clear_blocks:  # absent when 0, so that older builds keep their bytes
         if not 0 < clear_blocks < len(arch["plan"]):
-            raise ValueError(f"clear_blocks must be between 1 and {len(arch['plan']) - 1}")
+            raise RecipeConfigError(f"clear_blocks must be between 1 and {len(arch['plan']) - 1}")
         arch["clear_blocks"] = clear_blocks
     n_layers = len(arch["plan"]) + len(arch["fc"]) + 1
     if arch["fanin"] is not None and len(arch["fanin"]) != n_layers:
-        raise ValueError(f"fanin needs {n_layers} entries (one per encrypted layer)")
+        raise RecipeConfigError(f"fanin needs {n_layers} entries (one per encrypted layer)")
     return {
         "recipe": "split_cnv",
         "arch_name": arch_name,
@@ -524,7 +524,7 @@ def _input_quant_kwargs(head: dict[str, Any]) -> dict[str, Any]:
     if head.get("in_quant") is None:
         return {}
     if head["in_quant"] != "q1.7":
-        raise ValueError(f"unknown input quantizer {head['in_quant']!r}")
+        raise RecipeConfigError(f"unknown input quantizer {head['in_quant']!r}")
     from brevitas.core.restrict_val import RestrictValueType
 
     return {
@@ -565,7 +565,7 @@ class EncryptedCNV(nn.Module):
                     self.features.append(nn.AvgPool2d(2))
                     self.features.append(QuantIdentity(act_quant=aq, bit_width=ab))
         if size < 1:
-            raise ValueError("architecture shrinks the image below 1x1")
+            raise RecipeConfigError("architecture shrinks the image below 1x1")
         self.linear = nn.ModuleList()
         n_in = ch * size * size
         for n_out in arch["fc"]:
@@ -733,7 +733,7 @@ def load_parent(model: SplitCNV, ref: str, registry_path: Path | None = None) ->
 
     ours, theirs = stateful(model.encrypted), stateful(parent.encrypted)
     if [type(m) for m in ours] != [type(m) for m in theirs]:
-        raise ValueError(f"{ref}: its layers do not match this architecture's")
+        raise RecipeConfigError(f"{ref}: its layers do not match this architecture's")
     for mine, other in zip(ours, theirs):
         mine.load_state_dict(other.state_dict())
 

@@ -94,7 +94,7 @@ from zoo.build.training import (
     topk_accuracy,
     train_epoch,
 )
-from zoo.errors import BuildError, PartialDatasetError
+from zoo.errors import BuildError, PartialDatasetError, RecipeConfigError
 
 # --------------------------------------------------------------------------------------------
 # Configuration
@@ -242,7 +242,9 @@ def resolve_config(variant: str, params: dict[str, Any], profile: str, seed: int
         "VGG11", ARCHS, PROFILES, PROFILE_OVERRIDES, variant, params, profile, Profile
     )
     if arch["dataset"] not in DATASETS:
-        raise ValueError(f"unknown dataset {arch['dataset']!r}; choose from {sorted(DATASETS)}")
+        raise RecipeConfigError(
+            f"unknown dataset {arch['dataset']!r}; choose from {sorted(DATASETS)}"
+        )
     return {
         "recipe": "vgg11_qat",
         "arch_name": arch_name,

@@ -4,6 +4,7 @@ no torch / concrete-ml import on the paths that only read the registry and the c
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from zoo.build import kernels
 from zoo.cli import main
 
 VARIANT = "cifar10-split-tiny"
@@ -74,6 +76,30 @@ def test_bad_registry_exit_code(zoo_home: Path, registry_file: Path) -> None:
     registry_file.write_text('{"schema_version": 3, "variants": {}}')
     code, _, err = _run("list")
     assert code == 3 and "$.schema_version" in err
+
+
+def test_a_bad_recipe_parameter_is_one_line_before_any_training(
+    zoo_home: Path, registry_file: Path, tmp_path: Path
+) -> None:
+    document = json.loads(registry_file.read_text())
+    document["variants"][VARIANT]["recipe"]["params"]["widht"] = 8
+    registry_file.write_text(json.dumps(document))
+    out = tmp_path / "out"
+    code, _, err = _run("build", VARIANT, "--profile", "smoke", "--out", str(out),
+                        "--data-dir", str(tmp_path / "no-data"))  # fmt: skip
+    assert code == 8, err
+    assert "\nerror: unknown split-CNV parameter 'widht'\nhint: " in err and "registry.json" in err
+    assert "Traceback" not in err and not list(out.glob("work/*.safetensors"))
+
+
+def test_every_command_pins_the_kernels(
+    zoo_home: Path, registry_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name in kernels.PINS:  # set, then removed: monkeypatch puts back what was there
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
+    assert _run("list")[0] == 0
+    assert {name: os.environ.get(name) for name in kernels.PINS} == kernels.PINS
 
 
 LIGHT = """

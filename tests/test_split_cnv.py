@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -14,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import circuit_lsbs
+from safetensors import safe_open
 from safetensors.torch import save as st_save
+from safetensors.torch import save_file
 
 from zoo.build.data import load_cifar10
 from zoo.build.run import BuildContext
@@ -24,6 +27,7 @@ from zoo.build.training import (
     save_checkpoint,
     training_fingerprint,
 )
+from zoo.catalog import versions
 from zoo.errors import BitWidthBoundError, BuildError, BuildPaused
 from zoo.fhe import head as zoo_head
 
@@ -373,6 +377,29 @@ def test_resume_refuses_a_checkpoint_of_another_training(tmp_path: Path) -> None
     for other in (other_seed, other_lr):
         with pytest.raises(BuildError, match="another configuration"):
             load_checkpoint(path, other, 4)
+
+
+def test_resume_refuses_a_checkpoint_of_other_torch_or_brevitas_versions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pieces trained on other versions give bytes no rebuild has: refused on the CPU, where
+    the versions are those of the checkpoint; accepted for a GPU's epochs (never a CPU's
+    bytes) and for checkpoints from before checkpoints recorded their versions."""
+    cfg = sc.resolve_config("cifar10-split-tiny", {"arch": "tiny"}, "smoke", 0)
+    cpu, gpu = tmp_path / "cpu.safetensors", tmp_path / "gpu.safetensors"
+    save_checkpoint(cpu, {"epoch": torch.tensor(1), "history": [{"loss": 1.0}]}, cfg, "d")
+    save_checkpoint(gpu, {"epoch": torch.tensor(1), "history": [{"device": "H200"}]}, cfg, "d")
+    old = tmp_path / "old.safetensors"
+    with safe_open(str(cpu), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "versions"}
+        save_file({k: f.get_tensor(k) for k in f.keys()}, str(old), metadata=meta)  # noqa: SIM118
+    real = versions.installed()["brevitas"]
+    upgraded = {**versions.installed(), "brevitas": real + ".post1"}
+    monkeypatch.setattr(versions, "installed", lambda: upgraded)
+    with pytest.raises(BuildError, match=re.escape(f"brevitas {real}, torch")):
+        load_checkpoint(cpu, cfg, 2, "d")
+    for accepted in (gpu, old):
+        assert int(load_checkpoint(accepted, cfg, 2, "d")["epoch"]) == 1
 
 
 def test_checkpoint_round_trips_an_optimizer_and_refuses_a_damaged_file(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import click
 
 from zoo import api
+from zoo.build import kernels
 from zoo.cost import model as cost
 from zoo.cost.machine import alone
 from zoo.errors import BuildPaused, ZooError
@@ -153,6 +154,9 @@ def main(verbose: bool, quiet: bool) -> None:
     (zsh_source / fish_source for zsh and fish).
     """
     setup_logging(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
+    # The clear head of predict/eval/serve then runs on the kernels its build measured with
+    # (zoo build pins them too): a float rounding apart would move a quantization boundary.
+    kernels.pin()
 
 
 @main.command("list")

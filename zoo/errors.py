@@ -94,6 +94,15 @@ class BuildError(ZooError):
     exit_code = 8
 
 
+class RecipeConfigError(BuildError, ValueError):
+    """A recipe's config that cannot be built: an unknown arch, parameter or profile key, a
+    value out of range (from registry.json's ``recipe.params`` or the recipe's tables)."""
+
+    def __init__(self, message: str, hint: str | None = None) -> None:
+        super().__init__(message, hint or "fix the variant's recipe.params (profile_overrides "
+                         "included) in registry.json, or the recipe's own tables")
+
+
 class BitWidthBoundError(BuildError):
     """The compiled circuit needs wider integers than the variant's accumulator bound."""
 

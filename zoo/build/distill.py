@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from zoo.build.data import fingerprint
+from zoo.errors import RecipeConfigError
 from zoo.store.atomic import replace_synced
 
 #: Images per call of the teacher.
@@ -94,5 +95,5 @@ def distill_settings(prof: dict[str, Any]) -> tuple[str, float, float] | None:
     if ref is None:
         return None
     if "@" not in ref:  # the newest build of a variant changes; training must not
-        raise ValueError(f"distill_from {ref!r} names no build: pin it as VARIANT@REV")
+        raise RecipeConfigError(f"distill_from {ref!r} names no build: pin it as VARIANT@REV")
     return ref, float(prof.get("distill_weight", 0.5)), float(prof.get("distill_temperature", 4.0))

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.optim.swa_utils
 
+from zoo.errors import RecipeConfigError
+
 
 class ScheduleKeys(TypedDict, total=False):
     """Optional profile keys of the shared schedule (absent: the recipe's own rule)."""
@@ -81,7 +83,7 @@ def make_optimizer(
         momentum = float(prof.get("momentum", 0.9))
         return torch.optim.SGD(_decay_groups(model, decay, lr, scale), lr=lr, momentum=momentum,
                                nesterov=True)  # fmt: skip
-    raise ValueError(f"unknown optimizer {name!r}: use 'adam' or 'sgd'")
+    raise RecipeConfigError(f"unknown optimizer {name!r}: use 'adam' or 'sgd'")
 
 
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
@@ -97,7 +99,7 @@ def epoch_flips(prof: dict[str, Any], seed: list[int], epoch: int, n: int) -> np
     image is seen both ways in any two epochs in a row."""
     flip = prof.get("flip", "random")
     if flip not in ("random", "alternate"):
-        raise ValueError(f"unknown flip {flip!r}: use 'random' or 'alternate'")
+        raise RecipeConfigError(f"unknown flip {flip!r}: use 'random' or 'alternate'")
     if flip == "random":
         return None
     return (np.random.default_rng(seed).random(n) < 0.5) ^ bool(epoch % 2)
@@ -107,7 +109,9 @@ def per_step(prof: dict[str, Any]) -> bool:
     """Whether the profile sets the learning rate every step (one-cycle)."""
     schedule = prof.get("lr_schedule")
     if schedule not in (None, "one-cycle"):
-        raise ValueError(f"unknown lr_schedule {schedule!r}: use 'one-cycle' or leave it out")
+        raise RecipeConfigError(
+            f"unknown lr_schedule {schedule!r}: use 'one-cycle' or leave it out"
+        )
     return schedule == "one-cycle"
 
 

@@ -26,8 +26,9 @@ import torch
 
 from zoo.build.data import CIFAR10_DIRNAME, fingerprint
 from zoo.build.schedule import ScheduleKeys, set_lr
+from zoo.catalog import versions
 from zoo.cost import progress
-from zoo.errors import BitWidthBoundError, BuildError
+from zoo.errors import BitWidthBoundError, BuildError, RecipeConfigError
 from zoo.fhe import head as zoo_head
 from zoo.fhe import sigpipe
 from zoo.store.atomic import replace_synced
@@ -89,7 +90,7 @@ def check_records(records: dict[str, Any], kind: Any) -> None:
     for name, record in records.items():
         missing, extra = required - set(record), set(record) - allowed
         if missing or extra:
-            raise ValueError(f"{kind.__name__} {name!r}: missing {sorted(missing)}, "
+            raise RecipeConfigError(f"{kind.__name__} {name!r}: missing {sorted(missing)}, "
                              f"unknown {sorted(extra)}")  # fmt: skip
 
 
@@ -120,20 +121,20 @@ def merge_params(
     arch_name = params.pop("arch", None) or variant
     overrides = dict(params.pop("profile_overrides", None) or {})
     if arch_name not in archs:
-        raise ValueError(f"unknown {family} arch {arch_name!r}; choose from {sorted(archs)}")
+        raise RecipeConfigError(f"unknown {family} arch {arch_name!r}; choose from {sorted(archs)}")
     if profile not in profiles:
-        raise ValueError(f"unknown profile {profile!r}; choose from {sorted(profiles)}")
+        raise RecipeConfigError(f"unknown profile {profile!r}; choose from {sorted(profiles)}")
     arch = copy.deepcopy(archs[arch_name])
     for key, value in params.items():
         if key not in arch and key not in _CompileOptions.__optional_keys__:
-            raise ValueError(f"unknown {family} parameter {key!r}")
+            raise RecipeConfigError(f"unknown {family} parameter {key!r}")
         arch[key] = value
     prof = dict(profiles[profile])
     prof.update(profile_overrides.get((arch_name, profile), {}))
     optional = OPTIONAL_PROFILE_KEYS | getattr(profile_type, "__optional_keys__", frozenset())
     unknown = set(overrides) - set(prof) - optional
     if unknown:
-        raise ValueError(f"unknown profile keys in profile_overrides: {sorted(unknown)}")
+        raise RecipeConfigError(f"unknown profile keys in profile_overrides: {sorted(unknown)}")
     prof.update(overrides)
     return arch_name, arch, prof
 
@@ -387,6 +388,13 @@ def restore_runtime_scales(module: torch.nn.Module, saved: dict[str, Any]) -> No
             scale.value.copy_(held["value"])
 
 
+def trained_with() -> dict[str, str]:
+    """The installed versions of the packages whose arithmetic training runs (torch, brevitas;
+    :data:`zoo.catalog.versions.RECORDED`), as a checkpoint records them."""
+    have = versions.installed()
+    return {name: have[name] for name in versions.RECORDED}
+
+
 def save_checkpoint(path: Path, state: dict[str, Any], cfg: dict[str, Any], data: str) -> None:
     """Write ``state`` (tensors, and JSON-able values around them: optimizer settings, history)
     as safetensors with the structure in its metadata, to a temporary file, synced, then
@@ -398,7 +406,8 @@ def save_checkpoint(path: Path, state: dict[str, Any], cfg: dict[str, Any], data
     tensors: dict[str, torch.Tensor] = {}
     tree = json.dumps(_split_tensors(state, tensors), sort_keys=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    meta = {"state": tree, "fingerprint": training_fingerprint(cfg), "data": data}
+    meta = {"state": tree, "fingerprint": training_fingerprint(cfg), "data": data,
+            "versions": json.dumps(trained_with(), sort_keys=True)}  # fmt: skip
     save_file(tensors, str(tmp), metadata=meta)
     replace_synced(tmp, path)
 
@@ -408,7 +417,9 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Load a :func:`save_checkpoint` file; refuse one trained under another config, on other
     images than ``data`` fingerprints (to resume; checkpoints from before they recorded it
-    pass), or for more than the ``epochs`` this config trains."""
+    pass), with other torch/brevitas versions than those installed (unless a GPU trained it:
+    such a build is not a CPU's bytes anyway), or for more than the ``epochs`` this config
+    trains."""
     from safetensors import SafetensorError, safe_open
 
     hint = "remove the build's work/ folder, or build into another --out"
@@ -426,6 +437,16 @@ def load_checkpoint(
             "continue it",
             hint=hint,
         )
+    saved = json.loads(meta.get("versions", "{}"))  # checkpoints before 2026-12-07: none
+    on_gpu = any(isinstance(h, dict) and "device" in h for h in state.get("history", []))
+    if saved and saved != trained_with() and not on_gpu:  # a GPU's are not a CPU's bytes anyway
+        raise BuildError(
+            f"{path} was trained with {_listed(saved)}, and this process has "
+            f"{_listed(trained_with())}: a build whose pieces ran on other versions matches no "
+            "rebuild",
+            hint=f"resume where {_listed(saved)} is installed (pip install "
+            f"{' '.join(f'{k}=={v}' for k, v in sorted(saved.items()))}), or {hint}",
+        )
     if data is not None and meta.get("data", data) != data:
         raise BuildError(
             f"{path} was trained on other images than these (another --data-dir, copy of "
@@ -439,6 +460,10 @@ def load_checkpoint(
             hint=hint,
         )
     return state
+
+
+def _listed(found: dict[str, str]) -> str:
+    return ", ".join(f"{name} {version}" for name, version in sorted(found.items()))
 
 
 def topk_accuracy(logits: np.ndarray, labels: np.ndarray, ks=(1, 2, 3)) -> dict[int, float]:
