@@ -11,10 +11,10 @@ DEMO_IMAGES ?= 3
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]'
 	# olah (a Hugging Face hub mirror) serves the hub tests; its pins clash with concrete-ml's,
 	# so it gets a virtualenv of its own.
 	python3 -m venv .venv-olah

@@ -132,7 +132,9 @@ def test_every_live_build_still_renders_its_pinned_card() -> None:
                 drifted.append(build.short_ref)
     assert not drifted, (
         f"the registry entries of {drifted} no longer give their pinned README.md / manifest: "
-        "restore their summary and recipe, or yank the builds and rebuild"
+        "restore their summary and recipe, or yank the builds and rebuild (or, if nothing of "
+        "the registry changed, install the huggingface-hub and PyYAML of constraints.txt, which "
+        "write the card's YAML)"
     )
 
 
