@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -246,6 +247,7 @@ def test_ray_backend_real_fhe_survives_a_killed_worker(
     assert "every node" in refused.value.hint
     results = tmp_path / "ray.jsonl"
     outcome: dict = {}
+    unpacked = set(Path(tempfile.gettempdir()).glob("zoo-circuit-*"))  # what the workers leave
 
     def run() -> None:
         try:
@@ -270,6 +272,8 @@ def test_ray_backend_real_fhe_survives_a_killed_worker(
     thread.join(timeout=900)
     assert killed is not None, "no Ray worker was seen running the circuit"
     assert "error" not in outcome, outcome.get("error")
+    left = set(Path(tempfile.gettempdir()).glob("zoo-circuit-*")) - unpacked
+    assert len(left) <= 1, left  # the killed worker's; the others close() removed theirs
     summary = outcome["summary"]
     assert summary["n_images"] == 2 and summary["backend"] == "ray"
     assert summary["agreement_with_simulation"] == 1.0

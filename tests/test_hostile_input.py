@@ -20,7 +20,7 @@ import zoo
 from zoo import config
 from zoo.catalog import registry as reg
 from zoo.cli import main
-from zoo.errors import InputError, ServerError, ZooError
+from zoo.errors import BuildError, InputError, ServerError, ZooError
 from zoo.fhe import evaluate, runtime, serve
 from zoo.store import cache, hub
 from zoo.store.releases import ReleaseStore
@@ -434,6 +434,36 @@ def test_check_refuses_options_it_would_ignore(registry_file: Path) -> None:
     result = CliRunner().invoke(main, ["build", VARIANT, "--check", "abc", "--profile", "smoke",
                                        "--stop-after", "60"])  # fmt: skip
     assert result.exit_code == 2 and "drop --profile, --stop-after" in result.stderr
+
+
+def test_check_refuses_a_missing_wrong_or_needless_init_before_training(
+    registry_file: Path, tmp_path: Path
+) -> None:
+    """A build trained from ``--init`` weights rebuilds only from the same file: `--check`
+    reads the pinned manifest in the release store and refuses before anything trains."""
+    from conftest import make_build_dir
+
+    from zoo.build import run as builder
+    from zoo.catalog import manifest
+    from zoo.store.hashing import sha256_file
+
+    init, other = tmp_path / "init.safetensors", tmp_path / "other.safetensors"
+    init.write_bytes(b"the weights it started from")
+    other.write_bytes(b"other weights")
+    started = make_build_dir(tmp_path / "started")
+    document = manifest.read(started)
+    document["recipe"]["config"]["init"] = {"file": init.name, "sha256": sha256_file(init)}
+    manifest.write(started, document)
+    with_init = zoo.publish(started)
+    plain = zoo.publish(make_build_dir(tmp_path / "plain", seed=1))
+    for build, given, message in [
+        (with_init, None, f"trained from --init weights {sha256_file(init)}"),
+        (with_init, other, f"not from {other}"),
+        (plain, init, "trained from its own initialisation"),
+    ]:
+        with pytest.raises(BuildError, match=message):
+            builder.check(f"{VARIANT}@{build.revision[:12]}", init=given, out_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
 
 
 def test_sigpipe_is_ignored_again_from_any_thread() -> None:

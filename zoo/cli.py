@@ -400,12 +400,12 @@ def build_cmd(variant: str, profile: str, data_dir: Path | None, out_dir: Path |
     if check_rev:
         source = click.get_current_context().get_parameter_source
         given = [f"--{name.replace('_', '-')}" for name in
-                 ("profile", "seed", "device", "init", "stop_after", "train_only")
+                 ("profile", "seed", "device", "stop_after", "train_only")
                  if source(name) is not click.core.ParameterSource.DEFAULT]  # fmt: skip
         if given:
             raise click.UsageError(f"--check rebuilds the pinned build as it was made (its "
                                    f"profile and seed, on the CPU): drop {', '.join(given)}")
-        out, report = builder.check(f"{variant}@{check_rev}", data_dir=data_dir,
+        out, report = builder.check(f"{variant}@{check_rev}", data_dir=data_dir, init=init,
                                     out_dir=out_dir, registry_path=registry_path, resume=resume)
         _emit(as_json, {"build_dir": str(out), "files": report},
               lambda: "\n".join(f"{p}: {why}" for p, why in report.items()))

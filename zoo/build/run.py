@@ -44,6 +44,7 @@ from zoo.cost import machine
 from zoo.errors import BuildError, BuildPaused, InputError, IntegrityError, RuntimeMismatchError
 from zoo.store import cache
 from zoo.store.atomic import write_atomic
+from zoo.store.hashing import sha256_file
 
 log = logging.getLogger(__name__)
 RESUME_HINT = "run the same command again with --resume to continue from the checkpoint"
@@ -384,6 +385,19 @@ def _can_rebuild_here(pinned: reg.Build) -> None:
         )
 
 
+def _init_of(pinned: reg.Build, registry_path: Path | None) -> str | None | bool:
+    """The sha256 of the ``--init`` weights ``pinned`` was trained from (None: none), read from
+    its manifest in the release store; False where the store lacks the manifest."""
+    from zoo.store.releases import ReleaseStore
+
+    blob = ReleaseStore.beside(registry_path).blob(pinned.file("manifest").sha256)
+    try:
+        config_ = json.loads(blob.read_text())["recipe"]["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return (config_.get("init") or {}).get("sha256")
+
+
 def check(
     ref: str,
     *,
@@ -391,18 +405,32 @@ def check(
     out_dir: Path | None = None,
     registry_path: Path | None = None,
     resume: bool = False,
+    init: Path | None = None,
 ) -> tuple[Path, dict[str, str]]:
     """Rebuild the build ``ref`` names and compare every file with its pinned sha256.
 
     ``resume`` continues from the checkpoints in ``out_dir/work`` (for instance a copy of the
-    base variant's, whose training a rounded or later-split variant shares)."""
+    base variant's, whose training a rounded or later-split variant shares). ``init`` is the
+    ``--init`` file a build was trained from; where the release store holds the pinned
+    manifest, a missing, needless or other file is refused before anything trains."""
     registry = reg.load(registry_path)
     pinned = reg.resolve(registry, ref, check_runtime=False, allow_yanked=True)
     _can_rebuild_here(pinned)
+    wanted = _init_of(pinned, registry_path)
+    if wanted is not False:
+        given = None if init is None else sha256_file(Path(init))
+        if given != wanted:
+            raise BuildError(
+                f"{pinned.short_ref} was trained from "
+                + (f"--init weights {wanted}" if wanted else "its own initialisation")
+                + (f", not from {init} ({given})" if init is not None else ""),
+                hint="pass the file it names with --init" if wanted else "leave out --init",
+            )
     out_dir = out_dir or Path(tempfile.mkdtemp(prefix=f"zoo-check-{pinned.variant}-"))
     build(
         pinned.variant, profile=pinned.profile, data_dir=data_dir, out_dir=out_dir,
         seed=pinned.raw.get("seed"), device="cpu", registry_path=registry_path, resume=resume,
+        init=init,
     )  # fmt: skip
     return out_dir, compare(out_dir, pinned)
 
