@@ -17,7 +17,9 @@ from zoo.store.atomic import write_atomic
 from zoo.store.hashing import sha256_file
 
 MANIFEST = FILE_OF_ROLE["manifest"]
-ROLE_OF = {name: role for role, name in FILE_OF_ROLE.items() if role != "manifest"}
+_ROLE_OF_FILE = {name: role for role, name in FILE_OF_ROLE.items()}
+#: The build's files that the manifest lists, with their roles.
+ROLE_OF = {name: role for name, role in _ROLE_OF_FILE.items() if name != MANIFEST}
 #: Written beside the build but not part of it: wall times and host (not reproducible).
 REPORT = "report.json"
 
@@ -31,7 +33,7 @@ def entry_for(path: Path, role: str | None = None) -> FileEntry:
     """A pinned entry for a file on disk."""
     return FileEntry(
         path=path.name,
-        role=role or {**ROLE_OF, MANIFEST: "manifest"}[path.name],
+        role=role or _ROLE_OF_FILE[path.name],
         size=path.stat().st_size,
         sha256=sha256_file(path),
     )
