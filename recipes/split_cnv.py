@@ -877,7 +877,7 @@ def train(
     trained_on = fingerprint(images, labels)  # a resume must train on the same images
     state = None
     if ctx.resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path, cfg, prof["epochs"], trained_on)
+        state = load_checkpoint(ckpt_path, cfg, prof["epochs"], trained_on, ctx.device)
     start_epoch = 0 if state is None else int(state["epoch"]) + 1
     clock = ctx.training_clock(state)
     device = torch.device(ctx.train_device(start_epoch < prof["epochs"]))

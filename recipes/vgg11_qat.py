@@ -482,7 +482,7 @@ def train_stage(
     trained_on = fingerprint(images, labels)  # a resume must train on the same images
     state = None
     if ctx.resume and ckpt.exists():
-        state = load_checkpoint(ckpt, stage_cfg, epochs, trained_on)
+        state = load_checkpoint(ckpt, stage_cfg, epochs, trained_on, ctx.device)
     start = 0 if state is None else int(state["epoch"]) + 1
     clock = ctx.training_clock(state)
     device = torch.device(ctx.train_device(start < epochs))

@@ -464,6 +464,11 @@ def test_check_refuses_a_missing_wrong_or_needless_init_before_training(
         with pytest.raises(BuildError, match=message):
             builder.check(f"{VARIANT}@{build.revision[:12]}", init=given, out_dir=tmp_path / "o")
     assert not (tmp_path / "o").exists()
+    # Pulled where no hub has its files: not rebuilt for hours to fail the compare at the end.
+    store = ReleaseStore.beside(registry_file)
+    store.blob(with_init.file("server").sha256).unlink()
+    with pytest.raises(BuildError, match="trained from --init weights"):
+        zoo.pull(f"{VARIANT}@{with_init.revision[:12]}", build_missing=True)
 
 
 def test_sigpipe_is_ignored_again_from_any_thread() -> None:

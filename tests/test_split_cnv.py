@@ -398,8 +398,11 @@ def test_resume_refuses_a_checkpoint_of_other_torch_or_brevitas_versions(
     monkeypatch.setattr(versions, "installed", lambda: upgraded)
     with pytest.raises(BuildError, match=re.escape(f"brevitas {real}, torch")):
         load_checkpoint(cpu, cfg, 2, "d")
-    for accepted in (gpu, old):
-        assert int(load_checkpoint(accepted, cfg, 2, "d")["epoch"]) == 1
+    for accepted, device in [(gpu, "cpu"), (old, "cpu"), (cpu, "cuda")]:  # cuda: trains on a GPU
+        assert int(load_checkpoint(accepted, cfg, 2, "d", device)["epoch"]) == 1
+    save_file({"t0": torch.tensor(1)}, str(old), metadata={**meta, "versions": "[1]"})
+    with pytest.raises(BuildError, match="is not a training checkpoint"):
+        load_checkpoint(old, cfg, 2, "d")
 
 
 def test_checkpoint_round_trips_an_optimizer_and_refuses_a_damaged_file(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import platform
+from pathlib import Path
 from typing import Any
 
 from zoo.errors import BuildError
@@ -28,9 +29,23 @@ ABOVE_PIN = ("AVX512",)
 
 
 def pin() -> None:
-    """Set the variables of :data:`PINS` that are not set yet (before torch/numpy start)."""
+    """Set the variables of :data:`PINS` that are not set yet (before torch/numpy start); on an
+    x86-64 CPU without AVX2 none (the libraries would run instructions it lacks and die: its
+    builds record their kernels, and reproduce only there)."""
+    if lacks_avx2():
+        return
     for name, value in PINS.items():
         os.environ.setdefault(name, value)
+
+
+def lacks_avx2() -> bool:
+    """Whether this is an x86 CPU whose flags (Linux's /proc/cpuinfo) have no AVX2."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return False
+    flags = next((ln.partition(":")[2].split() for ln in lines if ln.startswith("flags")), None)
+    return flags is not None and "avx2" not in flags  # ARM's cpuinfo has "Features", no flags
 
 
 def check() -> dict[str, Any]:

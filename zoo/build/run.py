@@ -385,17 +385,29 @@ def _can_rebuild_here(pinned: reg.Build) -> None:
         )
 
 
-def _init_of(pinned: reg.Build, registry_path: Path | None) -> str | None | bool:
-    """The sha256 of the ``--init`` weights ``pinned`` was trained from (None: none), read from
-    its manifest in the release store; False where the store lacks the manifest."""
+def _check_init(pinned: reg.Build, registry: reg.Registry, init: Path | None) -> None:
+    """Refuse, before anything trains, a rebuild of ``pinned`` whose ``init`` is not the
+    ``--init`` file it was trained from (read from its manifest in the release store; a build
+    whose manifest is not there, or that compiles a parent's weights, is not checked)."""
     from zoo.store.releases import ReleaseStore
 
-    blob = ReleaseStore.beside(registry_path).blob(pinned.file("manifest").sha256)
+    if "compile_from" in registry.variant(pinned.variant).recipe["params"]:
+        return  # trains nothing: the init in its config is its parent's
+    blob = ReleaseStore.beside(registry.path).blob(pinned.file("manifest").sha256)
     try:
-        config_ = json.loads(blob.read_text())["recipe"]["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return (config_.get("init") or {}).get("sha256")
+        wanted = json.loads(blob.read_text())["recipe"]["config"].get("init")
+        wanted = wanted and wanted["sha256"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return
+    given = None if init is None else sha256_file(Path(init))
+    if given != wanted:
+        raise BuildError(
+            f"{pinned.short_ref} was trained from "
+            + (f"--init weights {wanted}" if wanted else "its own initialisation")
+            + (f", not from {init} ({given})" if init is not None else ""),
+            hint="pass the file it names with --init (`zoo build VARIANT --check REV --init "
+            "FILE`)" if wanted else "leave out --init",
+        )
 
 
 def check(
@@ -416,16 +428,7 @@ def check(
     registry = reg.load(registry_path)
     pinned = reg.resolve(registry, ref, check_runtime=False, allow_yanked=True)
     _can_rebuild_here(pinned)
-    wanted = _init_of(pinned, registry_path)
-    if wanted is not False:
-        given = None if init is None else sha256_file(Path(init))
-        if given != wanted:
-            raise BuildError(
-                f"{pinned.short_ref} was trained from "
-                + (f"--init weights {wanted}" if wanted else "its own initialisation")
-                + (f", not from {init} ({given})" if init is not None else ""),
-                hint="pass the file it names with --init" if wanted else "leave out --init",
-            )
+    _check_init(pinned, registry, init)
     out_dir = out_dir or Path(tempfile.mkdtemp(prefix=f"zoo-check-{pinned.variant}-"))
     build(
         pinned.variant, profile=pinned.profile, data_dir=data_dir, out_dir=out_dir,
@@ -449,6 +452,7 @@ def rebuild_into_cache(
     The rebuild holds the build's cache lock and staging folder, as a download does.
     """
     _can_rebuild_here(pinned)
+    _check_init(pinned, registry, None)
     root = cache_root or config.cache_dir()
     result = cache.PullResult(pinned, cache.build_path(pinned, root), role, source="rebuild")
     with cache.staging(pinned, root) as out_dir:

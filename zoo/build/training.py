@@ -413,13 +413,13 @@ def save_checkpoint(path: Path, state: dict[str, Any], cfg: dict[str, Any], data
 
 
 def load_checkpoint(
-    path: Path, cfg: dict[str, Any], epochs: int, data: str | None = None
+    path: Path, cfg: dict[str, Any], epochs: int, data: str | None = None, device: str = "cpu"
 ) -> dict[str, Any]:
     """Load a :func:`save_checkpoint` file; refuse one trained under another config, on other
     images than ``data`` fingerprints (to resume; checkpoints from before they recorded it
-    pass), with other torch/brevitas versions than those installed (unless a GPU trained it:
-    such a build is not a CPU's bytes anyway), or for more than the ``epochs`` this config
-    trains."""
+    pass), with other torch/brevitas versions than those installed (unless a GPU trained it
+    or trains it on, ``device``: such a build is not a CPU's bytes anyway), or for more than
+    the ``epochs`` this config trains."""
     from safetensors import SafetensorError, safe_open
 
     hint = "remove the build's work/ folder, or build into another --out"
@@ -428,6 +428,9 @@ def load_checkpoint(
             meta = f.metadata() or {}
             tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
         state = _join_tensors(json.loads(meta["state"]), tensors)
+        saved = json.loads(meta.get("versions", "{}"))  # checkpoints before 2026-12-07: none
+        if not (isinstance(saved, dict) and all(isinstance(v, str) for v in saved.values())):
+            raise ValueError(f"versions {meta['versions']!r} is not a table of versions")
     except (SafetensorError, KeyError, ValueError) as err:
         raise BuildError(f"{path} is not a training checkpoint ({err})", hint=hint) from err
     if meta.get("fingerprint") != training_fingerprint(cfg):
@@ -437,8 +440,9 @@ def load_checkpoint(
             "continue it",
             hint=hint,
         )
-    saved = json.loads(meta.get("versions", "{}"))  # checkpoints before 2026-12-07: none
-    on_gpu = any(isinstance(h, dict) and "device" in h for h in state.get("history", []))
+    on_gpu = device != "cpu" or any(
+        isinstance(h, dict) and "device" in h for h in state.get("history", [])
+    )
     if saved and saved != trained_with() and not on_gpu:  # a GPU's are not a CPU's bytes anyway
         raise BuildError(
             f"{path} was trained with {_listed(saved)}, and this process has "
