@@ -79,6 +79,9 @@ def rows(registry: reg.Registry) -> list[dict[str, Any]]:
                 # set when the run was not clean (e.g. cores shared): then no error is computed
                 "fhe_execute_conditions": metrics.get("fhe_execute_conditions"),
                 "fhe_execute_machine": metrics.get("fhe_execute_machine"),
+                # measured on another kind of machine than the estimate's calibration describes
+                "fhe_execute_elsewhere": bool(measured)
+                and metrics.get("fhe_execute_machine") != here,
                 # the cost model's error against a clean real-FHE run on the calibration's machine
                 "estimate_relative_error": (estimate["total_seconds"] / measured - 1)
                 if comparable
@@ -229,7 +232,7 @@ def readme_table(table: list[dict[str, Any]]) -> str:
             f"| `{row['variant']}` | {row['profile']} | {_num(row['clear_top1'], 4)} | "
             f"{_num(row['fhe_simulation_top1'], 4)} ({simulated:,}) | {_real(row)} | "
             f"{row['pbs_count']:,} | {_estimate(row)} | "
-            f"{_measured(row)} | {_keys(row)} |"
+            f"{_measured(row)}{'‡' if row['fhe_execute_elsewhere'] else ''} | {_keys(row)} |"
         )
     return "\n".join(lines) + "\n"
 

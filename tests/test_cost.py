@@ -153,6 +153,33 @@ def test_a_calibration_fitted_with_another_formula_is_refitted_from_its_points(
     assert calibration["fit"]["coefficient"] == pytest.approx(shipped["fit"]["coefficient"])
 
 
+@pytest.mark.parametrize(
+    "damage",
+    [{"fit": {"coefficient": None}}, {"fit": {"overhead_seconds": "0.1"}}, {"points": {"a": 1}},
+     {"points": [1, 2]}],  # fmt: skip
+)
+def test_a_malformed_user_calibration_is_unreadable_not_a_crash(
+    zoo_home: Path, damage: dict
+) -> None:
+    good = _calibration(1e-9)
+    damaged = {**good, **{k: {**good[k], **v} if k == "fit" else v for k, v in damage.items()}}
+    _write_user(damaged)
+    assert cost.current_calibration()["source"]["kind"] == "shipped"  # the user's is skipped
+    assert cost.estimate_seconds(CIRCUIT) > 0
+
+
+def test_a_circuit_without_the_key_switch_work_its_calibration_prices_is_a_lower_bound() -> None:
+    """Builds from before circuits recorded key_switch_work: their key switches are not priced,
+    so the total is at least that, not a full estimate."""
+    calibration = _calibration(1e-10)
+    calibration["fit"]["key_switch_coefficient"] = 1e-9
+    whole = {**CIRCUIT, "key_switch_count": 1664, "key_switch_work": 1e9}
+    old = {**CIRCUIT, "key_switch_count": 1664}
+    full, partial = cost.breakdown(whole, calibration), cost.breakdown(old, calibration)
+    assert not full["lower_bound"] and any(r.get("key_switch") for r in full["rows"])
+    assert partial["lower_bound"] and partial["total_seconds"] < full["total_seconds"]
+
+
 def test_shipped_default_describes_its_machine() -> None:
     default = json.loads(cost.DEFAULT_CALIBRATION.read_text())
     assert default["machine"]["cpu_model"] and default["machine"]["cpu_count"]

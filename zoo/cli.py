@@ -179,7 +179,8 @@ def list_cmd(registry_path: Path | None, as_json: bool) -> None:
                 _num(r["fhe_simulation_top1"]),
                 _num(r["fhe_execute_top1"]),
                 r["max_bit_width"] or "-",
-                ("≥" if r["est_fhe_lower_bound"] else "") + _num(r["est_fhe_seconds"], "{:.1f}"),
+                ("≥" if r["est_fhe_lower_bound"] else "") + _num(r["est_fhe_seconds"], "{:.1f}")
+                + ("†" if r["est_other_machine"] and r["est_fhe_seconds"] is not None else ""),
                 _keys(r["eval_key_bytes_serialized"], r["eval_key_bytes"]),
                 r["builds"] or ("yanked" if r["yanked"] else "no"),
             ]
@@ -187,10 +188,11 @@ def list_cmd(registry_path: Path | None, as_json: bool) -> None:
         ]
         headers = ["variant", "data", "profile", "top1 clear", "top1 sim", "top1 FHE",
                    "max bits", "est. s/img", "eval keys", "builds"]  # fmt: skip
-        other = next((r["est_other_machine"] for r in rows if r["est_other_machine"]), None)
+        other = sorted({r["est_other_machine"] for r in rows if r["est_other_machine"]})
         footer = "\neval keys: serialized, what a client uploads (* concrete's in-memory figure)"
-        footer += (f"\nwarning: est. s/img is calibrated on another kind of machine ({other}); "
-                  "calibrate this one with `zoo bench pbs`") if other else ""  # fmt: skip
+        footer += (f"\nwarning: † est. s/img from calibration points of another kind of machine "
+                   f"({'; '.join(other)}); calibrate this one with `zoo bench pbs`"
+                   ) if other else ""  # fmt: skip
         return tabulate(table, headers=headers) + footer
 
     _emit(as_json, rows, text)

@@ -40,6 +40,10 @@ LINEAR_FORMULA = "g * operations * (dimension + 1)"
 LINEAR_KEYS = ("clear_multiplication", "encrypted_addition", "clear_addition", "encrypted_negation")
 WOP_FORMULA = "(a + b * bits) * n * (level + 1) * (k + 1)**2 * N * log2(N)"
 CALIBRATION_SCHEMA = 1
+#: The numbers of a calibration's ``fit`` that the estimate multiplies by: a file where one is
+#: not a number (null included) is unreadable, not a crash.
+FIT_NUMBERS = ("coefficient", "level_free_coefficient", "overhead_seconds",
+               "key_switch_coefficient", "linear_coefficient")  # fmt: skip
 
 
 class StaleCalibrationWarning(UserWarning):
@@ -211,6 +215,9 @@ def _read(path: Path) -> dict[str, Any] | None:
         return None
     if not isinstance(document, dict) or not isinstance(document.get("fit"), dict):
         return None
+    points = document.get("points") or []
+    if not isinstance(points, list) or not all(isinstance(p, dict) for p in points):
+        return None
     has_wop = any(p.get("kind") == "wop" for p in document.get("points") or [])
     wop_stale = has_wop and (document.get("wop_fit") or {}).get("formula") != WOP_FORMULA
     fit_ = document["fit"]
@@ -219,6 +226,8 @@ def _read(path: Path) -> dict[str, Any] | None:
             document = {**document, **make_calibration(document["points"])}
         except (KeyError, TypeError, ValueError):
             return None
+    if not all(isinstance(document["fit"].get(k, 0.0), (int, float)) for k in FIT_NUMBERS):
+        return None
     return document
 
 
@@ -407,7 +416,8 @@ def breakdown(
     "overhead_seconds", "total_seconds", "lower_bound", "calibration": calibration_summary or
     None}``; each row has ``count``, ``seconds_each`` and ``seconds``, plus ``parameter``
     (per-parameter) or ``bit_width`` (both for WoP lookups). ``lower_bound`` is true for a WoP
-    circuit priced without WoP calibration (as classic PBS, which WoP lookups cost many times).
+    circuit priced without WoP calibration (as classic PBS, which WoP lookups cost many times),
+    and for a circuit whose statistics lack the key-switch or linear work the calibration prices.
     ``calibration`` defaults to :func:`current_calibration`; ``table`` is the per-bit-width
     fallback (default :data:`DEFAULT_SECONDS_PER_PBS`).
     """
@@ -450,7 +460,12 @@ def breakdown(
         if linear_coefficient and linear:
             terms.append({"linear": True, "work": linear,
                           "seconds": linear_coefficient * linear})  # fmt: skip
-        return _result("per-parameter", terms, overhead, wop, calibration)
+        # A term the calibration prices but the circuit's statistics cannot give (builds from
+        # before they recorded key_switch_work) is missing from the total: at least this much.
+        unpriced = (ks_coefficient and ks_count and ks_work is None) or (
+            linear_coefficient and linear is None
+        )
+        return _result("per-parameter", terms, overhead, wop or bool(unpriced), calibration)
     by_width = circuit.get("pbs_count_by_bit_width")
     if not by_width:
         return None
