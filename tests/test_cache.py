@@ -15,6 +15,7 @@ import zoo
 from zoo.catalog import manifest
 from zoo.catalog import registry as reg
 from zoo.errors import (
+    InputError,
     IntegrityError,
     NotFoundError,
     OfflineError,
@@ -104,8 +105,9 @@ def test_offline_a_cached_build_serves_after_a_newer_one_is_published(
     zoo.pull(VARIANT, role="client")
     new = zoo.publish(make_build_dir(tmp_path / "newer", seed=5), "local")  # e.g. a `git pull`
     assert zoo.pull(VARIANT, role="client", offline=True).build.revision == old.revision
-    with pytest.raises(OfflineError, match="head.safetensors"):  # a pinned ref is never swapped
+    with pytest.raises(OfflineError, match="head.safetensors") as info:  # a pin is never swapped
         zoo.pull(f"{VARIANT}@{new.revision[:12]}", role="client", offline=True)
+    assert f"zoo pull {new.short_ref} " in info.value.hint  # that build, not the newest
     with pytest.raises(OfflineError):  # nor is a role the old build lacks in the cache
         zoo.pull(VARIANT, role="server", offline=True)
     assert zoo.pull(VARIANT, role="client").build.revision == new.revision  # online: the newest
@@ -144,6 +146,40 @@ def test_verify_finds_and_removes_a_corrupt_cached_file(
     weights.write_bytes(bytes(data))
     assert zoo.verify(VARIANT)[build.revision]["weights.safetensors"] == "corrupt (removed)"
     assert zoo.pull(VARIANT).downloaded == ["weights.safetensors"]
+
+
+def test_a_corrupt_file_in_a_read_only_cache_is_reported_as_corrupt(
+    zoo_home: Path, registry_file: Path, build_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shared cache this user cannot write: the news is the corruption, not the permission.
+    (Root ignores file modes, so the refused removal is simulated.)"""
+    build = zoo.publish(build_dir, "local")
+    head = zoo.pull(VARIANT).path / "head.safetensors"
+    head.write_bytes(head.read_bytes()[::-1])
+    unlink = Path.unlink
+
+    def refused(path: Path, missing_ok: bool = False) -> None:
+        if path == head:
+            raise PermissionError(13, "Permission denied", str(path))
+        unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", refused)
+    with pytest.raises(IntegrityError, match="changed since it was pulled .* could not be removed"):
+        cache.check_hashes(build, "client")
+    assert zoo.verify(VARIANT)[build.revision]["head.safetensors"] == "corrupt (not removable)"
+
+
+def test_cache_rm_takes_one_build_by_a_prefix_of_7_or_more_digits(
+    zoo_home: Path, registry_file: Path, build_dir: Path, tmp_path: Path
+) -> None:
+    builds = [zoo.publish(build_dir, "local"),
+              zoo.publish(make_build_dir(tmp_path / "other", seed=3), "local")]  # fmt: skip
+    for build in builds:
+        zoo.pull(build.short_ref)
+    with pytest.raises(InputError, match="too short"):
+        zoo.cache_remove(f"{VARIANT}@{builds[0].revision[:3]}")
+    assert zoo.cache_remove(f"{VARIANT}@{builds[0].revision[:7]}") > 0
+    assert [e.revision for e in zoo.cache_list()] == [builds[1].revision]
 
 
 def test_publish_refuses_a_build_dir_that_does_not_match_its_manifest(

@@ -82,7 +82,10 @@ def test_malformed_names_are_usage_errors(zoo_home: Path, ref: str) -> None:
     assert code == 2 and ("cannot parse" in err or "not hexadecimal" in err)
 
 
-@pytest.mark.parametrize("spec", ["hf://../x", "hf://org/../x", "hf://a", "ftp://x"])
+@pytest.mark.parametrize(
+    "spec", ["hf://../x", "hf://org/../x", "hf://a", "ftp://x", "hf://org/a--b", "hf://org/repo-",
+             "hf://org/" + "x" * 97]  # the last three: names the Hugging Face Hub refuses
+)
 def test_bad_hub_specs_are_usage_errors(
     zoo_home: Path, registry_file: Path, build_dir: Path, spec: str
 ) -> None:

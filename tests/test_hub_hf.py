@@ -19,6 +19,7 @@ import zoo
 from zoo.catalog import manifest
 from zoo.catalog import registry as reg
 from zoo.errors import HubError, IntegrityError, NotFoundError, OfflineError
+from zoo.store import cache
 from zoo.store.hub import content_revision
 
 VARIANT = "cifar10-split-tiny"
@@ -143,6 +144,12 @@ def _cache_is_clean(home: Path) -> bool:
     )
 
 
+def _cached(variant: str) -> Path:
+    """The cache folder of the build a pull of ``variant`` takes (named by its content revision,
+    not by the hub's commit)."""
+    return cache.build_path(reg.load().variant(variant).builds[-1])
+
+
 def test_corrupt_bytes_from_the_hub_are_rejected(fault_env, zoo_home: Path) -> None:  # noqa: ANN001
     fault_env.corrupt("server.zip")
     with pytest.raises(IntegrityError, match="server.zip: hash mismatch: expected sha256:"):
@@ -169,9 +176,7 @@ def test_truncated_download_never_enters_the_cache(fault_env, zoo_home: Path) ->
     with pytest.raises((HubError, IntegrityError)):
         zoo.pull(VARIANT, role="server")
     assert _cache_is_clean(zoo_home)
-    assert not (
-        zoo_home / "cache" / "builds" / VARIANT / fault_env.revision / "server.zip"
-    ).exists()
+    assert not (_cached(VARIANT) / "server.zip").exists()
 
 
 def test_server_errors_500_and_404_leave_the_cache_clean(fault_env, zoo_home: Path) -> None:  # noqa: ANN001
@@ -194,8 +199,7 @@ def test_kill_9_during_a_pull_then_pull_again(fault_env, zoo_home: Path) -> None
     assert fault_env.wait_for_bytes("server.zip", 200_000, timeout=60)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    final = zoo_home / "cache" / "builds" / VARIANT / fault_env.revision / "server.zip"
-    assert not final.exists()
+    assert not (_cached(VARIANT) / "server.zip").exists()  # nothing written straight there
     with pytest.raises(OfflineError, match="server.zip"):  # nothing counts as cached
         zoo.pull(VARIANT, role="server", offline=True)
     fault_env.clear_faults()

@@ -400,11 +400,19 @@ def cache_remove(
     entries = cache_list(registry_path, cache_root)
     if ref is not None:
         name, revision = reg.split_ref(ref)
+        if revision is not None and len(revision) < 7:  # as resolve(): one build, not a crowd
+            raise InputError(f"revision prefix {revision!r} is too short", hint="give 7+ digits")
         entries = [
             e for e in entries if e.variant == name and e.revision.startswith(revision or "")
         ]
         if not entries:
             raise NotFoundError(f"nothing of {ref} is cached", hint="see `zoo cache ls`")
+        if revision is not None and len(entries) > 1:
+            raise InputError(
+                f"{ref} names {len(entries)} cached builds",
+                hint="give more digits of the revision (`zoo cache ls`), or the variant alone "
+                "to remove them all",
+            )
     return cache.remove(entries)
 
 

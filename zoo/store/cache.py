@@ -13,6 +13,7 @@ takes as complete. A warm pull checks presence and size only and touches no netw
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import tempfile
@@ -163,7 +164,7 @@ def require_cached(build: Build, role: str, root: Path | None = None) -> PullRes
         raise OfflineError(
             f"offline, and the cache lacks {len(missing)} file(s) of {build.short_ref} "
             f"for role {role}: {names}",
-            hint=f"pull it once with the network: `zoo pull {build.variant} --role {role}`",
+            hint=f"pull it once with the network: `zoo pull {build.short_ref} --role {role}`",
         )
     return PullResult(build, build_path(build, root), role)
 
@@ -219,9 +220,8 @@ def remove(entries: list[CachedBuild]) -> int:
         shutil.rmtree(entry.path, ignore_errors=True)
         if not entry.path.exists():  # a read-only cache keeps it: nothing was freed
             freed += entry.size
-        parent = entry.path.parent
-        if parent.is_dir() and not any(parent.iterdir()):
-            parent.rmdir()
+        with contextlib.suppress(OSError):  # not empty (a pull of another revision), or kept
+            entry.path.parent.rmdir()
     return freed
 
 
@@ -251,6 +251,16 @@ def _intact(path: Path, entry: FileEntry) -> bool:
         return False
 
 
+def _discard(path: Path, short: bool = False) -> str:
+    """Remove a cached file found bad; say so, or that it could not be (a read-only cache):
+    the corruption is the news either way, not the permission."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        return f"could not be removed: {exc.strerror}" if not short else "not removable"
+    return "was removed" if not short else "removed"
+
+
 def check_hashes(build: Build, role: str, root: Path | None = None) -> None:
     """Rehash the cached files ``role`` needs before they are used (they are small: pooch
     rehashes on every fetch too); a file changed since its pull is removed and named."""
@@ -259,9 +269,8 @@ def check_hashes(build: Build, role: str, root: Path | None = None) -> None:
         path = folder / entry.path
         if not _intact(path, entry):
             what = (f"changed since it was pulled and verified (it is not {entry.sha256}); it "
-                    "was removed" if path.exists() else "is gone since it was pulled (a `zoo "
-                    "cache rm` or `zoo verify` meanwhile?)")  # fmt: skip
-            path.unlink(missing_ok=True)
+                    f"{_discard(path)}" if path.exists() else "is gone since it was pulled (a "
+                    "`zoo cache rm` or `zoo verify` meanwhile?)")  # fmt: skip
             raise IntegrityError(
                 f"{path} {what}",
                 hint=f"pull it again: `zoo pull {build.short_ref} --role {role}`; if the cache "
@@ -271,7 +280,8 @@ def check_hashes(build: Build, role: str, root: Path | None = None) -> None:
 
 def verify(build: Build, root: Path | None = None) -> dict[str, str]:
     """Rehash every cached file of ``build`` and pass its zips through the gate: path → "ok",
-    "not cached", "corrupt (removed)" or "unsafe (removed): why"."""
+    "not cached", "corrupt (removed)" or "unsafe (removed): why" ("not removable" for
+    "removed" in a cache this user cannot write)."""
     folder = build_path(build, root)
     report = {}
     for entry in build.files:
@@ -279,14 +289,12 @@ def verify(build: Build, root: Path | None = None) -> dict[str, str]:
         if not path.is_file():
             report[entry.path] = "not cached"
         elif not _intact(path, entry):
-            path.unlink(missing_ok=True)
-            report[entry.path] = "corrupt (removed)"
+            report[entry.path] = f"corrupt ({_discard(path, short=True)})"
         else:
             report[entry.path] = "ok"
             if entry.role in GATED_ROLES:
                 try:
                     check_zip(path)
                 except ZooError as exc:
-                    path.unlink()
-                    report[entry.path] = f"unsafe (removed): {exc}"
+                    report[entry.path] = f"unsafe ({_discard(path, short=True)}): {exc}"
     return report

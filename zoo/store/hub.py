@@ -245,10 +245,17 @@ def _hub_errors(endpoint: str, repo: str):  # noqa: ANN202
 
     try:
         yield
+    except errors.HFValidationError as exc:  # a name our pattern allows and the Hub does not
+        raise HubError(
+            f"{repo} is not a repository name {endpoint} accepts: {str(exc).splitlines()[0]}",
+            hint="name the repository as the Hub allows (no '--' or '..', no leading or "
+            "trailing '-' or '.', at most 96 characters)",
+        ) from None
     except (errors.RepositoryNotFoundError, errors.RevisionNotFoundError) as exc:
         raise NotFoundError(
-            f"{endpoint} has no {repo} at that revision ({type(exc).__name__})",
-            hint="check --endpoint / ZOO_HF_ENDPOINT and the registry's pin",
+            f"{endpoint} has no {repo} at that revision ({type(exc).__name__}; a private or "
+            "gated repository answers so without a token)",
+            hint="check --endpoint / ZOO_HF_ENDPOINT, the registry's pin, and HF_TOKEN",
         ) from None
     except errors.LocalEntryNotFoundError as exc:  # a subclass of EntryNotFoundError: first
         cause = exc.__cause__ or exc
@@ -290,11 +297,20 @@ def parse_hub(spec: str, variant: str, registry_path: Path | None = None) -> tup
 
         return ReleaseStore.beside(registry_path), f"zoo/{variant}"
     if spec.startswith("hf://"):
+        from huggingface_hub.errors import HFValidationError
+        from huggingface_hub.utils import validate_repo_id
+
         repo = spec[len("hf://") :]
-        if not REPO_RE.fullmatch(repo) or ".." in repo:
+        try:
+            valid = bool(REPO_RE.fullmatch(repo)) and ".." not in repo
+            validate_repo_id(repo)
+        except HFValidationError:
+            valid = False
+        if not valid:
             raise InputError(
                 f"bad hub {spec!r}",
-                hint="write it as hf://ORG/REPO (letters, digits, '.', '_' and '-')",
+                hint="write it as hf://ORG/REPO (letters, digits, '.', '_' and '-'; no '--' or "
+                "'..', no leading or trailing '-' or '.', at most 96 characters)",
             )
         return HfHub.default(), repo
     raise InputError(f"unknown hub {spec!r}", hint="use `releases`, `local` or `hf://ORG/REPO`")
