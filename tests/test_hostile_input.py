@@ -93,6 +93,16 @@ def test_bad_hub_specs_are_usage_errors(
     assert code == 2 and "hub" in err and "Traceback" not in err
 
 
+def test_publishing_to_a_remote_hub_offline_is_refused_before_any_upload(
+    zoo_home: Path, registry_file: Path, build_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ZOO_OFFLINE", "1")
+    before = registry_file.read_bytes()
+    code, err = _run("publish", str(build_dir), "--hub", "local", "--hub", "hf://org/repo")
+    assert code == 6 and "ZOO_OFFLINE is set" in err and "org/repo" in err
+    assert registry_file.read_bytes() == before and not (zoo_home / "hub").exists()
+
+
 @pytest.mark.parametrize(
     "args", [["--max-keys", "0"], ["--port", "99999"], ["--max-key-bytes", "0"]]
 )

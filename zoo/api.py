@@ -313,6 +313,12 @@ def publish(
         hub.parse_hub(spec, variant_name, registry_path)
         for spec in ([hub_specs] if isinstance(hub_specs, str) else hub_specs)
     ]
+    remote = [repo for target, repo in targets if target.kind == "hf"]
+    if remote and config.offline():
+        raise OfflineError(
+            f"ZOO_OFFLINE is set, and publishing to {', '.join(remote)} needs the network",
+            hint="unset ZOO_OFFLINE, or publish to `releases` or `local` only",
+        )
     message = message or f"{variant_name}: {document['profile']} build (seed {document['seed']})"
     entry = catalog_entry(document, [e for _, e in files])
     measured = manifest.read_report(Path(build_dir))  # before any upload: it may be torn

@@ -139,7 +139,11 @@ def staging(build: Build, root: Path) -> Iterator[Path]:
     (root / "tmp").mkdir(parents=True, exist_ok=True)
     lock = FileLock(root / "locks" / f"{build.ref}.lock", timeout=LOCK_TIMEOUT_S)
     try:
-        held = lock.acquire()
+        try:
+            held = lock.acquire(timeout=0)
+        except Timeout:  # say why nothing happens for a while
+            log.info("%s: waiting for another pull or rebuild of it to finish", build.short_ref)
+            held = lock.acquire()
     except Timeout:
         raise ZooError(
             f"{build.short_ref}: another pull or rebuild has held {lock.lock_file} for over "
