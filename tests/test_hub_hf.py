@@ -61,6 +61,19 @@ def test_second_publish_replaces_files_and_old_revision_stays_pullable(
     assert len(reg.load().variant(VARIANT).builds) == 2
 
 
+def test_a_file_that_changed_since_its_check_is_not_committed(hf_env, build_dir: Path) -> None:  # noqa: ANN001
+    """The bytes a commit would send are hashed and held to the pins first (here the server.zip
+    was rewritten after the manifest's check read it)."""
+    from zoo.store.hub import HfHub
+
+    _, files = manifest.check(build_dir)
+    (build_dir / "server.zip").write_bytes(b"rewritten after the check")
+    hub = HfHub(hf_env.endpoint, hf_env.token)
+    with pytest.raises(IntegrityError, match="server.zip changed while publishing"):
+        hub.publish(REPO, files, "must not land")
+    assert "server.zip" not in hf_env.api().list_repo_files(REPO)
+
+
 def test_publish_fails_if_someone_pushed_meanwhile(
     hf_env,
     build_dir: Path,

@@ -50,6 +50,17 @@ def remove_stale(folder: Path) -> None:
                     stale.unlink()
 
 
+def _copy_pinned(source: Path, target: Path, entry: FileEntry) -> None:
+    """Copy ``source`` to ``target``, refusing bytes that are not ``entry``'s pinned ones."""
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        size, digest = copy_hashed(src, dst)
+    if (size, digest) != (entry.size, entry.sha256):
+        raise IntegrityError(
+            f"{source} changed while publishing (now {size} bytes, {digest})",
+            hint="rebuild, then publish again",
+        )
+
+
 class Hub(Protocol):
     """What `zoo` needs from a hub."""
 
@@ -109,13 +120,7 @@ class LocalHub:
         staging.mkdir()
         try:
             for source, entry in files:
-                with open(source, "rb") as src, open(staging / entry.path, "wb") as dst:
-                    size, digest = copy_hashed(src, dst)
-                if (size, digest) != (entry.size, entry.sha256):
-                    raise IntegrityError(
-                        f"{source} changed while publishing (now {size} bytes, {digest})",
-                        hint="rebuild, then publish again",
-                    )
+                _copy_pinned(source, staging / entry.path, entry)
             meta = {"message": message, "files": [e.__dict__ for _, e in files]}
             (staging / ".zoo-revision.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
             for written in [*staging.iterdir(), staging]:  # on disk before the rename shows it
@@ -136,9 +141,9 @@ class LocalHub:
             target = final / entry.path
             if target.is_file() and sha256_file(target) == entry.sha256:
                 continue
-            tmp = final / f".tmp-{uuid.uuid4().hex}"
+            tmp = final.parent / f".tmp-{uuid.uuid4().hex}"  # where remove_stale looks
             try:
-                shutil.copyfile(source, tmp)
+                _copy_pinned(source, tmp, entry)
                 replace_synced(tmp, target)
             finally:
                 tmp.unlink(missing_ok=True)
@@ -202,6 +207,13 @@ class HfHub:
                 CommitOperationAdd(path_in_repo=entry.path, path_or_fileobj=str(source))
                 for source, entry in files
             ]
+            for add, (source, entry) in zip(adds, files):  # hashed now, as it will be sent
+                sent = (add.upload_info.size, f"sha256:{add.upload_info.sha256.hex()}")
+                if sent != (entry.size, entry.sha256):
+                    raise IntegrityError(
+                        f"{source} changed while publishing (now {sent[0]} bytes, {sent[1]})",
+                        hint="rebuild, then publish again",
+                    )
             info = api.create_commit(
                 repo, operations=adds + stale, commit_message=message, parent_commit=head.sha
             )
