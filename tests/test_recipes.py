@@ -113,6 +113,6 @@ def test_vgg11_smoke_build_from_init_records_it_and_trains_from_it(
     config = manifest.read(out)["recipe"]["config"]
     assert config["init"] == {"file": init.name, "sha256": sha256_file(init), "format": "zoo"}
     builds = reg.load(ROOT / "registry.json").variant("cifar10-vgg11-qat").builds
-    pinned = next(b for b in builds if b.profile == "smoke")
+    pinned = next(b for b in reversed(builds) if b.profile == "smoke" and not b.yanked)
     pinned_weights = {e.path: e.sha256 for e in pinned.files}["weights.safetensors"]
     assert build_hashes(out)["weights.safetensors"] != pinned_weights

@@ -28,7 +28,7 @@ from zoo.build.training import (
     training_fingerprint,
 )
 from zoo.catalog import versions
-from zoo.errors import BitWidthBoundError, BuildError, BuildPaused
+from zoo.errors import BitWidthBoundError, BuildError, BuildPaused, RecipeConfigError
 from zoo.fhe import head as zoo_head
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -90,9 +90,9 @@ def test_configs_resolve() -> None:
         for profile in sc.PROFILES:
             cfg = sc.resolve_config(f"cifar10-{arch}", {"arch": arch}, profile, 0)
             assert cfg["torch_threads"] == sc.TORCH_THREADS
-    with pytest.raises(ValueError):
+    with pytest.raises(RecipeConfigError, match="unknown split-CNV arch 'nope'"):
         sc.resolve_config("x", {"arch": "nope"}, "smoke", 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(RecipeConfigError, match="unknown split-CNV parameter 'bogus'"):
         sc.resolve_config("x", {"arch": "tiny", "bogus": 1}, "smoke", 0)
 
 
