@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from click.testing import CliRunner
 import zoo
 from zoo.build import run as builder
 from zoo.build.data import load_cifar10
+from zoo.catalog import manifest
 from zoo.catalog.registry import Build
 from zoo.cli import main
 from zoo.errors import InputError, KeyIdError, ServerError, ZooError
@@ -478,19 +480,25 @@ def test_memory_stays_bounded_under_eight_concurrent_uploads(
 
 
 def test_a_worker_that_cannot_start_is_its_error_not_uvicorns_exit(
-    served: Served, monkeypatch: pytest.MonkeyPatch
+    served: Served, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from zoo.fhe.worker import FheWorker
-
-    monkeypatch.setenv("ZOO_HOME", str(served.server_home))
-    monkeypatch.setenv("ZOO_REGISTRY", str(served.root / "registry.json"))
-
-    def refuse(self: FheWorker) -> None:  # what the child reports when it cannot load
-        raise ZooError(f"the FHE worker could not load {self.ref}: out of memory")
-
-    monkeypatch.setattr(FheWorker, "start", refuse)
-    with pytest.raises(ZooError, match="could not load .*out of memory"):  # not SystemExit(3)
-        serve.serve(TINY, port=0, log_level="critical")
+    """A server.zip that passes the gate and its pins but holds a circuit concrete cannot
+    parse: the real child fails to load it, and serve says so (not uvicorn's SystemExit(3))."""
+    broken = tmp_path / "build"
+    shutil.copytree(served.root / "build", broken, ignore=shutil.ignore_patterns("work"))
+    with zipfile.ZipFile(served.root / "build" / "server.zip") as source, \
+            zipfile.ZipFile(broken / "server.zip", "w") as target:  # fmt: skip
+        for item in source.infolist():
+            mlir = item.filename == "circuit.mlir"
+            target.writestr(item, b"this is not MLIR" if mlir else source.read(item))
+    manifest.write(broken, manifest.read(broken))  # pinned as it now is
+    registry = tmp_path / "registry.json"
+    shutil.copy(served.root / "registry.json", registry)
+    monkeypatch.setenv("ZOO_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ZOO_REGISTRY", str(registry))
+    build = zoo.publish(broken, "local")
+    with pytest.raises(ZooError, match=f"FHE worker could not load {TINY}@{build.revision[:7]}"):
+        serve.serve(f"{TINY}@{build.revision}", port=0, log_level="critical")
 
 
 def test_a_key_limit_below_the_builds_keys_is_refused_at_start(
