@@ -48,7 +48,7 @@ demo: install data
 # per process). pytest exits 5 when it collected no test: that is a failure here. CI=1: the
 # tests that would skip without olah or Ray (both installed by `make install`) fail instead.
 HEAVY := tests/test_package.py tests/test_build.py tests/test_recipes.py tests/test_eval.py \
-	tests/test_serve.py tests/test_wheel.py tests/test_interfaces.py
+	tests/test_serve.py tests/test_wheel.py tests/test_interfaces.py tests/test_cost.py
 test: install data
 	$(PY) -m ruff check zoo recipes tests benchmarks
 	@for args in "$(foreach f,$(HEAVY),--ignore=$(f))" $(HEAVY); do \
