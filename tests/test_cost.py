@@ -264,7 +264,7 @@ def test_a_calibration_from_another_kind_of_machine_says_so(
     assert "warning: another kind of machine: measured on" in text
     assert "calibrate this one with `zoo bench pbs`" in text
     listing = CliRunner().invoke(main, ["list"]).output
-    assert "warning: est. s/img is calibrated on another kind of machine" in listing
+    assert "warning: † est. s/img from calibration points of another kind of machine" in listing
     rows = json.loads(CliRunner().invoke(main, ["list", "--json"]).output)
     assert rows and all(other in row["est_other_machine"] for row in rows)
 
