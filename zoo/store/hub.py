@@ -50,7 +50,7 @@ def remove_stale(folder: Path) -> None:
                     stale.unlink()
 
 
-def _copy_pinned(source: Path, target: Path, entry: FileEntry) -> None:
+def copy_pinned(source: Path, target: Path, entry: FileEntry) -> None:
     """Copy ``source`` to ``target``, refusing bytes that are not ``entry``'s pinned ones."""
     with open(source, "rb") as src, open(target, "wb") as dst:
         size, digest = copy_hashed(src, dst)
@@ -120,7 +120,7 @@ class LocalHub:
         staging.mkdir()
         try:
             for source, entry in files:
-                _copy_pinned(source, staging / entry.path, entry)
+                copy_pinned(source, staging / entry.path, entry)
             meta = {"message": message, "files": [e.__dict__ for _, e in files]}
             (staging / ".zoo-revision.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
             for written in [*staging.iterdir(), staging]:  # on disk before the rename shows it
@@ -143,7 +143,7 @@ class LocalHub:
                 continue
             tmp = final.parent / f".tmp-{uuid.uuid4().hex}"  # where remove_stale looks
             try:
-                _copy_pinned(source, tmp, entry)
+                copy_pinned(source, tmp, entry)
                 replace_synced(tmp, target)
             finally:
                 tmp.unlink(missing_ok=True)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from zoo import config
 from zoo.catalog.registry import Build, FileEntry
-from zoo.errors import IntegrityError, NotFoundError
+from zoo.errors import NotFoundError
 from zoo.store.atomic import replace_synced
 from zoo.store.hashing import copy_hashed, sha256_file
 
@@ -46,7 +46,7 @@ class ReleaseStore:
 
     def publish(self, repo: str, files: list[tuple[Path, FileEntry]], message: str) -> str:
         """Store every file not yet stored; return the build's content revision."""
-        from zoo.store.hub import content_revision, remove_stale
+        from zoo.store.hub import content_revision, copy_pinned, remove_stale
 
         for source, entry in files:
             target = self.blob(entry.sha256)
@@ -56,13 +56,7 @@ class ReleaseStore:
                 continue  # content-addressed: these bytes are stored already
             tmp = target.parent / f".tmp-{uuid.uuid4().hex}"
             try:
-                with open(source, "rb") as src, open(tmp, "wb") as dst:
-                    size, digest = copy_hashed(src, dst)
-                if (size, digest) != (entry.size, entry.sha256):
-                    raise IntegrityError(
-                        f"{source} changed while publishing (now {size} bytes, {digest})",
-                        hint="rebuild, then publish again",
-                    )
+                copy_pinned(source, tmp, entry)
                 os.chmod(tmp, 0o644)
                 replace_synced(tmp, target)
             finally:
