@@ -3,9 +3,10 @@
 torch (ATen), oneDNN, MKL and numpy's OpenBLAS pick their kernels by the CPU's instruction set,
 and kernels of different widths round differently. A build holds all four to AVX2, which every
 x86-64 machine of the last decade runs. The libraries read these variables when they start, so
-:func:`pin` must run before torch and numpy are imported (``zoo build`` does it first thing), and
-:func:`check` refuses a build in a process where it came too late. A variable already set in the
-environment is left as it is (and recorded as it is).
+:func:`pin` must run before torch and numpy are imported (every ``zoo`` command does it first
+thing, so that eval, predict and serve run the clear head as its build did), and :func:`check`
+refuses a build in a process where it came too late. A variable already set in the environment
+is left as it is (and recorded as it is); a CPU without AVX2 is left unpinned.
 """
 
 from __future__ import annotations
