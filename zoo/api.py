@@ -406,7 +406,7 @@ def cache_remove(
     entries = cache_list(registry_path, cache_root)
     if ref is not None:
         name, revision = reg.split_ref(ref)
-        if revision is not None and len(revision) < 7:  # as resolve(): one build, not a crowd
+        if revision is not None and len(revision) < reg.MIN_REVISION_PREFIX:  # as resolve()
             raise InputError(f"revision prefix {revision!r} is too short", hint="give 7+ digits")
         entries = [
             e for e in entries if e.variant == name and e.revision.startswith(revision or "")

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import os
 import platform
-from pathlib import Path
 from typing import Any
 
+from zoo.cost import machine
 from zoo.errors import BuildError
 
 #: What each library is held to (x86-64; elsewhere the variables are harmless and ignored).
@@ -41,12 +41,8 @@ def pin() -> None:
 
 def lacks_avx2() -> bool:
     """Whether this is an x86 CPU whose flags (Linux's /proc/cpuinfo) have no AVX2."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return False
-    flags = next((ln.partition(":")[2].split() for ln in lines if ln.startswith("flags")), None)
-    return flags is not None and "avx2" not in flags  # ARM's cpuinfo has "Features", no flags
+    flags = machine.cpuinfo().get("flags")  # ARM's cpuinfo has "Features", no flags
+    return flags is not None and "avx2" not in flags.split()
 
 
 def check() -> dict[str, Any]:

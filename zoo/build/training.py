@@ -91,7 +91,7 @@ def check_records(records: dict[str, Any], kind: Any) -> None:
         missing, extra = required - set(record), set(record) - allowed
         if missing or extra:
             raise RecipeConfigError(f"{kind.__name__} {name!r}: missing {sorted(missing)}, "
-                             f"unknown {sorted(extra)}")  # fmt: skip
+                                    f"unknown {sorted(extra)}")  # fmt: skip
 
 
 #: Profile keys a variant may set through ``profile_overrides`` though no profile has them:
@@ -443,10 +443,11 @@ def load_checkpoint(
     on_gpu = device != "cpu" or any(
         isinstance(h, dict) and "device" in h for h in state.get("history", [])
     )
-    if saved and saved != trained_with() and not on_gpu:  # a GPU's are not a CPU's bytes anyway
+    here = trained_with()
+    if saved and saved != here and not on_gpu:  # a GPU's are not a CPU's bytes anyway
         raise BuildError(
             f"{path} was trained with {_listed(saved)}, and this process has "
-            f"{_listed(trained_with())}: a build whose pieces ran on other versions matches no "
+            f"{_listed(here)}: a build whose pieces ran on other versions matches no "
             "rebuild",
             hint=f"resume where {_listed(saved)} is installed (pip install "
             f"{' '.join(f'{k}=={v}' for k, v in sorted(saved.items()))}), or {hint}",

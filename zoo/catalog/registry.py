@@ -27,6 +27,8 @@ from zoo.errors import (
 from zoo.store.atomic import write_atomic
 
 SCHEMA_PATH = Path(__file__).parent / "schema" / "registry.schema.json"
+#: The fewest hex digits of a revision that name a build (``VARIANT@REV``).
+MIN_REVISION_PREFIX = 7
 #: The one file of each role: the loaders open these names.
 FILE_OF_ROLE = {
     "head": "head.safetensors",
@@ -333,7 +335,7 @@ def resolve(
         )
     runtime = versions.installed() if runtime is None else runtime
     if revision is not None:
-        if len(revision) < 7:
+        if len(revision) < MIN_REVISION_PREFIX:
             raise NotFoundError(f"revision prefix {revision!r} is too short", hint="give 7+ digits")
         hits = [b for b in variant.builds if b.revision.startswith(revision)]
         if not hits:

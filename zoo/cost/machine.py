@@ -16,9 +16,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 
-def cpu() -> dict[str, Any]:
-    """This CPU: model name, family and model numbers, core count, and ``isa``: the widest
-    vector instruction set its kernels use (``avx512``, ``avx2``, else the architecture)."""
+def cpuinfo() -> dict[str, str]:
+    """The first processor's fields of Linux's /proc/cpuinfo (empty where there is none)."""
     info: dict[str, str] = {}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -26,6 +25,13 @@ def cpu() -> dict[str, Any]:
             info.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    return info
+
+
+def cpu() -> dict[str, Any]:
+    """This CPU: model name, family and model numbers, core count, and ``isa``: the widest
+    vector instruction set its kernels use (``avx512``, ``avx2``, else the architecture)."""
+    info = cpuinfo()
     flags = set(info.get("flags", "").split())
     isa = "avx512" if "avx512f" in flags else "avx2" if "avx2" in flags else platform.machine()
     return {

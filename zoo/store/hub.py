@@ -54,6 +54,12 @@ def copy_pinned(source: Path, target: Path, entry: FileEntry) -> None:
     """Copy ``source`` to ``target``, refusing bytes that are not ``entry``'s pinned ones."""
     with open(source, "rb") as src, open(target, "wb") as dst:
         size, digest = copy_hashed(src, dst)
+    check_unchanged(source, size, digest, entry)
+
+
+def check_unchanged(source: Path, size: int, digest: str, entry: FileEntry) -> None:
+    """Refuse to publish ``source`` when the bytes about to go (``size``, ``digest``) are no
+    longer the ones its manifest pinned."""
     if (size, digest) != (entry.size, entry.sha256):
         raise IntegrityError(
             f"{source} changed while publishing (now {size} bytes, {digest})",
@@ -208,12 +214,8 @@ class HfHub:
                 for source, entry in files
             ]
             for add, (source, entry) in zip(adds, files):  # hashed now, as it will be sent
-                sent = (add.upload_info.size, f"sha256:{add.upload_info.sha256.hex()}")
-                if sent != (entry.size, entry.sha256):
-                    raise IntegrityError(
-                        f"{source} changed while publishing (now {sent[0]} bytes, {sent[1]})",
-                        hint="rebuild, then publish again",
-                    )
+                info = add.upload_info
+                check_unchanged(source, info.size, f"sha256:{info.sha256.hex()}", entry)
             info = api.create_commit(
                 repo, operations=adds + stale, commit_message=message, parent_commit=head.sha
             )
