@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -194,10 +193,9 @@ def test_truncated_download_never_enters_the_cache(fault_env, zoo_home: Path) ->
 
 def test_server_errors_500_and_404_leave_the_cache_clean(fault_env, zoo_home: Path) -> None:  # noqa: ANN001
     fault_env.fail("client.zip", status=500)
-    started = time.monotonic()
     with pytest.raises(HubError, match="client.zip|500|cannot reach"):
         zoo.pull(VARIANT, role="client")
-    assert time.monotonic() - started < 60
+    assert 1 <= fault_env.count(contains="client.zip") <= 10  # bounded retries
     fault_env.clear_faults()
     fault_env.fail("client.zip", status=404, error_code="EntryNotFound")
     with pytest.raises(NotFoundError, match="missing"):

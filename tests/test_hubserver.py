@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -146,7 +145,7 @@ def test_misses_refs_and_rejections_answer_like_the_hub(hf_hub: HubServer, tmp_p
         "token": hf_hub.token,
         "cache_dir": tmp_path / "c",
     }
-    start = time.monotonic()
+    hf_hub.clear_requests()
     with pytest.raises(RemoteEntryNotFoundError):
         hf_hub_download(REPO, "absent.bin", revision=sha, **kwargs)
     with pytest.raises(RevisionNotFoundError):
@@ -155,7 +154,7 @@ def test_misses_refs_and_rejections_answer_like_the_hub(hf_hub: HubServer, tmp_p
         hf_hub_download(REPO, "notes.txt", revision="no-such-branch", **kwargs)
     with pytest.raises(RepositoryNotFoundError):
         hf_hub_download("zoo-test/absent", "notes.txt", **kwargs)
-    assert time.monotonic() - start < 5
+    assert len(hf_hub.requests) == 4  # one answer each (404, 404, 404, 401), no retries
 
     api.create_tag(REPO, tag="v1", revision=sha)
     api.create_branch(REPO, branch="dev", revision="v1")
@@ -207,13 +206,13 @@ def test_fault_hub_serves_snapshots_and_404s(
     blobs = {p.name for p in (Path(snap).parents[1] / "blobs").iterdir()}
     assert hashlib.sha256(BIG).hexdigest() in blobs  # presented as LFS: blob named by sha256
 
-    start = time.monotonic()
+    hub.clear_requests()
     with pytest.raises(RemoteEntryNotFoundError):
         _get(hub, "absent.txt", tmp_path / "c1")
     hub.fail("config.json", 404)
     with pytest.raises(EntryNotFoundError):
         _get(hub, "config.json", tmp_path / "c2")
-    assert time.monotonic() - start < 2
+    assert [r.status for r in hub.requests] == [404, 404]  # one answer each, no retries
 
 
 def test_fault_hub_500_retries_are_bounded(
@@ -222,10 +221,8 @@ def test_fault_hub_500_retries_are_bounded(
     """A persistent 500 raises after the client's bounded retries; a transient one recovers."""
     hub = fault_hub_factory(FAULT_FILES)
     hub.fail("config.json", 500)
-    start = time.monotonic()
     with pytest.raises(LocalEntryNotFoundError) as err:
         _get(hub, "config.json", tmp_path / "c1")
-    assert time.monotonic() - start < 15
     assert isinstance(err.value.__cause__, HfHubHTTPError)
     assert err.value.__cause__.response.status_code == 500
     heads = [r for r in hub.requests if r.method == "HEAD"]

@@ -58,6 +58,25 @@ def test_info_says_what_the_client_computes_in_the_clear(
     )
 
 
+def test_info_names_the_variants_that_compile_the_same_weights_again() -> None:
+    """`zoo info` of a variant lists every variant whose recipe compiles its weights again
+    (``compile_from``), with the compile settings and what that variant's newest build measured."""
+    registry = reg.load(ROOT / "registry.json")
+    derived = {
+        v.name: v for v in registry.variants.values()
+        if v.recipe["params"].get("compile_from", "").startswith("cifar10-cnv-2w2a-r6@")
+    }  # fmt: skip
+    assert "cifar10-cnv-2w2a-r6-norm2" in derived
+    listed = zoo.info("cifar10-cnv-2w2a-r6", ROOT / "registry.json")["recompiled_as"]
+    assert {row["variant"] for row in listed} == set(derived)
+    row = next(r for r in listed if r["variant"] == "cifar10-cnv-2w2a-r6-norm2")
+    norm2 = derived["cifar10-cnv-2w2a-r6-norm2"]
+    assert row["compile"]["multi_parameter_strategy"] == "precision_and_norm2"
+    assert row["revision"] == norm2.live[-1].revision
+    assert row["metrics"]["fhe_simulation_top1"] == norm2.live[-1].metrics["fhe_simulation_top1"]
+    assert zoo.info("cifar10-split-tiny", ROOT / "registry.json")["recompiled_as"] == []
+
+
 def test_every_variant_either_has_a_live_build_or_says_why_not() -> None:
     for variant in reg.load(ROOT / "registry.json").variants.values():
         for build in variant.builds:

@@ -133,7 +133,40 @@ def info(ref: str, registry_path: Path | None = None) -> dict[str, Any]:
             "cached": cached,
             "client_computes": client_computes(build),
         }
+    out["recompiled_as"] = recompiled_as(registry, variant.name)
     return out
+
+
+def recompiled_as(registry: reg.Registry, name: str) -> list[dict[str, Any]]:
+    """The variants that compile this variant's weights again (``compile_from``), each with what
+    its newest live build measured: a lighter circuit for the same network is a pull away."""
+    out = []
+    for other in registry.variants.values():
+        params = other.recipe["params"]
+        source = str(params.get("compile_from", ""))
+        if source.partition("@")[0] != name:
+            continue
+        newest = other.live[-1] if other.live else None
+        metrics = newest.metrics if newest else {}
+        out.append(
+            {
+                "variant": other.name,
+                "compile_from": source,
+                "compile": {k: v for k, v in params.items() if k != "compile_from"},
+                "revision": newest.revision if newest else None,
+                "metrics": {k: metrics[k] for k in RECOMPILE_METRICS if k in metrics},
+            }
+        )
+    return out
+
+
+#: What ``info`` shows of a recompiled variant's build.
+RECOMPILE_METRICS = (
+    "fhe_simulation_top1",
+    "n_test_images",
+    "fhe_execute_seconds_per_image",
+    "fhe_execute_n_images",
+)
 
 
 def client_computes(build: reg.Build) -> str | None:

@@ -261,6 +261,26 @@ def _cost_lines(estimate: dict[str, Any] | None) -> list[str]:
     return lines
 
 
+def _recompiled_lines(recompiled: list[dict[str, Any]]) -> list[str]:
+    """One line per variant that compiles these weights again, with what its build measured."""
+    lines = []
+    for other in recompiled:
+        how = ", ".join(f"{k} {v}" for k, v in other["compile"].items())
+        m = other["metrics"]
+        if other["revision"] is None:
+            measured = "no build yet"
+        else:
+            measured = f"FHE-sim top-1 {_num(m.get('fhe_simulation_top1'))}"
+            if m.get("n_test_images"):
+                measured += f" on {m['n_test_images']:,} images"
+            if m.get("fhe_execute_n_images"):
+                measured += (f"; real FHE {m['fhe_execute_seconds_per_image']:,.0f} s per image "
+                             f"({m['fhe_execute_n_images']} images)")  # fmt: skip
+        lines.append(f"recompiled as {other['variant']} (the weights of {other['compile_from']}, "
+                     f"{how}): {measured}")  # fmt: skip
+    return lines
+
+
 @main.command()
 @REF
 @REGISTRY
@@ -302,6 +322,7 @@ def info(ref: str, registry_path: Path | None, as_json: bool) -> None:
             lines.append(f"no build for this runtime: {data['resolve_error']}")
         else:
             lines.append("not published yet: build it with `zoo build " + data["variant"] + "`")
+        lines.extend(_recompiled_lines(data["recompiled_as"]))
         return "\n".join(lines)
 
     _emit(as_json, data, text)
