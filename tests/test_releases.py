@@ -13,12 +13,14 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from conftest import ROOT, make_build_dir
 
 import zoo
 from zoo import api
 from zoo.catalog import manifest
 from zoo.catalog import registry as reg
+from zoo.cli import main
 from zoo.errors import IntegrityError, NotFoundError, UnsafeArchiveError, YankedError
 from zoo.store import bundle, cache
 from zoo.store.releases import ReleaseStore
@@ -75,6 +77,8 @@ def test_info_names_the_variants_that_compile_the_same_weights_again() -> None:
     assert row["revision"] == norm2.live[-1].revision
     assert row["metrics"]["fhe_simulation_top1"] == norm2.live[-1].metrics["fhe_simulation_top1"]
     assert zoo.info("cifar10-split-tiny", ROOT / "registry.json")["recompiled_as"] == []
+    shown = CliRunner().invoke(main, ["info", "cifar10-cnv-2w2a-r6"]).output
+    assert "recompiled as cifar10-cnv-2w2a-r6-norm2 (the weights of cifar10-cnv-2w2a-r6@" in shown
 
 
 def test_every_variant_either_has_a_live_build_or_says_why_not() -> None:
