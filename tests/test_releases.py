@@ -78,7 +78,9 @@ def test_info_names_the_variants_that_compile_the_same_weights_again() -> None:
     assert row["metrics"]["fhe_simulation_top1"] == norm2.live[-1].metrics["fhe_simulation_top1"]
     assert zoo.info("cifar10-split-tiny", ROOT / "registry.json")["recompiled_as"] == []
     shown = CliRunner().invoke(main, ["info", "cifar10-cnv-2w2a-r6"]).output
-    assert "recompiled as cifar10-cnv-2w2a-r6-norm2 (the weights of cifar10-cnv-2w2a-r6@" in shown
+    line = next(x for x in shown.splitlines() if x.startswith(f"recompiled as {norm2.name} "))
+    assert "(the weights of cifar10-cnv-2w2a-r6@b017b136a62a, " in line
+    assert f"real FHE top-1 {norm2.live[-1].metrics['fhe_execute_top1']:.4f}" in line
 
 
 def test_every_variant_either_has_a_live_build_or_says_why_not() -> None:

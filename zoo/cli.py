@@ -273,9 +273,12 @@ def _recompiled_lines(recompiled: list[dict[str, Any]]) -> list[str]:
             measured = f"FHE-sim top-1 {_num(m.get('fhe_simulation_top1'))}"
             if m.get("n_test_images"):
                 measured += f" on {m['n_test_images']:,} images"
-            if m.get("fhe_execute_n_images"):
-                measured += (f"; real FHE {m['fhe_execute_seconds_per_image']:,.0f} s per image "
-                             f"({m['fhe_execute_n_images']} images)")  # fmt: skip
+            n = m.get("fhe_execute_n_images")
+            if n:
+                timed = m.get("fhe_execute_timed_images") or n
+                measured += (f"; real FHE top-1 {m['fhe_execute_top1']:.4f} on {n} images, "
+                             f"{m['fhe_execute_seconds_per_image']:,.0f} s per image")  # fmt: skip
+                measured += f" (over the {timed} timed alone)" if timed != n else ""
         lines.append(f"recompiled as {other['variant']} (the weights of {other['compile_from']}, "
                      f"{how}): {measured}")  # fmt: skip
     return lines
