@@ -137,14 +137,25 @@ def info(ref: str, registry_path: Path | None = None) -> dict[str, Any]:
     return out
 
 
+#: What ``info`` shows of a recompiled variant's build.
+RECOMPILE_METRICS = (
+    "fhe_simulation_top1",
+    "n_test_images",
+    "fhe_execute_top1",
+    "fhe_execute_n_images",
+    "fhe_execute_seconds_per_image",
+    "fhe_execute_timed_images",
+)
+
+
 def recompiled_as(registry: reg.Registry, name: str) -> list[dict[str, Any]]:
     """The variants that compile this variant's weights again (``compile_from``), each with what
     its newest live build measured: a lighter circuit for the same network is a pull away."""
     out = []
     for other in registry.variants.values():
         params = other.recipe["params"]
-        source = str(params.get("compile_from", ""))
-        if source.partition("@")[0] != name:
+        source = params.get("compile_from")
+        if source is None or reg.split_ref(source)[0] != name:
             continue
         newest = other.live[-1] if other.live else None
         metrics = newest.metrics if newest else {}
@@ -158,17 +169,6 @@ def recompiled_as(registry: reg.Registry, name: str) -> list[dict[str, Any]]:
             }
         )
     return out
-
-
-#: What ``info`` shows of a recompiled variant's build.
-RECOMPILE_METRICS = (
-    "fhe_simulation_top1",
-    "n_test_images",
-    "fhe_execute_top1",
-    "fhe_execute_n_images",
-    "fhe_execute_seconds_per_image",
-    "fhe_execute_timed_images",
-)
 
 
 def client_computes(build: reg.Build) -> str | None:
