@@ -144,6 +144,7 @@ RECOMPILE_METRICS = (
     "fhe_execute_top1",
     "fhe_execute_n_images",
     "fhe_execute_seconds_per_image",
+    "fhe_execute_max_seconds_per_image",
     "fhe_execute_timed_images",
 )
 

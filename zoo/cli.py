@@ -278,6 +278,8 @@ def _recompiled_lines(recompiled: list[dict[str, Any]]) -> list[str]:
                 timed = m.get("fhe_execute_timed_images") or n
                 measured += (f"; real FHE top-1 {m['fhe_execute_top1']:.4f} on {n} images, "
                              f"{m['fhe_execute_seconds_per_image']:,.0f} s per image")  # fmt: skip
+                if m.get("fhe_execute_max_seconds_per_image") and timed > 1:
+                    measured += f", the slowest {m['fhe_execute_max_seconds_per_image']:,.0f} s"
                 measured += f" (over the {timed} timed alone)" if timed != n else ""
         lines.append(f"recompiled as {other['variant']} (the weights of {other['compile_from']}, "
                      f"{how}): {measured}")  # fmt: skip
