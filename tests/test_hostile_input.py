@@ -453,7 +453,8 @@ def test_check_refuses_a_missing_wrong_or_needless_init_before_training(
     registry_file: Path, tmp_path: Path
 ) -> None:
     """A build trained from ``--init`` weights rebuilds only from the same file: `--check`
-    reads the pinned manifest in the release store and refuses before anything trains."""
+    reads the pinned manifest in the release store (else the cache) and refuses before anything
+    trains."""
     from conftest import make_build_dir
 
     from zoo.build import run as builder
@@ -479,9 +480,15 @@ def test_check_refuses_a_missing_wrong_or_needless_init_before_training(
     assert not (tmp_path / "o").exists()
     # Pulled where no hub has its files: not rebuilt for hours to fail the compare at the end.
     store = ReleaseStore.beside(registry_file)
+    ref = f"{VARIANT}@{with_init.revision[:12]}"
+    zoo.pull(ref, role="client")  # the manifest is cached now
     store.blob(with_init.file("server").sha256).unlink()
     with pytest.raises(BuildError, match="trained from --init weights"):
-        zoo.pull(f"{VARIANT}@{with_init.revision[:12]}", build_missing=True)
+        zoo.pull(ref, build_missing=True)
+    # Its manifest gone from the release store too (a yanked build, pruned): the cache's copy.
+    store.blob(with_init.file("manifest").sha256).unlink()
+    with pytest.raises(BuildError, match="trained from --init weights"):
+        builder.check(ref, out_dir=tmp_path / "o")
 
 
 def test_sigpipe_is_ignored_again_from_any_thread() -> None:

@@ -387,15 +387,22 @@ def _can_rebuild_here(pinned: reg.Build) -> None:
 
 def _check_init(pinned: reg.Build, registry: reg.Registry, init: Path | None) -> None:
     """Refuse, before anything trains, a rebuild of ``pinned`` whose ``init`` is not the
-    ``--init`` file it was trained from (read from its manifest in the release store; a build
-    whose manifest is not there, or that compiles a parent's weights, is not checked)."""
+    ``--init`` file it was trained from (read from its manifest in the release store, else in
+    the cache: a yanked build may be in neither, and then, like a build that compiles a
+    parent's weights, it is not checked)."""
     from zoo.store.releases import ReleaseStore
 
     if "compile_from" in registry.variant(pinned.variant).recipe["params"]:
         return  # trains nothing: the init in its config is its parent's
-    blob = ReleaseStore.beside(registry.path).blob(pinned.file("manifest").sha256)
+    pinned_manifest = pinned.file("manifest")
+    for path in (ReleaseStore.beside(registry.path).blob(pinned_manifest.sha256),
+                 cache.build_path(pinned) / pinned_manifest.path):  # fmt: skip
+        if path.is_file() and sha256_file(path) == pinned_manifest.sha256:
+            break
+    else:
+        return
     try:
-        wanted = json.loads(blob.read_text())["recipe"]["config"].get("init")
+        wanted = json.loads(path.read_text())["recipe"]["config"].get("init")
         wanted = wanted and wanted["sha256"]
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return
