@@ -164,9 +164,10 @@ def test_a_corrupt_file_in_a_read_only_cache_is_reported_as_corrupt(
         unlink(path, missing_ok=missing_ok)
 
     monkeypatch.setattr(Path, "unlink", refused)
-    with pytest.raises(IntegrityError, match="changed since it was pulled .* could not be removed"):
+    with pytest.raises(IntegrityError, match="changed since it was pulled .*: not removable"):
         cache.check_hashes(build, "client")
-    assert zoo.verify(VARIANT)[build.revision]["head.safetensors"] == "corrupt (not removable)"
+    report = zoo.verify(VARIANT)[build.revision]
+    assert report["head.safetensors"] == "corrupt (not removable: Permission denied)"
 
 
 def test_cache_rm_takes_one_build_by_a_prefix_of_7_or_more_digits(

@@ -255,14 +255,14 @@ def _intact(path: Path, entry: FileEntry) -> bool:
         return False
 
 
-def _discard(path: Path, short: bool = False) -> str:
-    """Remove a cached file found bad; say so, or that it could not be (a read-only cache):
+def _discard(path: Path) -> str:
+    """Remove a cached file found bad; say "removed", or why it is not (a read-only cache):
     the corruption is the news either way, not the permission."""
     try:
         path.unlink(missing_ok=True)
     except OSError as exc:
-        return f"could not be removed: {exc.strerror}" if not short else "not removable"
-    return "was removed" if not short else "removed"
+        return f"not removable: {exc.strerror}"
+    return "removed"
 
 
 def check_hashes(build: Build, role: str, root: Path | None = None) -> None:
@@ -272,7 +272,7 @@ def check_hashes(build: Build, role: str, root: Path | None = None) -> None:
     for entry in build.files_for(role):
         path = folder / entry.path
         if not _intact(path, entry):
-            what = (f"changed since it was pulled and verified (it is not {entry.sha256}); it "
+            what = (f"changed since it was pulled and verified (it is not {entry.sha256}): "
                     f"{_discard(path)}" if path.exists() else "is gone since it was pulled (a "
                     "`zoo cache rm` or `zoo verify` meanwhile?)")  # fmt: skip
             raise IntegrityError(
@@ -284,7 +284,7 @@ def check_hashes(build: Build, role: str, root: Path | None = None) -> None:
 
 def verify(build: Build, root: Path | None = None) -> dict[str, str]:
     """Rehash every cached file of ``build`` and pass its zips through the gate: path → "ok",
-    "not cached", "corrupt (removed)" or "unsafe (removed): why" ("not removable" for
+    "not cached", "corrupt (removed)" or "unsafe (removed): why" ("not removable: why" for
     "removed" in a cache this user cannot write)."""
     folder = build_path(build, root)
     report = {}
@@ -293,12 +293,12 @@ def verify(build: Build, root: Path | None = None) -> dict[str, str]:
         if not path.is_file():
             report[entry.path] = "not cached"
         elif not _intact(path, entry):
-            report[entry.path] = f"corrupt ({_discard(path, short=True)})"
+            report[entry.path] = f"corrupt ({_discard(path)})"
         else:
             report[entry.path] = "ok"
             if entry.role in GATED_ROLES:
                 try:
                     check_zip(path)
                 except ZooError as exc:
-                    report[entry.path] = f"unsafe ({_discard(path, short=True)}): {exc}"
+                    report[entry.path] = f"unsafe ({_discard(path)}): {exc}"
     return report
