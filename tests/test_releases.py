@@ -80,7 +80,9 @@ def test_info_names_the_variants_that_compile_the_same_weights_again() -> None:
     shown = CliRunner().invoke(main, ["info", "cifar10-cnv-2w2a-r6"]).output
     line = next(x for x in shown.splitlines() if x.startswith(f"recompiled as {norm2.name} "))
     assert "(the weights of cifar10-cnv-2w2a-r6@b017b136a62a, " in line
-    assert f"real FHE top-1 {norm2.live[-1].metrics['fhe_execute_top1']:.4f}" in line
+    measured = norm2.live[-1].metrics
+    assert f"real FHE top-1 {measured['fhe_execute_top1']:.4f}" in line
+    assert f", the slowest {measured['fhe_execute_max_seconds_per_image']:,.0f} s" in line
 
 
 def test_every_variant_either_has_a_live_build_or_says_why_not() -> None:
