@@ -51,6 +51,7 @@ HEAVY := tests/test_package.py tests/test_build.py tests/test_recipes.py tests/t
 	tests/test_serve.py tests/test_wheel.py tests/test_interfaces.py tests/test_cost.py
 test: install data
 	$(PY) -m ruff check zoo recipes tests benchmarks
+	$(PY) -m ruff format --check zoo recipes tests benchmarks
 	@for args in "$(foreach f,$(HEAVY),--ignore=$(f))" $(HEAVY); do \
 	  echo "pytest $$args"; CI=1 $(PY) -m pytest -q -p no:cacheprovider $$args; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "pytest ran no test ($$args)"; exit 1; fi; \
@@ -59,6 +60,7 @@ test: install data
 
 lint: install
 	$(PY) -m ruff check zoo recipes tests benchmarks
+	$(PY) -m ruff format --check zoo recipes tests benchmarks
 
 bench: install data
 	$(PY) -m pip install --quiet -e '.[bench]'

@@ -79,8 +79,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
     # trained with label smoothing, so its logits span only ~5.5 and T = 4 leaves its top class
     # 0.27 on average, against 0.89 at T = 1).
     "+distill": {**EMA, "distill_from": TEACHER, "distill_weight": 0.5, "distill_temperature": 4},
-    "+distill-t1": {**EMA, "distill_from": TEACHER, "distill_weight": 0.5,
-                    "distill_temperature": 1},  # fmt: skip
+    "+distill-t1": {
+        **EMA,
+        "distill_from": TEACHER,
+        "distill_weight": 0.5,
+        "distill_temperature": 1,
+    },  # fmt: skip
     # The rest of the list, each added to +ema alone: derandomised flips, decoupled
     # weight decay (AdamW; lr x decay per step, on conv and linear weights), and BatchNorm
     # parameters and biases at 4x the rate.

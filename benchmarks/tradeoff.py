@@ -73,7 +73,8 @@ def rows(registry: reg.Registry) -> list[dict[str, Any]]:
                 "estimate_is_lower_bound": bool(estimate and estimate["lower_bound"]),
                 # a WoP circuit priced from another kind of machine's WoP points: where
                 "estimate_wop_other_machine": estimate["calibration"]["wop_other_machine"]
-                if estimate and estimate["method"] == "wop" else None,
+                if estimate and estimate["method"] == "wop"
+                else None,
                 "fhe_execute_seconds_per_image": measured,
                 "fhe_execute_timed_images": metrics.get("fhe_execute_timed_images"),
                 # set when the run was not clean (e.g. cores shared): then no error is computed
@@ -296,8 +297,12 @@ def main() -> None:
     document = {"cpus": cpus, "calibration": calibration, "variants": table, "references": refs}
     (RESULTS / "tradeoff.json").write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
     plot(table, refs, RESULTS / "tradeoff.png")
-    where = (f"the {calibration['source']} calibration of {cost.describe_machine(calibration)} "
-             f"({calibration['created'][:10]})" if calibration else "no calibration")
+    where = (
+        f"the {calibration['source']} calibration of {cost.describe_machine(calibration)} "
+        f"({calibration['created'][:10]})"
+        if calibration
+        else "no calibration"
+    )
     header = RESULTS_HEADER.replace("{calibration}", where)
     (ROOT / "benchmarks" / "RESULTS.md").write_text(header + markdown(table, registry))
     readme = ROOT / "README.md"

@@ -902,8 +902,10 @@ def train(
         torch.set_rng_state(state["torch_rng"])
         history = list(state["history"])
         ctx.log.info("resumed from %s after epoch %d", ckpt_path, start_epoch)
-    teacher = None if start_epoch == prof["epochs"] else teacher_logits(
-        prof, images, labels, ctx.work_dir, ctx.log, ctx.registry_path
+    teacher = (
+        None
+        if start_epoch == prof["epochs"]
+        else teacher_logits(prof, images, labels, ctx.work_dir, ctx.log, ctx.registry_path)
     )  # trained: a compile-only resume needs no teacher
     rounding = None
     if prof.get("round_accumulators"):

@@ -181,8 +181,4 @@ def fault_hub_factory() -> Iterator[Callable[..., FaultHub]]:
 def circuit_lsbs(circuit: Any) -> list[int]:
     """The low bits each rounded op of a compiled module removes, in the order of its graph."""
     ops = circuit.quant_layers_dict.values()
-    return [
-        lsbs
-        for _, op in ops
-        for lsbs in (getattr(op, "lsbs_to_remove", None) or {}).values()
-    ]
+    return [lsbs for _, op in ops for lsbs in (getattr(op, "lsbs_to_remove", None) or {}).values()]

@@ -76,15 +76,29 @@ def test_a_build_in_pieces_gives_the_same_bytes(
     the bytes of a build made in one go. A build trained on a GPU finishes on a machine without
     one: a resumed stage with no epoch left runs on the CPU whatever --device says."""
     out = tmp_path / "pieces"
-    first = CliRunner().invoke(main, ["build", TINY, "--profile", "smoke", "--data-dir",
-                                      str(cifar_dir), "--out", str(out), "--stop-after", "0"])
+    first = CliRunner().invoke(
+        main,
+        [
+            "build",
+            TINY,
+            "--profile",
+            "smoke",
+            "--data-dir",
+            str(cifar_dir),
+            "--out",
+            str(out),
+            "--stop-after",
+            "0",
+        ],
+    )
     assert first.exit_code == 10, first.output
     assert "paused: stopped after epoch 1/2" in first.output and "--resume" in first.output
     assert (out / "work" / "checkpoint.safetensors").is_file()
     assert not (out / "manifest.json").exists()
     with pytest.raises(BuildPaused, match="trained; stopped before compiling"):
-        builder.build(TINY, profile="smoke", data_dir=cifar_dir, out_dir=out, resume=True,
-                      train_only=True)
+        builder.build(
+            TINY, profile="smoke", data_dir=cifar_dir, out_dir=out, resume=True, train_only=True
+        )
     builder.build(TINY, profile="smoke", data_dir=cifar_dir, out_dir=out, resume=True)
     assert build_hashes(out) == build_hashes(tiny_build)
     # The report counts the training of the earlier commands (this one trained nothing): the
@@ -96,8 +110,9 @@ def test_a_build_in_pieces_gives_the_same_bytes(
     assert trained > 0 and timings["train_seconds"] >= trained
     assert timings["build_seconds"] > timings["train_seconds"]
 
-    builder.build(TINY, profile="smoke", data_dir=cifar_dir, out_dir=out, resume=True,
-                  device="cuda")  # no CUDA here: nothing is left to train
+    builder.build(
+        TINY, profile="smoke", data_dir=cifar_dir, out_dir=out, resume=True, device="cuda"
+    )  # no CUDA here: nothing is left to train
     assert json.loads((out / "manifest.json").read_text())["device"] == "cpu"  # where it trained
     assert build_hashes(out) == build_hashes(tiny_build)  # the manifest too: trained on the CPU
 

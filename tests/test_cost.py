@@ -155,8 +155,12 @@ def test_a_calibration_fitted_with_another_formula_is_refitted_from_its_points(
 
 @pytest.mark.parametrize(
     "damage",
-    [{"fit": {"coefficient": None}}, {"fit": {"overhead_seconds": "0.1"}}, {"points": {"a": 1}},
-     {"points": [1, 2]}],  # fmt: skip
+    [
+        {"fit": {"coefficient": None}},
+        {"fit": {"overhead_seconds": "0.1"}},
+        {"points": {"a": 1}},
+        {"points": [1, 2]},
+    ],  # fmt: skip
 )
 def test_a_malformed_user_calibration_is_unreadable_not_a_crash(
     zoo_home: Path, damage: dict
@@ -294,8 +298,10 @@ def test_a_calibration_without_wop_points_borrows_the_defaults_and_says_where_fr
     assert other in calibration["source"]["wop_other_machine"]
     estimate = cost.breakdown(WOP_CIRCUIT, calibration)
     assert estimate["method"] == "wop" and not estimate["lower_bound"]
-    assert estimate["total_seconds"] == pytest.approx(cost.breakdown(WOP_CIRCUIT, default)[
-        "total_seconds"] - default["fit"].get("overhead_seconds", 0.0))  # our overhead is 0
+    assert estimate["total_seconds"] == pytest.approx(
+        cost.breakdown(WOP_CIRCUIT, default)["total_seconds"]
+        - default["fit"].get("overhead_seconds", 0.0)
+    )  # our overhead is 0
     without = {k: v for k, v in calibration.items() if k not in ("wop_fit", "wop_measured")}
     assert cost.breakdown(WOP_CIRCUIT, without)["lower_bound"]  # what it would be without
     own = {**_calibration(1e-9), "wop_fit": {**default["wop_fit"], "a": 1.0}}

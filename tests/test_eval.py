@@ -99,8 +99,15 @@ def test_a_sample_continued_on_another_machine_keeps_its_seconds_apart() -> None
     metrics = evaluate.registry_metrics({**elsewhere, **run})
     assert metrics["fhe_execute_max_seconds_per_image"] == 170.0
     seconds = dict(card.fhe_truth({"metrics": metrics}, {}))["real FHE seconds per image"]
-    assert seconds.endswith("165 on AMD EPYC, avx2, 2 cores, over the 2 images timed alone; "
-                            "the slowest 170")  # fmt: skip
+    assert seconds.endswith("165 on AMD EPYC, avx2, 2 cores, over the 2 images timed alone on "
+                            "it; the slowest 170")  # fmt: skip
+    # every image timed alone elsewhere stays in sight, its slowest with it
+    assert metrics["fhe_execute_elsewhere"] == (
+        "1 on Intel Xeon, avx512, 2 cores: 90 s per image, the slowest 90; "
+        "1 on an unrecorded machine: 100 s per image, the slowest 100"
+    )
+    rows = dict(card.fhe_truth({"metrics": metrics}, {}))
+    assert rows["real FHE images timed on other machines"] == metrics["fhe_execute_elsewhere"]
 
     # Two images side by side on the Xeon (Ray's local workers): accuracy, not its seconds.
     records[5] = json.loads(image(5, 150.0, machine=xeon, parallel=2))
@@ -122,11 +129,13 @@ def test_a_sample_continued_on_another_machine_keeps_its_seconds_apart() -> None
     metrics = evaluate.registry_metrics({**busy, **run})
     assert metrics["fhe_execute_conditions"] is None and metrics["fhe_execute_timed_images"] == 1
     seconds = dict(card.fhe_truth({"metrics": metrics}, {}))["real FHE seconds per image"]
-    assert seconds.endswith("Intel Xeon, avx512, 2 cores, over the 1 images timed alone")
+    assert seconds.endswith("Intel Xeon, avx512, 2 cores, over the 1 images timed alone on it")
 
     # Only such images: their seconds go to the registry, said to be what they are.
-    for others, why in [([5, 6], "2 image(s) timed 2 at a time on one machine"),
-                        ([7], "1 image(s) timed while other processes took up to 25% of the CPU")]:
+    for others, why in [
+        ([5, 6], "2 image(s) timed 2 at a time on one machine"),
+        ([7], "1 image(s) timed while other processes took up to 25% of the CPU"),
+    ]:
         only = evaluate.summarize([records[i] for i in others], "execute", xeon)
         metrics = evaluate.registry_metrics({**only, **run})
         assert why in metrics["fhe_execute_conditions"]

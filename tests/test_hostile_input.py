@@ -83,8 +83,16 @@ def test_malformed_names_are_usage_errors(zoo_home: Path, ref: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "spec", ["hf://../x", "hf://org/../x", "hf://a", "ftp://x", "hf://org/a--b", "hf://org/repo-",
-             "hf://org/" + "x" * 97]  # the last three: names the Hugging Face Hub refuses
+    "spec",
+    [
+        "hf://../x",
+        "hf://org/../x",
+        "hf://a",
+        "ftp://x",
+        "hf://org/a--b",
+        "hf://org/repo-",
+        "hf://org/" + "x" * 97,
+    ],  # the last three: names the Hugging Face Hub refuses
 )
 def test_bad_hub_specs_are_usage_errors(
     zoo_home: Path, registry_file: Path, build_dir: Path, spec: str
@@ -302,9 +310,7 @@ def test_publishing_through_a_linked_registry_updates_the_file_it_names(
     monkeypatch.setenv("ZOO_REGISTRY", str(link))
     build = zoo.publish(build_dir, "local")
     assert link.is_symlink()
-    assert [b.revision for b in reg.load(registry_file).variant(VARIANT).builds] == [
-        build.revision
-    ]
+    assert [b.revision for b in reg.load(registry_file).variant(VARIANT).builds] == [build.revision]
 
 
 def test_prune_leaves_the_staging_of_a_running_pull_alone(

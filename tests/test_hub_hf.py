@@ -173,7 +173,10 @@ def test_corrupt_bytes_from_the_hub_are_rejected(fault_env, zoo_home: Path) -> N
 
 
 def test_a_file_the_pinned_commit_lacks_is_not_found(
-    fault_hub_factory, zoo_home: Path, registry_file: Path, tmp_path: Path,  # noqa: ANN001
+    fault_hub_factory,
+    zoo_home: Path,
+    registry_file: Path,
+    tmp_path: Path,  # noqa: ANN001
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     _pin_at_fault_hub(fault_hub_factory, registry_file, tmp_path, monkeypatch, "server.zip")

@@ -83,6 +83,10 @@ def test_info_names_the_variants_that_compile_the_same_weights_again() -> None:
     measured = norm2.live[-1].metrics
     assert f"real FHE top-1 {measured['fhe_execute_top1']:.4f}" in line
     assert f", the slowest {measured['fhe_execute_max_seconds_per_image']:,.0f} s" in line
+    for row in listed:  # a sample continued on another machine: those images' seconds too
+        if row["metrics"].get("fhe_execute_elsewhere"):
+            line = next(x for x in shown.splitlines() if f" {row['variant']} " in x)
+            assert f"; also timed {row['metrics']['fhe_execute_elsewhere']}" in line
 
 
 def test_every_variant_either_has_a_live_build_or_says_why_not() -> None:
@@ -300,6 +304,7 @@ def test_hostile_bundles_leave_cache_and_registry_untouched(
                                       lambda n, d: None if n == bundle.INDEX else d))  # fmt: skip
     for name, index in [("deep", b"[" * 100_000), ("ints", b'{"builds": [1]}'),
                         ("text", b'{"builds": "x"}')]:  # fmt: skip
+
         def swap(n: str, d: bytes, index: bytes = index) -> bytes:
             if n != bundle.INDEX:
                 return d

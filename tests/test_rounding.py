@@ -61,4 +61,3 @@ def test_vgg_qat_rounds_as_the_circuit_does(cifar_dir: Path, tmp_path: Path) -> 
     # equal up to float error (1e-8 here); unrounded, the model is 1e-3 away
     np.testing.assert_allclose(rounded, compiled, rtol=0, atol=1e-6)
     assert not np.allclose(plain, compiled, rtol=0, atol=1e-4)
-

@@ -544,9 +544,7 @@ def test_what_rounding_in_the_loop_calibrates_on_joins_the_fingerprint() -> None
             assert (training_fingerprint(c) != training_fingerprint(other)) == joins, key
 
 
-def _train(
-    cifar_dir: Path, work: Path, resume: bool = False, stop_now: bool = False, **extra: Any
-):
+def _train(cifar_dir: Path, work: Path, resume: bool = False, stop_now: bool = False, **extra: Any):
     params = {"arch": "tiny", "fanin": None,
               "profile_overrides": {**TINY_PROFILE, **FAST, **extra}}  # fmt: skip
     cfg = sc.resolve_config("cifar10-split-tiny", params, "smoke", 0)

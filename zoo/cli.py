@@ -142,8 +142,9 @@ class _Group(click.Group):
             raise
 
 
-@click.group(cls=_Group,
-             context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.group(
+    cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True}
+)
 @click.version_option(package_name="concrete-zoo")
 @click.option("-v", "--verbose", is_flag=True, help="debug messages too")
 @click.option("-q", "--quiet", is_flag=True, help="warnings and errors only")
@@ -179,7 +180,8 @@ def list_cmd(registry_path: Path | None, as_json: bool) -> None:
                 _num(r["fhe_simulation_top1"]),
                 _num(r["fhe_execute_top1"]),
                 r["max_bit_width"] or "-",
-                ("≥" if r["est_fhe_lower_bound"] else "") + _num(r["est_fhe_seconds"], "{:.1f}")
+                ("≥" if r["est_fhe_lower_bound"] else "")
+                + _num(r["est_fhe_seconds"], "{:.1f}")
                 + ("†" if r["est_other_machine"] and r["est_fhe_seconds"] is not None else ""),
                 _keys(r["eval_key_bytes_serialized"], r["eval_key_bytes"]),
                 r["builds"] or ("yanked" if r["yanked"] else "no"),
@@ -241,8 +243,10 @@ def _cost_lines(estimate: dict[str, Any] | None) -> list[str]:
                          "`zoo bench pbs --add-wop`")  # fmt: skip
     for row in estimate["rows"]:
         if row.get("key_switch"):
-            lines.append(f"  {row['count']:>9,} KS  x {row['seconds_each'] * 1e3:9.2f} ms = "
-                         f"{row['seconds']:10.1f} s  key switches ({calibration['ks_formula']})")
+            lines.append(
+                f"  {row['count']:>9,} KS  x {row['seconds_each'] * 1e3:9.2f} ms = "
+                f"{row['seconds']:10.1f} s  key switches ({calibration['ks_formula']})"
+            )
             continue
         if row.get("linear"):
             lines.append(f"  {row['work']:>9.3g} word-ops        = {row['seconds']:10.1f} s  "
@@ -280,7 +284,9 @@ def _recompiled_lines(recompiled: list[dict[str, Any]]) -> list[str]:
                              f"{m['fhe_execute_seconds_per_image']:,.0f} s per image")  # fmt: skip
                 if m.get("fhe_execute_max_seconds_per_image") and timed > 1:
                     measured += f", the slowest {m['fhe_execute_max_seconds_per_image']:,.0f} s"
-                measured += f" (over the {timed} timed alone)" if timed != n else ""
+                measured += f" (over the {timed} timed alone on it)" if timed != n else ""
+                if m.get("fhe_execute_elsewhere"):
+                    measured += f"; also timed {m['fhe_execute_elsewhere']}"
         lines.append(f"recompiled as {other['variant']} (the weights of {other['compile_from']}, "
                      f"{how}): {measured}")  # fmt: skip
     return lines
@@ -681,8 +687,9 @@ def serve_cmd(ref: str, host: str, port: int, key_store: Path | None, max_key_by
 @REF
 @FHE
 @click.option("-n", "n_images", type=int, default=100, help="number of test images")
-@click.option("--seed", type=click.IntRange(min=0), default=None,
-              help="seeded sample (default: first N)")
+@click.option(
+    "--seed", type=click.IntRange(min=0), default=None, help="seeded sample (default: first N)"
+)
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None)
 @click.option(
     "--results",
@@ -706,8 +713,9 @@ def serve_cmd(ref: str, host: str, port: int, key_store: Path | None, max_key_by
     help="where the encrypted circuit runs (--fhe execute)",
 )
 @click.option("--address", default=None, help="Ray cluster address (default: start a local one)")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="Ray workers (default: one per CPU)")
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=None, help="Ray workers (default: one per CPU)"
+)
 @click.option(
     "--record",
     is_flag=True,

@@ -99,8 +99,12 @@ class RecipeConfigError(BuildError, ValueError):
     value out of range (from registry.json's ``recipe.params`` or the recipe's tables)."""
 
     def __init__(self, message: str, hint: str | None = None) -> None:
-        super().__init__(message, hint or "fix the variant's recipe.params (profile_overrides "
-                         "included) in registry.json, or the recipe's own tables")
+        super().__init__(
+            message,
+            hint
+            or "fix the variant's recipe.params (profile_overrides "
+            "included) in registry.json, or the recipe's own tables",
+        )
 
 
 class BitWidthBoundError(BuildError):

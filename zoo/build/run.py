@@ -412,8 +412,9 @@ def _check_init(pinned: reg.Build, registry: reg.Registry, init: Path | None) ->
             f"{pinned.short_ref} was trained from "
             + (f"--init weights {wanted}" if wanted else "its own initialisation")
             + (f", not from {init} ({given})" if init is not None else ""),
-            hint="pass the file it names with --init (`zoo build VARIANT --check REV --init "
-            "FILE`)" if wanted else "leave out --init",
+            hint="pass the file it names with --init (`zoo build VARIANT --check REV --init FILE`)"
+            if wanted
+            else "leave out --init",
         )
 
 

@@ -102,10 +102,13 @@ def fhe_truth(measured: dict[str, Any], circuit: dict[str, Any]) -> list[tuple[s
         if metrics.get("fhe_execute_conditions"):
             where += f" ({metrics['fhe_execute_conditions']})"
         elif timed != n:
-            where += f", over the {timed} images timed alone"
+            where += f", over the {timed} images timed alone on it"
         slowest = metrics.get("fhe_execute_max_seconds_per_image")
         slowest = f"; the slowest {slowest:,.0f}" if slowest and timed > 1 else ""
         rows.append(("real FHE seconds per image", f"{seconds:,.0f} on {where}{slowest}"))
+        if metrics.get("fhe_execute_elsewhere"):
+            rows.append(("real FHE images timed on other machines",
+                         metrics["fhe_execute_elsewhere"]))  # fmt: skip
     rows.append(("PBS per image", f"{circuit.get('pbs_count', 0):,}, max bit width "
                  f"{circuit.get('max_bit_width')}"))  # fmt: skip
     rows.append(("evaluation keys (what a client uploads)", key_size_text(measured)))

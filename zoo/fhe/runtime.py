@@ -48,8 +48,10 @@ def as_images(images: Any) -> np.ndarray:
     """uint8 (N, 32, 32, 3) from an array, a PIL image, a path, or a list of those."""
     if _is_file_or_pil(images):
         return _one_image(images)[None]
-    if isinstance(images, (list, tuple)) and images and all(
-        _is_file_or_pil(i) or isinstance(i, np.ndarray) for i in images
+    if (
+        isinstance(images, (list, tuple))
+        and images
+        and all(_is_file_or_pil(i) or isinstance(i, np.ndarray) for i in images)
     ):
         return np.concatenate([as_images(i) for i in images])
     array = np.asarray(images)
@@ -146,8 +148,10 @@ class Model:
         if fhe == "disable":
             return self._clear(x)
         if self.client is None or self.server is None:
-            raise InputError(f"fhe={fhe!r} needs the client and the server",
-                             hint="zoo.load(ref, role='all') with circuits=True (the default)")
+            raise InputError(
+                f"fhe={fhe!r} needs the client and the server",
+                hint="zoo.load(ref, role='all') with circuits=True (the default)",
+            )
         if fhe == "simulate":
             if self.role == "client":  # the server runs on a `zoo serve` machine
                 raise InputError("fhe='simulate' needs this build's server.zip, which a client "
