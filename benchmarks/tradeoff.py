@@ -173,7 +173,8 @@ row marked "(yanked)" is a build that can no longer be had: its numbers are hist
 (docs/variants.md). An estimate marked † prices WoP-PBS lookups (11 bits and more) with the WoP
 points of another kind of machine (the default calibration's; docs/cost-model.md), one marked ≥
 is a lower bound. "[N timed]": the seconds are those of the N images that ran with nothing else
-on the machine (the others shared it: Ray workers side by side, or other work). Eval keys:
+on the machine (the others shared it: Ray workers side by side, or other work, or ran on another
+machine: `zoo info` lists those). Eval keys:
 serialized (`zoo keygen --record`), else concrete's in-memory figure (*). Build seconds count
 every command of a build made in pieces (`--resume`), but those marked ‡, which resumed
 checkpoints from before they kept their training time: theirs are the last command's, and their

@@ -285,8 +285,8 @@ def _recompiled_lines(recompiled: list[dict[str, Any]]) -> list[str]:
                 if m.get("fhe_execute_max_seconds_per_image") and timed > 1:
                     measured += f", the slowest {m['fhe_execute_max_seconds_per_image']:,.0f} s"
                 measured += f" (over the {timed} timed alone on it)" if timed != n else ""
-                if m.get("fhe_execute_elsewhere"):
-                    measured += f"; also timed {m['fhe_execute_elsewhere']}"
+                if m.get("fhe_execute_other_machines"):
+                    measured += f"; also timed {m['fhe_execute_other_machines']}"
         lines.append(f"recompiled as {other['variant']} (the weights of {other['compile_from']}, "
                      f"{how}): {measured}")  # fmt: skip
     return lines

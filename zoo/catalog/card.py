@@ -106,9 +106,9 @@ def fhe_truth(measured: dict[str, Any], circuit: dict[str, Any]) -> list[tuple[s
         slowest = metrics.get("fhe_execute_max_seconds_per_image")
         slowest = f"; the slowest {slowest:,.0f}" if slowest and timed > 1 else ""
         rows.append(("real FHE seconds per image", f"{seconds:,.0f} on {where}{slowest}"))
-        if metrics.get("fhe_execute_elsewhere"):
+        if metrics.get("fhe_execute_other_machines"):
             rows.append(("real FHE images timed on other machines",
-                         metrics["fhe_execute_elsewhere"]))  # fmt: skip
+                         metrics["fhe_execute_other_machines"]))  # fmt: skip
     rows.append(("PBS per image", f"{circuit.get('pbs_count', 0):,}, max bit width "
                  f"{circuit.get('max_bit_width')}"))  # fmt: skip
     rows.append(("evaluation keys (what a client uploads)", key_size_text(measured)))

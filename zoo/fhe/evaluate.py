@@ -412,11 +412,11 @@ def registry_metrics(summary: dict[str, Any]) -> dict[str, Any]:
         "fhe_execute_sample": summary["sample"],
         "fhe_execute_machine": cost.describe_machine(machine) if machine else None,
         "fhe_execute_conditions": summary.get("execute_timing_conditions"),
-        "fhe_execute_elsewhere": elsewhere(summary),
+        "fhe_execute_other_machines": other_machines(summary),
     }
 
 
-def elsewhere(summary: dict[str, Any]) -> str | None:
+def other_machines(summary: dict[str, Any]) -> str | None:
     """The sample's images timed alone on other machines than the summary's, as one line
     (``5 on AMD EPYC (family 25 model 17), avx512, 2 cores: 1,410 s per image, the slowest
     1,458``), or None: a sample continued on another machine keeps every image's budget in
