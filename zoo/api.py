@@ -146,6 +146,7 @@ RECOMPILE_METRICS = (
     "fhe_execute_seconds_per_image",
     "fhe_execute_max_seconds_per_image",
     "fhe_execute_timed_images",
+    "fhe_execute_machine",
     "fhe_execute_other_machines",
 )
 

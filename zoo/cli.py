@@ -282,9 +282,11 @@ def _recompiled_lines(recompiled: list[dict[str, Any]]) -> list[str]:
                 timed = m.get("fhe_execute_timed_images") or n
                 measured += (f"; real FHE top-1 {m['fhe_execute_top1']:.4f} on {n} images, "
                              f"{m['fhe_execute_seconds_per_image']:,.0f} s per image")  # fmt: skip
+                if m.get("fhe_execute_machine"):
+                    measured += f" on {m['fhe_execute_machine']}"
+                measured += f" (the {timed} timed alone there)" if timed != n else ""
                 if m.get("fhe_execute_max_seconds_per_image") and timed > 1:
                     measured += f", the slowest {m['fhe_execute_max_seconds_per_image']:,.0f} s"
-                measured += f" (over the {timed} timed alone on it)" if timed != n else ""
                 if m.get("fhe_execute_other_machines"):
                     measured += f"; also timed {m['fhe_execute_other_machines']}"
         lines.append(f"recompiled as {other['variant']} (the weights of {other['compile_from']}, "
