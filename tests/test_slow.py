@@ -4,8 +4,8 @@ own registry and release store, as a fresh clone has them.
 
 The rebuild passed on 2026-12-08 in 1,793 s on a 2-core AMD EPYC family 26 model 2 (Zen 5,
 AVX-512), every file byte for byte the build made on a Zen 4 (``CI=1 pytest -m slow -k
-pinned_bytes tests/test_slow.py``). The real-FHE test has not been run yet: 12-20 min expected
-for its three images (244-407 s each).
+pinned_bytes tests/test_slow.py``). The real-FHE test passed the same day on the same machine
+in 962 s (``-k real_fhe``).
 """
 
 from __future__ import annotations
